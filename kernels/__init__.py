@@ -1,0 +1,41 @@
+"""Triton decode kernels for contextual sparsity (no model knowledge, importable without a GPU).
+
+Each op lives in its own module beside its torch reference (``<op>_reference``):
+
+- :func:`selective_up` / :func:`selective_gated_up` (``selective_mlp_up``): batch-shared neuron subset
+  of an MLP up projection (ReLU or SwiGLU), compact (M, k) output.
+- :func:`selective_down` (``selective_mlp_down``): down projection from the compact activations, on the
+  transposed weight made once by :func:`prepare_down_weight`.
+- :func:`selective_head_attention` (MHA), :func:`selective_group_attention` (GQA) and
+  :func:`dense_decode_attention`: decode attention over a static ``(B, H_kv, N_max, D)`` KV cache with
+  per-sequence lengths on the device (CUDA-graph safe) and split-K for long contexts.
+
+See docs/kernels.md for layouts, tests and benchmarks.
+"""
+
+from kernels.dense_decode_attention import dense_decode_attention, dense_decode_attention_reference
+from kernels.selective_group_attention import selective_group_attention, selective_group_attention_reference
+from kernels.selective_head_attention import selective_head_attention, selective_head_attention_reference
+from kernels.selective_mlp_down import prepare_down_weight, selective_down, selective_down_reference
+from kernels.selective_mlp_up import (
+    selective_gated_up,
+    selective_gated_up_reference,
+    selective_up,
+    selective_up_reference,
+)
+
+__all__ = [
+    "dense_decode_attention",
+    "dense_decode_attention_reference",
+    "prepare_down_weight",
+    "selective_down",
+    "selective_down_reference",
+    "selective_gated_up",
+    "selective_gated_up_reference",
+    "selective_group_attention",
+    "selective_group_attention_reference",
+    "selective_head_attention",
+    "selective_head_attention_reference",
+    "selective_up",
+    "selective_up_reference",
+]

@@ -1,0 +1,111 @@
+"""Shared helpers for the kernel wrappers: argument checks, sizes, launch-time facts.
+
+Nothing here knows about models. Every check raises ``ValueError`` / ``TypeError`` with a message that
+names the offending argument, its value and what would be valid, so a caller can fix the call site
+without reading kernel code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (>= 1)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def bucket(n: int) -> int:
+    """Power-of-two bucket used as a tuning key, so a new k or batch never triggers a new tune."""
+    return next_pow2(max(int(n), 1))
+
+
+def is_capturing() -> bool:
+    """True while a CUDA graph is being captured (no host syncs, no tuning runs allowed then)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # interpreter: any small number keeps the launch grids tiny
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; move it there")
+
+
+def check_kernel_device(device: torch.device) -> None:
+    """Kernels run on CUDA, or on the CPU only through the Triton interpreter."""
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and interpret_mode():
+        return
+    raise ValueError(
+        f"inputs are on {device}; the Triton kernels need CUDA tensors "
+        "(CPU tensors are accepted only with TRITON_INTERPRET=1 set before triton is imported)"
+    )
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
+    if t.dtype not in allowed:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {list(allowed)}")
+
+
+def check_same_dtype(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but must match the activations' dtype {dtype}")
+
+
+def check_ndim(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}; got shape {tuple(t.shape)}")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], layout: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} {layout}; got {tuple(t.shape)}")
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    # Kernels address rows with strides but assume unit stride along the innermost axis so that
+    # loads are 16-byte vectors; a transposed view would silently turn them into gathers.
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dim (got strides {t.stride()}); "
+                         "call .contiguous() once when the tensor is created")
+
+
+def check_index_tensor(name: str, idx: torch.Tensor, device: torch.device) -> None:
+    if idx.dtype != torch.int32:
+        raise TypeError(f"{name} has dtype {idx.dtype}; expected torch.int32 (convert once with .int())")
+    check_device(name, idx, device)
+
+
+def check_index_range(name: str, idx: torch.Tensor, upper: int, validate: bool) -> None:
+    """Range-check indices on the host when it is cheap and legal (never during graph capture).
+
+    The kernels themselves skip out-of-range indices, so a skipped check can never fault memory;
+    this check only turns a silent skip into a clear error for eager callers.
+    """
+    if not validate or idx.numel() == 0 or is_capturing():
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= upper:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds index {bad}; valid indices are 0..{upper - 1}")

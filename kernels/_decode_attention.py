@@ -1,0 +1,334 @@
+"""Shared decode-attention kernel behind the MHA-head, GQA-group and dense decode ops.
+
+One query token per sequence attends over a static KV cache.
+
+KV cache layout: ``(B, H_kv, N_max, D)``, unit stride in D (a view of any larger buffer with that
+innermost layout is fine). A selected (sequence, KV head) pair then owns one contiguous
+``N_max * D`` stream for K and one for V, so the kernel reads selected bytes only, in long bursts.
+This is also the layout SDPA takes, so the dense baselines read the very same tensors.
+
+Per-sequence lengths live on the device (``seqlens``: (B,) int32) and are read inside the kernel:
+nothing is read back to the host, so the ops can be captured in a CUDA graph. Split-K
+(flash-decoding) cuts the context into ``splits`` chunks when there are too few (sequence, group)
+programs to fill the GPU; a second kernel merges the chunks' partial softmax states.
+
+GQA: the program for a KV group loads all ``G = H_q / H_kv`` query heads of the group as the rows of
+one tile (padded to 16 for the tensor cores), so each selected KV head is read exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _common as C
+from kernels import _tuning
+from kernels._tl import dot, upcast_dot
+
+LOG2E = 1.4426950408889634
+MASKED_MAX = -1.0e30  # finite "minus infinity" for running maxima: avoids inf - inf = NaN
+
+
+@triton.jit
+def _attn_chunk_kernel(
+    Q, K, V, SEQLENS, IDX, OUT, PO, PML,
+    qk_scale,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_ib,
+    n_sel, n_kv, n_max, chunk, n_splits,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)  # one (sequence, selected group) pair
+    sid = tl.program_id(1)  # one context chunk of it
+    b = pid // n_sel
+    j = pid % n_sel
+    g = tl.load(IDX + b * stride_ib + j) if HAS_IDX else j
+    # Out-of-range indices do no work and write nothing (memory safety without a host check).
+    ok = (g >= 0) & (g < n_kv)
+    g = tl.where(ok, g, 0)
+    seqlen = tl.minimum(tl.load(SEQLENS + b), n_max)
+    start = sid * chunk
+    end = tl.minimum(start + chunk, seqlen)
+    end = tl.where(ok, end, start)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    # Row mask as a vector (scalar-and-tensor masks are not portable to the CPU interpreter).
+    mask_g = (offs_g < GROUP) & ((offs_g * 0 + ok.to(tl.int32)) != 0)
+    mask_d = offs_d < HEAD_DIM
+    b64 = b.to(tl.int64)  # B * H * N_max * D overflows int32 at real cache sizes
+    g64 = g.to(tl.int64)
+    heads = g * GROUP + offs_g
+    q = tl.load(Q + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    k_base = K + b64 * stride_kb + g64 * stride_kh
+    v_base = V + b64 * stride_vb + g64 * stride_vh
+
+    m_i = tl.full([BLOCK_G], MASKED_MAX, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        mask_n = cols < end
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if USE_DOT:
+            s = dot(q, tl.trans(k), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), UPCAST)
+        else:
+            # BLOCK_G == 1: a tensor-core tile would be 15/16 padding; reduce in registers instead.
+            s = tl.reshape(tl.sum(k.to(tl.float32) * q.to(tl.float32), 1), (1, BLOCK_N))
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if USE_DOT:
+            pv = dot(p.to(v.dtype), v, tl.zeros([BLOCK_G, BLOCK_D], tl.float32), UPCAST)
+        else:
+            pv = tl.sum(tl.reshape(p, (BLOCK_N,))[:, None] * v.to(tl.float32), 0)[None, :]
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    if SPLIT:
+        # Unnormalised partial state of this chunk; the merge kernel combines the chunks.
+        part = (pid * n_splits + sid).to(tl.int64)
+        po = PO + part * (GROUP * HEAD_DIM) + offs_g[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(po, acc, mask=mask_g[:, None] & mask_d[None, :])
+        pml = PML + part * (GROUP * 2) + offs_g * 2
+        tl.store(pml, m_i, mask=mask_g)
+        tl.store(pml + 1, l_i, mask=mask_g)
+    else:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty sequence -> zeros, not NaN
+        o_ptrs = OUT + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _attn_merge_kernel(
+    PO, PML, IDX, OUT,
+    stride_ob, stride_oh, stride_ib,
+    n_sel, n_kv, n_splits,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // n_sel
+    j = pid % n_sel
+    g = tl.load(IDX + b * stride_ib + j) if HAS_IDX else j
+    ok = (g >= 0) & (g < n_kv)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    row_ok = mask_g & ((offs_g * 0 + ok.to(tl.int32)) != 0)
+    mask = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
+    m_i = tl.full([BLOCK_G], MASKED_MAX, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s in range(0, n_splits):
+        part = (pid * n_splits + s).to(tl.int64)
+        m_s = tl.load(PML + part * (GROUP * 2) + offs_g * 2, mask=mask_g, other=MASKED_MAX)
+        l_s = tl.load(PML + part * (GROUP * 2) + offs_g * 2 + 1, mask=mask_g, other=0.0)
+        o_s = tl.load(PO + part * (GROUP * HEAD_DIM) + offs_g[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=mask, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        a = tl.exp2(m_i - m_new)
+        w = tl.exp2(m_s - m_new)
+        l_i = l_i * a + l_s * w
+        acc = acc * a[:, None] + o_s * w[:, None]
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    heads = tl.where(ok, g, 0) * GROUP + offs_g
+    o_ptrs = OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None] & mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+MIN_CHUNK = 256  # tokens: shorter chunks spend more on the merge than they win in parallelism
+
+
+def _split_options(programs: int, n_max: int, sms: int) -> list[int]:
+    """Power-of-two split counts worth trying: from 1 up to enough programs for ~8 waves."""
+    most = max(1, C.next_pow2(C.cdiv(n_max, MIN_CHUNK)))
+    opts, s = [], 1
+    while s <= most:
+        opts.append(s)
+        if programs * s >= 8 * sms:
+            break
+        s *= 2
+    return opts
+
+
+def _heuristic(group: int, programs: int, n_max: int, sms: int) -> _tuning.Config:
+    splits = _split_options(programs, n_max, sms)
+    # Enough programs for ~4 waves smooths the tail; the largest option reaches that or more.
+    target = next((s for s in splits if programs * s >= 4 * sms), splits[-1])
+    return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "splits": target, "use_dot": int(group > 1)}
+
+
+def _candidates(group: int, programs: int, n_max: int, sms: int) -> list[_tuning.Config]:
+    dots = (0, 1) if group == 1 else (1,)
+    splits = _split_options(programs, n_max, sms)[-3:]
+    return [
+        {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "splits": s, "use_dot": d}
+        for bn in (32, 64, 128) for nw in (4, 8) for ns in (2, 3, 4) for s in splits for d in dots
+        if not (bn == 128 and nw == 4 and d == 0)  # 128x128 fp32 products spill at 4 warps
+    ]
+
+
+def _check_inputs(q, k_cache, v_cache, seqlens, kv_idx, out) -> None:
+    C.check_ndim("q", q, 3, "(batch, query_heads, head_dim)")
+    C.check_ndim("k_cache", k_cache, 4, "(batch, kv_heads, max_len, head_dim)")
+    C.check_dtype("q", q, C.LOW_PRECISION)
+    device = q.device
+    C.check_kernel_device(device)
+    B, Hq, D = q.shape
+    C.check_shape("v_cache", v_cache, k_cache.shape, "(same as k_cache)")
+    if k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache has shape {tuple(k_cache.shape)}; expected (batch={B}, kv_heads, "
+                         f"max_len, head_dim={D}) to match q {tuple(q.shape)}")
+    if D % 8 or not 16 <= D <= 256:
+        raise ValueError(f"head_dim {D} is unsupported; use a multiple of 8 in 16..256 "
+                         f"(model head dims {C.SUPPORTED_HEAD_DIMS} are all fine)")
+    Hkv = k_cache.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        C.check_same_dtype(name, t, q.dtype)
+        C.check_device(name, t, device)
+        C.check_last_dim_contiguous(name, t)
+    C.check_last_dim_contiguous("q", q)
+    C.check_shape("seqlens", seqlens, (B,), "(batch,)")
+    C.check_index_tensor("seqlens", seqlens, device)
+    if kv_idx is not None:
+        C.check_ndim("head/group indices", kv_idx, 2, "(batch, k)")
+        C.check_index_tensor("head/group indices", kv_idx, device)
+        if kv_idx.shape[0] != B or not 1 <= kv_idx.shape[1] <= Hkv:
+            raise ValueError(f"head/group indices have shape {tuple(kv_idx.shape)}; expected (batch={B}, k) "
+                             f"with 1 <= k <= {Hkv}")
+        if kv_idx.stride(1) != 1:
+            raise ValueError("head/group indices must be contiguous along k; call .contiguous()")
+    if out is not None:
+        C.check_shape("out", out, q.shape, "(batch, query_heads, head_dim)")
+        C.check_same_dtype("out", out, q.dtype)
+        C.check_device("out", out, device)
+        C.check_last_dim_contiguous("out", out)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    kv_idx: torch.Tensor | None = None,
+    *,
+    sm_scale: float | None = None,
+    out: torch.Tensor | None = None,
+    zero_unselected: bool = True,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Decode attention over the KV heads in ``kv_idx`` (all KV heads when None).
+
+    q: (B, H_q, D); k_cache, v_cache: (B, H_kv, N_max, D); seqlens: (B,) int32 (valid prefix of the
+    cache per sequence); kv_idx: (B, k) int32 KV-head indices, duplicate-free. Returns (B, H_q, D) in
+    q's dtype; the query heads of unselected KV heads are zero, or left untouched in ``out`` when
+    ``zero_unselected=False``. ``validate`` range-checks indices and lengths on the host (one sync;
+    skipped during CUDA-graph capture); out-of-range indices are skipped in-kernel either way.
+    """
+    _check_inputs(q, k_cache, v_cache, seqlens, kv_idx, out)
+    B, Hq, D = q.shape
+    Hkv, n_max = k_cache.shape[1], k_cache.shape[2]
+    if validate and not C.is_capturing():
+        C.check_index_range("seqlens", seqlens, n_max + 1, True)
+        if kv_idx is not None:
+            C.check_index_range("head/group indices", kv_idx, Hkv, True)
+    if out is None:
+        out = (torch.zeros_like(q) if kv_idx is not None and zero_unselected else torch.empty_like(q))
+    elif kv_idx is not None and zero_unselected:
+        out.zero_()
+    n_sel = Hkv if kv_idx is None else kv_idx.shape[1]
+    scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * LOG2E
+    group = Hq // Hkv
+    programs = B * n_sel
+    sms = C.num_sms(q.device)
+    key = f"attn|D{C.next_pow2(D)}|G{group}|P{C.bucket(programs)}|N{C.bucket(n_max)}"
+
+    def launch(cfg: _tuning.Config) -> None:
+        _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg)
+
+    cfg = _tuning.pick(key, q.device, lambda: _heuristic(group, programs, n_max, sms),
+                       lambda: _candidates(group, programs, n_max, sms), launch)
+    launch(cfg)
+    return out
+
+
+def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg) -> None:
+    B, _, D = q.shape
+    n_kv, n_max = k_cache.shape[1], k_cache.shape[2]
+    use_dot = bool(cfg["use_dot"]) or group > 1
+    block_g = max(16, C.next_pow2(group)) if use_dot else 1
+    block_d = C.next_pow2(D)
+    splits = max(1, min(cfg["splits"], C.cdiv(n_max, cfg["BLOCK_N"])))
+    chunk = C.cdiv(C.cdiv(n_max, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    splits = C.cdiv(n_max, chunk)
+    has_idx = kv_idx is not None
+    idx = kv_idx if has_idx else seqlens  # dummy pointer, never read when HAS_IDX is False
+    stride_ib = kv_idx.stride(0) if has_idx else 0
+    if splits > 1:
+        po = torch.empty((B * n_sel * splits, group, D), device=q.device, dtype=torch.float32)
+        pml = torch.empty((B * n_sel * splits, group, 2), device=q.device, dtype=torch.float32)
+    else:
+        po = pml = out  # unused
+    meta = dict(GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d)
+    _attn_chunk_kernel[(B * n_sel, splits)](
+        q, k_cache, v_cache, seqlens, idx, out, po, pml, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), stride_ib,
+        n_sel, n_kv, n_max, chunk, splits,
+        BLOCK_N=cfg["BLOCK_N"], HAS_IDX=has_idx, SPLIT=splits > 1, USE_DOT=use_dot,
+        UPCAST=upcast_dot(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta,
+    )
+    if splits > 1:
+        _attn_merge_kernel[(B * n_sel,)](
+            po, pml, idx, out, out.stride(0), out.stride(1), stride_ib, n_sel, n_kv, splits,
+            HAS_IDX=has_idx, num_warps=4, **meta,
+        )
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    kv_idx: torch.Tensor | None = None,
+    *,
+    sm_scale: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Plain torch decode attention in ``dtype``; unselected KV groups' query heads are zero."""
+    B, Hq, D = q.shape
+    Hkv, n_max = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    qf = q.to(dtype).view(B, Hkv, G, D)
+    s = torch.einsum("bhgd,bhnd->bhgn", qf, k_cache.to(dtype)) * scale
+    pos = torch.arange(n_max, device=q.device)
+    valid = pos[None, :] < seqlens.to(q.device).long()[:, None]  # (B, N)
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # empty sequences give all -inf rows -> zeros
+    o = torch.einsum("bhgn,bhnd->bhgd", p, v_cache.to(dtype))
+    if kv_idx is not None:
+        sel = torch.zeros(B, Hkv, dtype=torch.bool, device=q.device)
+        sel.scatter_(1, kv_idx.long(), True)
+        o = o * sel[:, :, None, None]
+    return o.reshape(B, Hq, D)

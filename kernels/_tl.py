@@ -1,0 +1,26 @@
+"""Small Triton device helpers shared by the kernels."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import interpret_mode
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether dot operands must be upcast to fp32.
+
+    Triton's CPU interpreter (seen on 3.9) returns garbage for bf16 ``tl.dot``; fp32 operands hold
+    bf16 values exactly, so upcasting there keeps the tested arithmetic the same. Never on a GPU.
+    """
+    return interpret_mode() and dtype == torch.bfloat16
+
+
+@triton.jit
+def dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)

@@ -1,0 +1,151 @@
+"""Timing, environment capture and CSV/PNG output shared by the benchmarks.
+
+Timing: every measured callable is captured in a CUDA graph together with ``R`` rotated input sets
+(so the bytes touched between two reads of the same data exceed L2, and back-to-back replays measure
+HBM rather than cache), the graph is replayed ``reps`` times with CUDA events around each replay,
+and the median replay time divided by ``R`` is reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import platform
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+REPS = 25
+
+
+def env_info() -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(0),
+        "sms": props.multi_processor_count,
+        "l2_bytes": getattr(props, "L2_cache_size", 50 * 2**20),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+    }
+
+
+def l2_bytes() -> int:
+    return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+
+
+def rotations(bytes_per_call: float, most: int = 16) -> int:
+    """How many distinct input sets one graph cycles through so that >= 4x L2 is touched per cycle."""
+    return max(1, min(most, math.ceil(4 * l2_bytes() / max(bytes_per_call, 1.0))))
+
+
+def time_graph(fns: Sequence[Callable[[], object]], reps: int = REPS) -> float:
+    """Median microseconds per call of ``fns`` (one call each), timed by CUDA-graph replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # eager warm-up: compiles, picks configs, allocates
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    del graph
+    return statistics.median(times) / len(fns)
+
+
+def hbm_bandwidth(gib: float = 2.0) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n, device="cuda", dtype=torch.float16)
+    dst = torch.empty_like(src)
+    us = time_graph([lambda src=src, dst=dst: dst.copy_(src)])
+    bw = 2 * src.numel() * src.element_size() / (us * 1e-6)
+    del src, dst
+    torch.cuda.empty_cache()
+    return bw
+
+
+def try_time(fn_factory: Callable[[], Sequence[Callable[[], object]]]) -> tuple[float, str]:
+    """Time a baseline that may be unsupported here (e.g. an SDPA backend); NaN plus the reason if so."""
+    try:
+        return time_graph(fn_factory()), ""
+    except Exception as exc:  # noqa: BLE001 - an unsupported backend is a recorded result, not a crash
+        torch.cuda.synchronize()
+        return float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_meta(path: Path, meta: dict) -> None:
+    path.write_text(json.dumps(meta, indent=2, default=str))
+
+
+def plot(path: Path, rows: list[dict], title: str, panels: str = "shape") -> None:
+    """Latency vs density: one panel per shape; series per method; dense methods as flat lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r[panels] for r in rows))
+    ncols = min(4, len(shapes))
+    nrows = math.ceil(len(shapes) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(shapes):]:
+        ax.set_visible(False)
+    for ax, shape in zip(axes.flat, shapes, strict=False):
+        sub = [r for r in rows if r[panels] == shape]
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in sub)):
+            color = colors[i % len(colors)]
+            pts = sorted((r["density"], r["latency_us"]) for r in sub if r["method"] == method)
+            pts = [p for p in pts if not math.isnan(p[1])]
+            if not pts:
+                continue
+            if len(pts) == 1:  # a dense baseline: one latency, drawn flat across the densities
+                ax.axhline(pts[0][1], ls="--", lw=1, label=method, color=color)
+                continue
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            ax.plot(xs, ys, "-", marker="o", ms=3, label=method, color=color)
+        lim = sorted({(r["density"], r["limit_us"]) for r in sub if r.get("limit_us")})
+        if lim:
+            ax.plot([p[0] for p in lim], [p[1] for p in lim], ":", color="k", label="bandwidth limit")
+        ax.set_title(str(shape), fontsize=9)
+        ax.set_xlabel("density")
+        ax.set_ylabel("latency (us)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

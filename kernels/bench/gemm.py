@@ -1,0 +1,86 @@
+"""`gemm` benchmark: selective up / gated up / down projections vs cuBLAS on the full weight."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kernels import selective_down, selective_gated_up, selective_up
+from kernels.bench._harness import l2_bytes, rotations, time_graph
+
+MODELS = {
+    "opt-66b d=9216 n=36864 relu": dict(d=9216, n=36864, gated=False),
+    "llama-3-8b d=4096 n=14336 gated": dict(d=4096, n=14336, gated=True),
+}
+BATCHES = (1, 16, 64, 256)
+DENSITIES = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+
+
+def _weights(d: int, n: int, gated: bool, copies: int, dtype) -> list[dict]:
+    out = []
+    for _ in range(copies):
+        w_gu = torch.randn(2 * n if gated else n, d, device="cuda", dtype=dtype) / math.sqrt(d)
+        out.append(dict(
+            w_gu=w_gu,  # gated: [gate; up] stacked, as one cuBLAS GEMM for the dense baseline
+            w_gate=w_gu[:n] if gated else None,
+            w_up=w_gu[n:] if gated else w_gu,
+            b_up=None if gated else torch.randn(n, device="cuda", dtype=dtype),
+            w_down_t=torch.randn(n, d, device="cuda", dtype=dtype) / math.sqrt(n),
+            b_down=None if gated else torch.randn(d, device="cuda", dtype=dtype),
+        ))
+    return out
+
+
+def _up(w: dict, x, idx):
+    if w["w_gate"] is not None:
+        return selective_gated_up(x, w["w_gate"], w["w_up"], idx, validate=False)
+    return selective_up(x, w["w_up"], idx, w["b_up"], validate=False)
+
+
+def _row(model, op, M, method, dens, k, us, nbytes, bw, dense_us=math.nan) -> dict:
+    limit = nbytes / bw * 1e6
+    return dict(bench="gemm", shape=f"{model} {op} M={M}", model=model, op=op, M=M, method=method,
+                density=dens, k=k, latency_us=us, bytes=nbytes, limit_us=limit, frac_of_limit=limit / us,
+                speedup_vs_cublas_dense=dense_us / us)
+
+
+def bench_model(model: str, cfg: dict, bw: float, dtype=torch.float16) -> list[dict]:
+    d, n, gated = cfg["d"], cfg["n"], cfg["gated"]
+    esz = torch.finfo(dtype).bits // 8
+    up_full = (2 if gated else 1) * n * d * esz
+    copies = max(1, math.ceil(4 * l2_bytes() / (n * d * esz)))
+    ws = _weights(d, n, gated, copies, dtype)
+    up_name = "gated up" if gated else "up"
+    rows = []
+    for M in BATCHES:
+        x = torch.randn(M, d, device="cuda", dtype=dtype)
+        a_full = torch.randn(M, n, device="cuda", dtype=dtype)
+        dense_up = time_graph([lambda w=w, x=x: F.linear(x, w["w_gu"], w["b_up"]) for w in ws])
+        dense_down = time_graph([lambda w=w, a=a_full: torch.mm(a, w["w_down_t"]) for w in ws])
+        rows.append(_row(model, up_name, M, "cublas dense", 1.0, n, dense_up, up_full, bw, dense_up))
+        rows.append(_row(model, "down", M, "cublas dense", 1.0, n, dense_down, n * d * esz, bw, dense_down))
+        for dens in DENSITIES:
+            k = max(1, round(dens * n))
+            up_bytes = up_full * k // n + (M * d + M * k) * esz
+            down_bytes = n * d * esz * k // n + (M * d + M * k) * esz
+            R = max(copies, rotations(min(up_bytes, down_bytes)))
+            idx = [torch.randperm(n, device="cuda")[:k].int() for _ in range(R)]
+            a = torch.randn(M, k, device="cuda", dtype=dtype)
+            t_up = time_graph([lambda w=ws[i % copies], x=x, j=idx[i]: _up(w, x, j) for i in range(R)])
+            t_down = time_graph([lambda w=ws[i % copies], a=a, j=idx[i]: selective_down(
+                a, w["w_down_t"], j, w["b_down"], validate=False) for i in range(R)])
+            sel = "selective (ours)"
+            rows.append(_row(model, up_name, M, sel, k / n, k, t_up, up_bytes, bw, dense_up))
+            rows.append(_row(model, "down", M, sel, k / n, k, t_down, down_bytes, bw, dense_down))
+    del ws
+    torch.cuda.empty_cache()
+    return rows
+
+
+def run(bw: float) -> list[dict]:
+    rows = []
+    for model, cfg in MODELS.items():
+        rows += bench_model(model, cfg, bw)
+    return rows

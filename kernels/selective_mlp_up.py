@@ -1,0 +1,291 @@
+"""Selective MLP up projection: only the neurons in ``idx`` (shared by the whole batch).
+
+    relu / plain:  out[m, j] = act(x[m] . W_up[idx[j]] + b_up[idx[j]])
+    gated (SwiGLU): out[m, j] = silu(x[m] . W_gate[idx[j]]) * (x[m] . W_up[idx[j]])
+
+Weights keep the ``nn.Linear`` layout ``(n_neurons, d)``: a selected neuron is one contiguous row, so
+the kernel streams exactly the selected rows once. Output is compact, (M, k), ready for
+:func:`kernels.selective_mlp_down.selective_down`.
+
+Parallelism: one program per (row tile of the batch, ``BLOCK_N`` selected neurons). When that gives
+too few programs to fill the GPU (small k), the reduction over ``d`` is split across programs that
+add fp32 partial sums atomically into a workspace, and a small second kernel applies bias and
+activation (a nonlinearity needs the full sum first).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _common as C
+from kernels import _tuning
+from kernels._tl import dot, upcast_dot
+
+Activation = Literal["relu", "none"]
+
+
+@triton.jit
+def _up_kernel(
+    X, WG, WU, BIAS, IDX, OUT, WS,
+    M, n_sel, d, n_rows, d_chunk, num_m,
+    stride_xm, stride_wg, stride_wu, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # Batch tiles vary fastest so tiles sharing the same weight rows run together (L2 reuse).
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    sid = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rn < n_sel
+    rows = tl.load(IDX + rn, mask=mask_n, other=0)
+    ok_n = mask_n & (rows >= 0) & (rows < n_rows)
+    rows = tl.where(ok_n, rows, 0).to(tl.int64)  # padding columns read a valid row, never stored
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rm < M
+    rm_load = tl.where(mask_m, rm, 0).to(tl.int64)  # clamped, so the loop loads need no row mask
+    rk = tl.arange(0, BLOCK_K)
+    k_start = sid * d_chunk
+    k_end = tl.minimum(k_start + d_chunk, d)
+    x_ptrs = X + rm_load[:, None] * stride_xm + (k_start + rk)[None, :]
+    wu_ptrs = WU + rows[:, None] * stride_wu + (k_start + rk)[None, :]
+    wg_ptrs = WG + rows[:, None] * stride_wg + (k_start + rk)[None, :]
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            wu = tl.load(wu_ptrs)
+        else:
+            mk = (k0 + rk < k_end)[None, :]
+            x = tl.load(x_ptrs, mask=mk, other=0.0)
+            wu = tl.load(wu_ptrs, mask=mk, other=0.0)
+        acc_u = dot(x, tl.trans(wu), acc_u, UPCAST)
+        if GATED:
+            wg = tl.load(wg_ptrs) if EVEN_K else tl.load(wg_ptrs, mask=(k0 + rk < k_end)[None, :], other=0.0)
+            acc_g = dot(x, tl.trans(wg), acc_g, UPCAST)
+        x_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+
+    mask = mask_m[:, None] & ok_n[None, :]
+    if SPLIT:
+        ws = WS + rm[:, None] * n_sel + rn[None, :]
+        tl.atomic_add(ws, acc_u, mask=mask)
+        if GATED:
+            tl.atomic_add(ws + M * n_sel, acc_g, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc_u += tl.load(BIAS + rows).to(tl.float32)[None, :]
+        if GATED:
+            acc_u = acc_u * acc_g * tl.sigmoid(acc_g)
+        elif RELU:
+            acc_u = tl.maximum(acc_u, 0.0)
+        o_ptrs = OUT + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        tl.store(o_ptrs, acc_u.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _up_finalize_kernel(
+    WS, BIAS, IDX, OUT, M, n_sel, n_rows, stride_om,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * n_sel
+    m = offs // n_sel
+    j = offs % n_sel
+    rows = tl.load(IDX + j, mask=mask, other=0)
+    ok = mask & (rows >= 0) & (rows < n_rows)
+    acc = tl.load(WS + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rows, mask=ok, other=0.0).to(tl.float32)
+    if GATED:
+        g = tl.load(WS + M * n_sel + offs, mask=mask, other=0.0)
+        acc = acc * g * tl.sigmoid(g)
+    elif RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(OUT + m.to(tl.int64) * stride_om + j, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_m(M: int) -> int:
+    return min(64, max(16, C.next_pow2(M)))
+
+
+def _splits_for(programs: int, d: int, block_k: int, sms: int) -> int:
+    """Split d until there are >= 2 waves of programs, keeping >= 4 K-steps per split."""
+    split = 1
+    while programs * split < 2 * sms and d // (split * 2) >= 4 * block_k:
+        split *= 2
+    return split
+
+
+def _heuristic(M: int, n_sel: int, d: int, sms: int) -> _tuning.Config:
+    bm, bn, bk = _block_m(M), 32, 128
+    programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 4,
+            "splits": _splits_for(programs, d, bk, sms)}
+
+
+def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
+    out = []
+    bms = (64, 128) if M > 64 else (_block_m(M),)
+    for bm in bms:
+        for bn in (16, 32, 64):
+            for bk in (64, 128, 256):
+                for ns in (3, 4, 5):
+                    programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
+                    s = _splits_for(programs, d, bk, sms)
+                    for split in sorted({1, s}):
+                        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4,
+                                    "num_stages": ns, "splits": split})
+    return out
+
+
+def _check(x, weights, bias, idx, out) -> None:
+    C.check_ndim("x", x, 2, "(tokens, d)")
+    C.check_dtype("x", x, C.LOW_PRECISION)
+    C.check_kernel_device(x.device)
+    C.check_last_dim_contiguous("x", x)
+    d = x.shape[1]
+    n = None
+    for name, w in weights:
+        C.check_ndim(name, w, 2, "(n_neurons, d) (the nn.Linear layout)")
+        if w.shape[1] != d:
+            raise ValueError(f"{name} has shape {tuple(w.shape)}; its second dim must equal x's d={d}")
+        if n is not None and w.shape[0] != n:
+            raise ValueError(f"{name} has {w.shape[0]} neurons but the other weight has {n}")
+        n = w.shape[0]
+        C.check_same_dtype(name, w, x.dtype)
+        C.check_device(name, w, x.device)
+        C.check_last_dim_contiguous(name, w)
+    if bias is not None:
+        C.check_shape("bias", bias, (n,), "(n_neurons,)")
+        C.check_same_dtype("bias", bias, x.dtype)
+        C.check_device("bias", bias, x.device)
+    C.check_ndim("idx", idx, 1, "(k,) neuron indices")
+    C.check_index_tensor("idx", idx, x.device)
+    if not 1 <= idx.shape[0] <= n:
+        raise ValueError(f"idx has {idx.shape[0]} entries; expected 1..{n} (one per selected neuron)")
+    if idx.stride(0) != 1:
+        raise ValueError("idx must be contiguous; call .contiguous()")
+    if out is not None:
+        C.check_shape("out", out, (x.shape[0], idx.shape[0]), "(tokens, k)")
+        C.check_same_dtype("out", out, x.dtype)
+        C.check_device("out", out, x.device)
+        C.check_last_dim_contiguous("out", out)
+
+
+def _run(x, w_gate, w_up, bias, idx, out, relu: bool, validate: bool) -> torch.Tensor:
+    M, d = x.shape
+    n_rows, n_sel = w_up.shape[0], idx.shape[0]
+    C.check_index_range("idx", idx, n_rows, validate)
+    if out is None:
+        out = torch.empty((M, n_sel), device=x.device, dtype=x.dtype)
+    gated = w_gate is not None
+    sms = C.num_sms(x.device)
+    key = f"up|g{int(gated)}|M{_block_m(M) if M <= 64 else C.bucket(M)}|K{C.bucket(n_sel)}|D{C.bucket(d)}"
+
+    def launch(cfg: _tuning.Config) -> None:
+        _launch(x, w_gate, w_up, bias, idx, out, relu, cfg)
+
+    cfg = _tuning.pick(key, x.device, lambda: _heuristic(M, n_sel, d, sms),
+                       lambda: _candidates(M, n_sel, d, sms), launch)
+    launch(cfg)
+    return out
+
+
+def _launch(x, w_gate, w_up, bias, idx, out, relu, cfg) -> None:
+    M, d = x.shape
+    n_sel = idx.shape[0]
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    splits = max(1, min(cfg["splits"], C.cdiv(d, bk)))
+    d_chunk = C.cdiv(C.cdiv(d, splits), bk) * bk
+    splits = C.cdiv(d, d_chunk)
+    gated = w_gate is not None
+    num_m = C.cdiv(M, bm)
+    ws = (torch.zeros((2 if gated else 1, M, n_sel), device=x.device, dtype=torch.float32)
+          if splits > 1 else out)
+    wg = w_gate if gated else w_up
+    b = bias if bias is not None else w_up  # dummy pointer when HAS_BIAS is False
+    flags = dict(GATED=gated, HAS_BIAS=bias is not None, RELU=relu)
+    _up_kernel[(num_m * C.cdiv(n_sel, bn), splits)](
+        x, wg, w_up, b, idx, out, ws, M, n_sel, d, w_up.shape[0], d_chunk, num_m,
+        x.stride(0), wg.stride(0), w_up.stride(0), out.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=splits > 1, EVEN_K=d % bk == 0, UPCAST=upcast_dot(x.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
+    )
+    if splits > 1:
+        block = 1024
+        _up_finalize_kernel[(C.cdiv(M * n_sel, block),)](
+            ws, b, idx, out, M, n_sel, w_up.shape[0], out.stride(0), BLOCK=block, num_warps=4, **flags)
+
+
+def selective_up(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    idx: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: Activation = "relu",
+    out: torch.Tensor | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """act(x @ w_up[idx].T + bias[idx]) -> (M, k). x: (M, d); w_up: (n, d); idx: (k,) int32."""
+    if activation not in ("relu", "none"):
+        raise ValueError(f"activation {activation!r} is not supported; use 'relu' or 'none'")
+    _check(x, [("w_up", w_up)], bias, idx, out)
+    return _run(x, None, w_up, bias, idx, out, activation == "relu", validate)
+
+
+def selective_gated_up(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """silu(x @ w_gate[idx].T) * (x @ w_up[idx].T) -> (M, k); both weights (n, d), rows gathered together."""
+    _check(x, [("w_gate", w_gate), ("w_up", w_up)], None, idx, out)
+    return _run(x, w_gate, w_up, None, idx, out, False, validate)
+
+
+def selective_up_reference(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    idx: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: Activation = "relu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Torch reference of :func:`selective_up`, computed in ``dtype``."""
+    h = x.to(dtype) @ w_up[idx.long()].to(dtype).T
+    if bias is not None:
+        h = h + bias[idx.long()].to(dtype)
+    return torch.relu(h) if activation == "relu" else h
+
+
+def selective_gated_up_reference(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Torch reference of :func:`selective_gated_up`, computed in ``dtype``."""
+    xf, rows = x.to(dtype), idx.long()
+    return torch.nn.functional.silu(xf @ w_gate[rows].to(dtype).T) * (xf @ w_up[rows].to(dtype).T)

@@ -1,0 +1,34 @@
+"""Helpers for checking the kernels against their references (used by tests/kernels)."""
+
+from __future__ import annotations
+
+import torch
+
+# Relative-error bounds ||out - ref|| / ||ref|| against an fp32/fp64 reference, by input dtype:
+# fp16 keeps 11 significant bits, bf16 8; the kernels accumulate in fp32.
+REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere in ``out`` gives inf (never passes)."""
+    o, r = out.double(), ref.double()
+    if not torch.isfinite(o).all():
+        return float("inf")
+    denom = r.norm().item()
+    return (o - r).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    err, tol = rel_error(out, ref), REL_TOL[dtype]
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+def poisoned(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An output buffer full of NaN, so any element a kernel fails to write shows up."""
+    return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+
+
+def random_rows(batch: int, n: int, k: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(batch, k) int32 duplicate-free random indices in [0, n) per row."""
+    return torch.rand(batch, n, generator=generator).argsort(-1)[:, :k].int().contiguous().to(device)

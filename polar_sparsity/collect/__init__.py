@@ -1,0 +1,1 @@
+"""Activation capture hooks and the collect step."""

@@ -1,0 +1,159 @@
+"""Load a model and tokenizer from a model config: hub id, local checkpoint, or random weights.
+
+``weights=random`` builds the real architecture from ``model.architecture`` with no network, for
+speed work and tests at real shape. When that model's own tokenizer is not available offline, the
+tokenizer trained on the offline corpus is used (its ids are inside every supported vocabulary) and
+``LoadedModel.tokenizer_source`` says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from polar_sparsity.models.families import FamilyAdapter, ModelGeometry, build_hf_config, family_for_config
+from polar_sparsity.resources import shipped_tokenizer_path
+from polar_sparsity.schema import DType, ModelConfig, Weights
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {DType.float32: torch.float32, DType.float16: torch.float16, DType.bfloat16: torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: Tokenizer
+    adapter: FamilyAdapter
+    geometry: ModelGeometry
+    weights_source: str  # what the weights are: a path, a hub id, or "random (seed N)"
+    tokenizer_source: str  # which tokenizer, and why when it is not the model's own
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids go (the embedding's device; differs from others when sharded)."""
+        return self.model.get_input_embeddings().weight.device
+
+
+def torch_dtype(dtype: DType | str) -> torch.dtype:
+    return _DTYPES[DType(dtype)]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+    return device
+
+
+def _weights_location(cfg: ModelConfig) -> str:
+    return cfg.path or cfg.hf_id  # type: ignore[return-value]
+
+
+def load_hf_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The Hugging Face config without loading weights (for geometry and size estimates)."""
+    if cfg.weights == Weights.random:
+        return build_hf_config(cfg.family.value, _architecture_dict(cfg))
+    location = _weights_location(cfg)
+    try:
+        return AutoConfig.from_pretrained(location)
+    except OSError as error:
+        raise RuntimeError(
+            f"could not load the config of {location!r} ({error}). Without network, use "
+            f"model.weights=random for the real architecture with random weights, or model.path=DIR "
+            f"for a local checkpoint."
+        ) from error
+
+
+def load_model(cfg: ModelConfig, device: str = "auto", seed: int = 0) -> LoadedModel:
+    """Load weights and tokenizer; check that the checkpoint belongs to the configured family.
+
+    ``model.device_map`` (e.g. ``auto``) shards pretrained weights over the visible GPUs; when it is
+    null the whole model goes to ``device``.
+    """
+    target = resolve_device(device)
+    hf_config = load_hf_config(cfg)
+    adapter = family_for_config(hf_config)
+    if adapter.name != cfg.family.value:
+        raise ValueError(
+            f"model {cfg.name!r} is configured as family {cfg.family.value!r} but its checkpoint is "
+            f"{hf_config.model_type!r}; set model.family={adapter.name}"
+        )
+    dtype = torch_dtype(cfg.dtype)
+    if cfg.weights == Weights.random:
+        model = _random_model(hf_config, dtype, target, seed)
+        weights_source = f"random weights (seed {seed})"
+    else:
+        model = _pretrained_model(cfg, dtype, target)
+        weights_source = _weights_location(cfg)
+    model.eval()
+    tokenizer, tokenizer_source = _load_tokenizer(cfg, hf_config.vocab_size)
+    return LoadedModel(model, tokenizer, adapter, adapter.geometry(hf_config), weights_source, tokenizer_source)
+
+
+def _architecture_dict(cfg: ModelConfig) -> dict[str, Any]:
+    return asdict(cfg.architecture) if not isinstance(cfg.architecture, dict) else dict(cfg.architecture)
+
+
+def _random_model(
+    hf_config: PretrainedConfig, dtype: torch.dtype, device: torch.device, seed: int
+) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    # Allocate directly on the target device: a large model never passes through host memory.
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+
+
+def _pretrained_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    location = _weights_location(cfg)
+    try:
+        if cfg.device_map is not None:
+            return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map=cfg.device_map)
+        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device)
+    except OSError as error:
+        raise RuntimeError(
+            f"could not load weights from {location!r} ({error}). Without network, use "
+            f"model.weights=random or model.path=DIR for a local checkpoint."
+        ) from error
+
+
+def _load_tokenizer(cfg: ModelConfig, vocab_size: int) -> tuple[Tokenizer, str]:
+    if cfg.tokenizer:
+        tokenizer, source = AutoTokenizer.from_pretrained(cfg.tokenizer), cfg.tokenizer
+    elif cfg.weights == Weights.pretrained:
+        tokenizer, source = AutoTokenizer.from_pretrained(_weights_location(cfg)), _weights_location(cfg)
+    else:
+        tokenizer, source = _offline_tokenizer(cfg)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"tokenizer {source!r} has {len(tokenizer)} tokens but model {cfg.name!r} only {vocab_size}; "
+            f"set model.tokenizer to one that fits"
+        )
+    if tokenizer.pad_token is None:
+        # Batches are padded only at a stream's tail; any id works since padded positions are masked.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, source
+
+
+def _offline_tokenizer(cfg: ModelConfig) -> tuple[Tokenizer, str]:
+    """The model's own tokenizer if it is in the local Hugging Face cache, else the shipped one."""
+    if cfg.hf_id:
+        try:
+            return AutoTokenizer.from_pretrained(cfg.hf_id, local_files_only=True), cfg.hf_id
+        except (OSError, ValueError):
+            pass
+    path = shipped_tokenizer_path()
+    source = (
+        f"shipped offline-corpus tokenizer ({path}); {cfg.hf_id or cfg.name}'s own tokenizer is not "
+        f"available offline, and its ids are a subset of the model's vocabulary"
+    )
+    log.warning("model %s: using the %s", cfg.name, source)
+    return AutoTokenizer.from_pretrained(path), source

@@ -1,0 +1,111 @@
+"""collect end to end on the shipped tiny models and on a random-weight hub architecture."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from polar_sparsity.collect.runner import run_collect
+from polar_sparsity.config import resolved_config, to_settings
+from polar_sparsity.data.store import MANIFEST, ActivationStore, StoreError, StoreWriter
+from polar_sparsity.schema import CollectRunConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["collect.samples=600", "collect.seq_len=64", "collect.batch_size=4", "logger=none"]
+
+
+def _settings(tmp_path: Path, *overrides: str) -> tuple[CollectRunConfig, dict]:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("collect", overrides=[f"paths.artifacts={tmp_path}", *SMALL, *overrides])
+    return to_settings(cfg, CollectRunConfig), resolved_config(cfg)
+
+
+def test_cli_default_is_tiny_opt_offline(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    command = [sys.executable, "collect.py", f"paths.artifacts={tmp_path}", "collect.samples=1500",
+               "collect.seq_len=128", "logger=csv"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Per-layer summary (tiny-opt on python-docs: 1500 tokens)" in result.stdout
+    store_dir = tmp_path / "stores" / "tiny-opt" / "python-docs"
+    manifest = json.loads((store_dir / MANIFEST).read_text())
+    assert manifest["rows"] == 1500 and manifest["geometry"]["num_heads"] == 8
+    assert (store_dir / "summary.png").stat().st_size > 0
+    rows = (store_dir / "summary.csv").read_text().splitlines()
+    densities = [float(line.split(",")[1]) for line in rows[1:]]
+    assert len(densities) == 4 and max(densities) < 0.5  # a trained ReLU MLP is sparse
+    metrics = list((tmp_path / "runs" / "collect").glob("*/csv/version_0/metrics.csv"))
+    assert metrics and "collect/mlp_density" in metrics[0].read_text()
+
+
+def test_tiny_llama_gqa_store(tmp_path: Path) -> None:
+    settings, resolved = _settings(tmp_path, "model=tiny-llama")
+    rows = run_collect(settings, resolved)
+    store = ActivationStore(settings.paths.store)
+    assert store.num_samples == 600 and not store.has_mlp
+    assert store.geometry.num_kv_heads == 2 and store.head_norms(3).shape == (600, 8)
+    assert all(np.isnan(r["mlp_density"]) for r in rows)
+    assert all(0.5 < r["head_top50_share"] < 1.0 for r in rows)
+    # Rows are never padding: every position lies inside its sequence.
+    assert store.positions()[:].max() < 64
+
+
+def test_random_weight_hub_architecture_uses_shipped_tokenizer(tmp_path: Path) -> None:
+    settings, resolved = _settings(tmp_path, "model=opt-125m", "model.weights=random", "model.dtype=float32",
+                                   "collect.samples=200")
+    run_collect(settings, resolved)
+    manifest = ActivationStore(settings.paths.store).manifest
+    assert manifest["geometry"]["num_layers"] == 12 and manifest["geometry"]["ffn_dim"] == 3072
+    assert "shipped offline-corpus tokenizer" in manifest["tokenizer"]
+    assert manifest["weights_source"] == "random weights (seed 0)"
+
+
+def test_rerun_is_a_no_op_and_other_model_is_refused(tmp_path: Path) -> None:
+    store = tmp_path / "shared-store"
+    settings, resolved = _settings(tmp_path, f"paths.store={store}")
+    run_collect(settings, resolved)
+    manifest = (store / MANIFEST).read_text()
+    run_collect(settings, resolved)  # complete and identical: summarised, not rewritten
+    assert (store / MANIFEST).read_text() == manifest
+
+    other, other_resolved = _settings(tmp_path, f"paths.store={store}", "model=tiny-llama")
+    with pytest.raises(StoreError, match="model: store has 'tiny-opt', this run 'tiny-llama'"):
+        run_collect(other, other_resolved)
+    assert (store / MANIFEST).read_text() == manifest
+
+
+def test_interrupted_run_resumes_to_the_same_store(tmp_path: Path, monkeypatch) -> None:
+    whole, resolved = _settings(tmp_path, f"paths.store={tmp_path / 'whole'}")
+    run_collect(whole, resolved)
+
+    interrupted, resolved = _settings(tmp_path, f"paths.store={tmp_path / 'parts'}")
+    original_append = StoreWriter.append
+    calls = {"n": 0}
+
+    def append_then_crash(self, *args, **kwargs):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original_append(self, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "append", append_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_collect(interrupted, resolved)
+    monkeypatch.setattr(StoreWriter, "append", original_append)
+    with pytest.raises(StoreError, match="collect.resume=true"):
+        run_collect(interrupted, resolved)
+
+    resumed, resolved = _settings(tmp_path, f"paths.store={tmp_path / 'parts'}", "collect.resume=true")
+    run_collect(resumed, resolved)
+    a, b = ActivationStore(tmp_path / "whole"), ActivationStore(tmp_path / "parts")
+    for layer in range(4):
+        np.testing.assert_array_equal(a.router_inputs(layer)[:], b.router_inputs(layer)[:])
+        np.testing.assert_array_equal(a.mlp_active_packed(layer)[:], b.mlp_active_packed(layer)[:])
+    np.testing.assert_array_equal(a.sequence_ids()[:], b.sequence_ids()[:])
