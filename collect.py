@@ -1,9 +1,9 @@
 """Collect router inputs, head output norms and MLP activity into an activation store.
 
-    python collect.py                                   # tiny-opt on the offline corpus
-    python collect.py model=tiny-llama
-    python collect.py model=opt-125m model.weights=random collect.samples=2000
-    python collect.py model=llama-3.1-8b data=wikitext2 device=cuda
+python collect.py                                   # tiny-opt on the offline corpus
+python collect.py model=tiny-llama
+python collect.py model=opt-125m model.weights=random collect.samples=2000
+python collect.py model=llama-3.1-8b data=wikitext2 device=cuda
 """
 
 import hydra

@@ -29,7 +29,8 @@ from kernels import _tuning
 from kernels._tl import dot, upcast_dot
 
 LOG2E = 1.4426950408889634
-MASKED_MAX = -1.0e30  # finite "minus infinity" for running maxima: avoids inf - inf = NaN
+# Finite "minus infinity" for running maxima (avoids inf - inf = NaN); constexpr so kernels may read it.
+MASKED_MAX = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -115,38 +116,32 @@ def _attn_merge_kernel(
     PO, PML, IDX, OUT,
     stride_ob, stride_oh, stride_ib,
     n_sel, n_kv, n_splits,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_IDX: tl.constexpr,
 ):
+    # One program per (sequence, selected group, query head of the group): all splits are loaded
+    # in one tile, so the merge costs one memory round trip instead of one per split.
     pid = tl.program_id(0)
+    r = tl.program_id(1)
     b = pid // n_sel
     j = pid % n_sel
     g = tl.load(IDX + b * stride_ib + j) if HAS_IDX else j
-    ok = (g >= 0) & (g < n_kv)
-    offs_g = tl.arange(0, BLOCK_G)
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_g = offs_g < GROUP
-    row_ok = mask_g & ((offs_g * 0 + ok.to(tl.int32)) != 0)
-    mask = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
-    m_i = tl.full([BLOCK_G], MASKED_MAX, tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for s in range(0, n_splits):
-        part = (pid * n_splits + s).to(tl.int64)
-        m_s = tl.load(PML + part * (GROUP * 2) + offs_g * 2, mask=mask_g, other=MASKED_MAX)
-        l_s = tl.load(PML + part * (GROUP * 2) + offs_g * 2 + 1, mask=mask_g, other=0.0)
-        o_s = tl.load(PO + part * (GROUP * HEAD_DIM) + offs_g[:, None] * HEAD_DIM + offs_d[None, :],
-                      mask=mask, other=0.0)
-        m_new = tl.maximum(m_i, m_s)
-        a = tl.exp2(m_i - m_new)
-        w = tl.exp2(m_s - m_new)
-        l_i = l_i * a + l_s * w
-        acc = acc * a[:, None] + o_s * w[:, None]
-        m_i = m_new
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    heads = tl.where(ok, g, 0) * GROUP + offs_g
-    o_ptrs = OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None] & mask)
+    g_ok = ((g >= 0) & (g < n_kv)).to(tl.int32)  # vector masks below: see the chunk kernel
+    ok_s = (offs_s < n_splits) & ((offs_s * 0 + g_ok) != 0)
+    mask_d = offs_d < HEAD_DIM
+    part = (pid * n_splits + offs_s).to(tl.int64)
+    m_s = tl.load(PML + part * (GROUP * 2) + r * 2, mask=ok_s, other=MASKED_MAX)
+    l_s = tl.load(PML + part * (GROUP * 2) + r * 2 + 1, mask=ok_s, other=0.0)
+    o_s = tl.load(PO + part[:, None] * (GROUP * HEAD_DIM) + r * HEAD_DIM + offs_d[None, :],
+                  mask=ok_s[:, None] & mask_d[None, :], other=0.0)
+    w = tl.exp2(m_s - tl.max(m_s, 0))
+    l_tot = tl.sum(l_s * w, 0)
+    o = tl.sum(o_s * w[:, None], 0) / tl.where(l_tot > 0, l_tot, 1.0)
+    head = tl.where(g_ok != 0, g, 0) * GROUP + r
+    o_ptrs = OUT + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d
+    tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=mask_d & ((offs_d * 0 + g_ok) != 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,10 +172,10 @@ def _heuristic(group: int, programs: int, n_max: int, sms: int) -> _tuning.Confi
 
 def _candidates(group: int, programs: int, n_max: int, sms: int) -> list[_tuning.Config]:
     dots = (0, 1) if group == 1 else (1,)
-    splits = _split_options(programs, n_max, sms)[-3:]
+    splits = _split_options(programs, n_max, sms)[-2:]
     return [
         {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "splits": s, "use_dot": d}
-        for bn in (32, 64, 128) for nw in (4, 8) for ns in (2, 3, 4) for s in splits for d in dots
+        for bn in (64, 128) for nw in (4, 8) for ns in (2, 3) for s in splits for d in dots
         if not (bn == 128 and nw == 4 and d == 0)  # 128x128 fp32 products spill at 4 warps
     ]
 
@@ -299,9 +294,10 @@ def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg)
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta,
     )
     if splits > 1:
-        _attn_merge_kernel[(B * n_sel,)](
+        _attn_merge_kernel[(B * n_sel, group)](
             po, pml, idx, out, out.stride(0), out.stride(1), stride_ib, n_sel, n_kv, splits,
-            HAS_IDX=has_idx, num_warps=4, **meta,
+            GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=C.next_pow2(splits), HAS_IDX=has_idx,
+            num_warps=4,
         )
 
 

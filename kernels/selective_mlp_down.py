@@ -9,8 +9,9 @@ row); transposed, it is one contiguous row, so the kernel reads only the selecte
 128-byte lines.
 
 Parallelism: programs tile (batch rows x ``BLOCK_D`` output columns); because ``d / BLOCK_D`` alone
-is too few programs for an H100, the sum over the k selected neurons is split, each split adding
-fp32 partial sums atomically into a workspace that a small second kernel turns into the output.
+is too few programs for an H100, the sum over the k selected neurons is split; each split stores its
+fp32 partial sum (plain stores, no atomics: deterministic) and a small second kernel adds the splits,
+adds the bias and casts.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def _down_kernel(
 
     mask = mask_m[:, None] & mask_d[None, :]
     if SPLIT:
-        tl.atomic_add(WS + rm[:, None] * d + rd[None, :], acc, mask=mask)
+        # Plain stores of this split's partial sum (no atomics: deterministic, no memset needed).
+        ws = WS + (sid * M + rm[:, None]).to(tl.int64) * d + rd[None, :]
+        tl.store(ws, acc, mask=mask)
     else:
         if HAS_BIAS:
             acc += tl.load(BIAS + rd, mask=mask_d, other=0.0).to(tl.float32)[None, :]
@@ -67,12 +70,16 @@ def _down_kernel(
 
 
 @triton.jit
-def _down_finalize_kernel(WS, BIAS, OUT, M, d, stride_om, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _down_finalize_kernel(
+    WS, BIAS, OUT, M, d, n_splits, stride_om, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * d
     m = offs // d
     c = offs % d
-    acc = tl.load(WS + offs, mask=mask, other=0.0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(0, n_splits):
+        acc += tl.load(WS + s * M * d + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(BIAS + c, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + m.to(tl.int64) * stride_om + c, acc.to(OUT.dtype.element_ty), mask=mask)
@@ -104,16 +111,14 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int) -> _tuning.Config:
 
 def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
     out = []
-    bms = (64, 128) if M > 64 else (_block_m(M),)
-    for bm in bms:
-        for bd in (64, 128, 256):
-            for bk in (32, 64, 128):
-                for ns in (3, 4, 5):
-                    programs = C.cdiv(M, bm) * C.cdiv(d, bd)
-                    s = _splits_for(programs, n_sel, bk, sms)
-                    for split in sorted({max(1, s // 2), s, s * 2}):
-                        out.append({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": 4,
-                                    "num_stages": ns, "splits": split})
+    bm = _block_m(M)
+    for bd in (64, 128):
+        for bk in (32, 64):
+            programs = C.cdiv(M, bm) * C.cdiv(d, bd)
+            s = _splits_for(programs, n_sel, bk, sms)
+            for split in sorted({s, s * 2}):
+                out.append({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": 4, "num_stages": 4,
+                            "splits": split})
     return out
 
 
@@ -188,7 +193,7 @@ def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
     k_chunk = C.cdiv(C.cdiv(n_sel, splits), bk) * bk
     splits = C.cdiv(n_sel, k_chunk)
     num_m = C.cdiv(M, bm)
-    ws = torch.zeros((M, d), device=a.device, dtype=torch.float32) if splits > 1 else out
+    ws = torch.empty((splits, M, d), device=a.device, dtype=torch.float32) if splits > 1 else out
     b = bias if bias is not None else a  # dummy pointer when HAS_BIAS is False
     _down_kernel[(num_m * C.cdiv(d, bd), splits)](
         a, w_down_t, b, idx, out, ws, M, n_sel, d, w_down_t.shape[0], k_chunk, num_m,
@@ -200,7 +205,7 @@ def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
     if splits > 1:
         block = 1024
         _down_finalize_kernel[(C.cdiv(M * d, block),)](
-            ws, b, out, M, d, out.stride(0), HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+            ws, b, out, M, d, splits, out.stride(0), HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
 
 
 def selective_down_reference(

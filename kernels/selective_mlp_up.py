@@ -9,8 +9,8 @@ the kernel streams exactly the selected rows once. Output is compact, (M, k), re
 
 Parallelism: one program per (row tile of the batch, ``BLOCK_N`` selected neurons). When that gives
 too few programs to fill the GPU (small k), the reduction over ``d`` is split across programs that
-add fp32 partial sums atomically into a workspace, and a small second kernel applies bias and
-activation (a nonlinearity needs the full sum first).
+store fp32 partial sums (plain stores, no atomics: deterministic), and a small second kernel adds
+them and applies bias and activation (a nonlinearity needs the full sum first).
 """
 
 from __future__ import annotations
@@ -76,10 +76,11 @@ def _up_kernel(
 
     mask = mask_m[:, None] & ok_n[None, :]
     if SPLIT:
-        ws = WS + rm[:, None] * n_sel + rn[None, :]
-        tl.atomic_add(ws, acc_u, mask=mask)
+        # Plain stores of this split's partial sums (no atomics: deterministic, no memset needed).
+        ws = WS + ((sid * (2 if GATED else 1)) * M + rm[:, None]).to(tl.int64) * n_sel + rn[None, :]
+        tl.store(ws, acc_u, mask=mask)
         if GATED:
-            tl.atomic_add(ws + M * n_sel, acc_g, mask=mask)
+            tl.store(ws + M * n_sel, acc_g, mask=mask)
     else:
         if HAS_BIAS:
             acc_u += tl.load(BIAS + rows).to(tl.float32)[None, :]
@@ -93,7 +94,7 @@ def _up_kernel(
 
 @triton.jit
 def _up_finalize_kernel(
-    WS, BIAS, IDX, OUT, M, n_sel, n_rows, stride_om,
+    WS, BIAS, IDX, OUT, M, n_sel, n_rows, n_splits, stride_om,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -102,11 +103,16 @@ def _up_finalize_kernel(
     j = offs % n_sel
     rows = tl.load(IDX + j, mask=mask, other=0)
     ok = mask & (rows >= 0) & (rows < n_rows)
-    acc = tl.load(WS + offs, mask=mask, other=0.0)
+    per_split = (2 if GATED else 1) * M * n_sel
+    acc = tl.zeros([BLOCK], tl.float32)
+    g = tl.zeros([BLOCK], tl.float32)
+    for s in range(0, n_splits):
+        acc += tl.load(WS + s * per_split + offs, mask=mask, other=0.0)
+        if GATED:
+            g += tl.load(WS + s * per_split + M * n_sel + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(BIAS + rows, mask=ok, other=0.0).to(tl.float32)
     if GATED:
-        g = tl.load(WS + M * n_sel + offs, mask=mask, other=0.0)
         acc = acc * g * tl.sigmoid(g)
     elif RELU:
         acc = tl.maximum(acc, 0.0)
@@ -139,16 +145,14 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int) -> _tuning.Config:
 
 def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
     out = []
-    bms = (64, 128) if M > 64 else (_block_m(M),)
-    for bm in bms:
-        for bn in (16, 32, 64):
-            for bk in (64, 128, 256):
-                for ns in (3, 4, 5):
-                    programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
-                    s = _splits_for(programs, d, bk, sms)
-                    for split in sorted({1, s}):
-                        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4,
-                                    "num_stages": ns, "splits": split})
+    bm = _block_m(M)
+    for bn in (16, 32, 64):
+        for bk in (128, 256):
+            programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
+            s = _splits_for(programs, d, bk, sms)
+            for split in sorted({1, s}):
+                out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 4,
+                            "splits": split})
     return out
 
 
@@ -214,7 +218,7 @@ def _launch(x, w_gate, w_up, bias, idx, out, relu, cfg) -> None:
     splits = C.cdiv(d, d_chunk)
     gated = w_gate is not None
     num_m = C.cdiv(M, bm)
-    ws = (torch.zeros((2 if gated else 1, M, n_sel), device=x.device, dtype=torch.float32)
+    ws = (torch.empty((splits, 2 if gated else 1, M, n_sel), device=x.device, dtype=torch.float32)
           if splits > 1 else out)
     wg = w_gate if gated else w_up
     b = bias if bias is not None else w_up  # dummy pointer when HAS_BIAS is False
@@ -228,7 +232,8 @@ def _launch(x, w_gate, w_up, bias, idx, out, relu, cfg) -> None:
     if splits > 1:
         block = 1024
         _up_finalize_kernel[(C.cdiv(M * n_sel, block),)](
-            ws, b, idx, out, M, n_sel, w_up.shape[0], out.stride(0), BLOCK=block, num_warps=4, **flags)
+            ws, b, idx, out, M, n_sel, w_up.shape[0], splits, out.stride(0), BLOCK=block, num_warps=4,
+            **flags)
 
 
 def selective_up(

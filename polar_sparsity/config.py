@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from polar_sparsity.resources import asset_path
-from polar_sparsity.schema import CollectRunConfig
+from polar_sparsity.schema import CollectRunConfig, EvaluateRunConfig, TrainRunConfig
 
 T = TypeVar("T")
 
@@ -53,6 +53,8 @@ def _register() -> None:
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
     store = ConfigStore.instance()
     store.store(name="collect_schema", node=CollectRunConfig)
+    store.store(name="evaluate_schema", node=EvaluateRunConfig)
+    store.store(name="train_schema", node=TrainRunConfig)
 
 
 _register()

@@ -1,19 +1,18 @@
-"""Files shipped inside the package (tiny models, tokenizer, corpus, evaluation tasks)."""
+"""Files shipped inside the package (tiny models, tokenizer, corpus, evaluation tasks).
+
+Standard library only: the corpus and the GPU-side code import it on machines without Hydra.
+"""
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 
 def asset_path(relative: str) -> str:
-    """Absolute path of a file or folder under ``polar_sparsity/assets``."""
-    path = Path(str(resources.files("polar_sparsity") / "assets" / relative))
+    """Absolute path of an existing file or folder under ``polar_sparsity/assets``."""
+    path = ASSETS_DIR / relative
     if not path.exists():
         raise FileNotFoundError(f"packaged asset {relative!r} not found at {path}")
     return str(path)
-
-
-def shipped_tokenizer_path() -> str:
-    """The byte-level BPE tokenizer trained on the offline corpus (vocabulary 2048)."""
-    return asset_path("tokenizer")

@@ -16,13 +16,26 @@ TINY_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "opt": ("opt", {"num_heads": 8, "num_kv_heads": 8, "activation": "relu", "norm": "layernorm"}),
     "opt-postnorm": (
         "opt",
-        {"num_heads": 4, "num_kv_heads": 4, "activation": "relu", "norm": "layernorm",
-         "extra": {"do_layer_norm_before": False, "word_embed_proj_dim": 32}},
+        {
+            "num_heads": 4,
+            "num_kv_heads": 4,
+            "activation": "relu",
+            "norm": "layernorm",
+            "extra": {"do_layer_norm_before": False, "word_embed_proj_dim": 32},
+        },
     ),
     "llama-mha": ("llama", {"num_heads": 4, "num_kv_heads": 4, "activation": "silu", "norm": "rmsnorm"}),
     "llama-gqa": ("llama", {"num_heads": 8, "num_kv_heads": 2, "activation": "silu", "norm": "rmsnorm"}),
-    "mistral": ("mistral", {"num_heads": 8, "num_kv_heads": 2, "activation": "silu", "norm": "rmsnorm",
-                            "extra": {"sliding_window": 32}}),
+    "mistral": (
+        "mistral",
+        {
+            "num_heads": 8,
+            "num_kv_heads": 2,
+            "activation": "silu",
+            "norm": "rmsnorm",
+            "extra": {"sliding_window": 32},
+        },
+    ),
     "qwen2": ("qwen2", {"num_heads": 8, "num_kv_heads": 4, "activation": "silu", "norm": "rmsnorm"}),
 }
 

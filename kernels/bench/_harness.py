@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 REPS = 25
 
@@ -73,6 +75,32 @@ def time_graph(fns: Sequence[Callable[[], object]], reps: int = REPS) -> float:
         times.append(start.elapsed_time(end) * 1e3)
     del graph
     return statistics.median(times) / len(fns)
+
+
+@triton.jit
+def _read_kernel(X, OUT, n_per_prog, BLOCK: tl.constexpr):
+    """Stream a contiguous slice per program and keep one sum (so nothing is optimised away)."""
+    base = X + tl.program_id(0).to(tl.int64) * n_per_prog
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in range(0, n_per_prog, BLOCK):
+        acc += tl.load(base + i + tl.arange(0, BLOCK)).to(tl.float32)
+    tl.store(OUT + tl.program_id(0), tl.sum(acc, 0))
+
+
+def read_bandwidth(gib: float = 4.0) -> float:
+    """Streaming-read bandwidth in bytes/s (bytes read only): the ceiling for read-bound kernels."""
+    block, programs = 4096, 132 * 16
+    per = int(gib * 2**30) // 2 // programs // block * block
+    x = torch.randn(per * programs, device="cuda", dtype=torch.float16)
+    out = torch.empty(programs, device="cuda", dtype=torch.float32)
+    best = 0.0
+    for warps in (4, 8):
+        us = time_graph([lambda w=warps, x=x: _read_kernel[(programs,)](x, out, per, BLOCK=block,
+                                                                        num_warps=w)])
+        best = max(best, x.numel() * 2 / (us * 1e-6))
+    del x
+    torch.cuda.empty_cache()
+    return best
 
 
 def hbm_bandwidth(gib: float = 2.0) -> float:

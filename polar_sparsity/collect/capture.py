@@ -47,11 +47,17 @@ def capture_activations(
     for layer in layers:
         slot = captured.layers[layer]
         handles.append(
-            adapter.attention(model, layer).register_forward_pre_hook(_router_input_hook(slot), with_kwargs=True)
+            adapter.attention(model, layer).register_forward_pre_hook(
+                _router_input_hook(slot), with_kwargs=True
+            )
         )
-        handles.append(adapter.attn_out_proj(model, layer).register_forward_pre_hook(_head_norm_hook(slot, geometry)))
+        handles.append(
+            adapter.attn_out_proj(model, layer).register_forward_pre_hook(_head_norm_hook(slot, geometry))
+        )
         if geometry.mlp_kind == MlpKind.relu:
-            handles.append(adapter.mlp_down_proj(model, layer).register_forward_pre_hook(_mlp_hook(slot, geometry)))
+            handles.append(
+                adapter.mlp_down_proj(model, layer).register_forward_pre_hook(_mlp_hook(slot, geometry))
+            )
     try:
         yield captured
     finally:

@@ -51,12 +51,20 @@ def _is_complete_copy(root: Path, spec: StoreSpec) -> bool:
     return all(identity.get(k) == v for k, v in spec.as_dict().items())
 
 
-def run_collect(settings: CollectRunConfig, resolved_config: dict[str, Any], logger: Any = None) -> list[dict[str, Any]]:
+def run_collect(
+    settings: CollectRunConfig, resolved_config: dict[str, Any], logger: Any = None
+) -> list[dict[str, Any]]:
     """Collect (or finish) the store at ``paths.store``; returns the per-layer summary rows."""
     root = Path(settings.paths.store)
     spec = store_spec(settings)
     if settings.collect.overwrite or not _is_complete_copy(root, spec):
-        writer = StoreWriter(root, spec, resume=settings.collect.resume, overwrite=settings.collect.overwrite)
+        writer = StoreWriter(
+            root,
+            spec,
+            resume=settings.collect.resume,
+            overwrite=settings.collect.overwrite,
+            checkpoint_seconds=settings.collect.checkpoint_seconds,
+        )
         log.info("store %s: %.2f GiB for %d samples", root, spec.total_bytes() / 2**30, spec.samples)
         loaded = load_model(settings.model, settings.device, settings.seed)
         log.info("weights: %s; tokenizer: %s", loaded.weights_source, loaded.tokenizer_source)
@@ -77,8 +85,13 @@ def _fill(writer: StoreWriter, loaded: LoadedModel, settings: CollectRunConfig) 
         next(sequences)
     store_mlp = loaded.geometry.mlp_kind == MlpKind.relu
     sequence_index = writer.sequences
-    progress = tqdm(total=writer.spec.samples, initial=writer.rows, unit="tok", desc=f"collect {settings.model.name}")
-    with capture_activations(loaded.model, loaded.adapter, loaded.geometry) as captured, torch.inference_mode():
+    progress = tqdm(
+        total=writer.spec.samples, initial=writer.rows, unit="tok", desc=f"collect {settings.model.name}"
+    )
+    with (
+        capture_activations(loaded.model, loaded.adapter, loaded.geometry) as captured,
+        torch.inference_mode(),
+    ):
         for batch in batched(sequences, cfg.batch_size, loaded.tokenizer.pad_token_id):
             if writer.remaining == 0:
                 break
@@ -86,7 +99,9 @@ def _fill(writer: StoreWriter, loaded: LoadedModel, settings: CollectRunConfig) 
             keep = batch["attention_mask"].reshape(-1).bool()
             ids, positions = _row_provenance(batch["attention_mask"], sequence_index)
             sequence_index += len(batch["input_ids"])
-            written = writer.append(ids, positions, *_kept_rows(captured, keep, store_mlp), sequences_done=sequence_index)
+            written = writer.append(
+                ids, positions, *_kept_rows(captured, keep, store_mlp), sequences_done=sequence_index
+            )
             captured.clear()
             progress.update(written)
     progress.close()
@@ -113,7 +128,9 @@ def _kept_rows(captured: Captured, keep: torch.Tensor, store_mlp: bool):
     return router_inputs, head_norms, mlp
 
 
-def _provenance(settings: CollectRunConfig, loaded: LoadedModel, resolved_config: dict[str, Any], seconds: float):
+def _provenance(
+    settings: CollectRunConfig, loaded: LoadedModel, resolved_config: dict[str, Any], seconds: float
+):
     return {
         "weights_source": loaded.weights_source,
         "tokenizer": loaded.tokenizer_source,

@@ -48,6 +48,7 @@ def plot_summary(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     layers = [r["layer"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -60,6 +61,8 @@ def plot_summary(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
     axes[1].axhline(0.5, color="gray", linestyle="--", label="uniform heads")
     axes[1].set(title="Head output norm: top-50% heads' share", xlabel="layer", ylim=(0, 1))
     axes[1].legend(loc="lower right")
+    for axis in axes:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

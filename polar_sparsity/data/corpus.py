@@ -27,6 +27,8 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import ModuleType
 
+from polar_sparsity.resources import ASSETS_DIR
+
 CORPUS_NAME = "python-docs"
 SPLITS = ("train", "validation", "test")
 
@@ -46,7 +48,7 @@ _SKIP_SUBPACKAGE_PARTS = frozenset({"test", "tests", "idle_test"})
 
 def corpus_path() -> Path:
     """The committed snapshot (xz-compressed JSON lines)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "corpus" / f"{CORPUS_NAME}.jsonl.xz"
+    return ASSETS_DIR / "corpus" / f"{CORPUS_NAME}.jsonl.xz"
 
 
 def split_of(doc_id: str) -> str:

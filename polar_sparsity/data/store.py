@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,9 +105,19 @@ def _array_specs(spec: StoreSpec) -> dict[str, tuple[tuple[int, ...], Any]]:
 class StoreWriter:
     """Appends captured rows to a store; resumable, and refuses to mix models or data sources."""
 
-    def __init__(self, root: str | Path, spec: StoreSpec, resume: bool = False, overwrite: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        spec: StoreSpec,
+        resume: bool = False,
+        overwrite: bool = False,
+        checkpoint_seconds: float = 30.0,
+    ):
         self.root = Path(root)
         self.spec = spec
+        # Flushing memory maps is a disk sync: do it (and record progress) at most this often.
+        self.checkpoint_seconds = checkpoint_seconds
+        self._last_checkpoint = time.monotonic()
         self._prepare(resume, overwrite)
         progress = json.loads((self.root / PROGRESS).read_text())
         self.rows, self.sequences = progress["rows"], progress["sequences"]
@@ -132,13 +143,17 @@ class StoreWriter:
     def _check_existing(self, identity: dict[str, Any], resume: bool) -> None:
         mismatched = {k: (identity.get(k), v) for k, v in self.spec.as_dict().items() if identity.get(k) != v}
         if mismatched:
-            details = ", ".join(f"{k}: store has {old!r}, this run {new!r}" for k, (old, new) in mismatched.items())
+            details = ", ".join(
+                f"{k}: store has {old!r}, this run {new!r}" for k, (old, new) in mismatched.items()
+            )
             raise StoreError(
                 f"the store at {self.root} was collected for something else ({details}). Use another "
                 f"paths.store, or collect.overwrite=true to replace it."
             )
         if (self.root / MANIFEST).exists():
-            raise StoreError(f"the store at {self.root} is already complete; collect.overwrite=true replaces it")
+            raise StoreError(
+                f"the store at {self.root} is already complete; collect.overwrite=true replaces it"
+            )
         if not resume:
             done = json.loads((self.root / PROGRESS).read_text())["rows"]
             raise StoreError(
@@ -172,7 +187,7 @@ class StoreWriter:
         """Write rows (already stripped of padding) for every layer; returns how many were kept.
 
         Rows past ``samples`` are dropped. ``sequences_done`` is the stream position after this batch,
-        recorded with the row count so an interrupted run resumes at a batch boundary.
+        checkpointed with the row count so an interrupted run resumes at a batch boundary.
         """
         count = min(len(sequence_ids), self.remaining)
         rows = slice(self.rows, self.rows + count)
@@ -180,20 +195,29 @@ class StoreWriter:
         self._arrays["positions.npy"][rows] = positions[:count]
         for layer in range(self.spec.geometry["num_layers"]):
             prefix = f"layers/{layer:03d}/"
-            self._arrays[prefix + "router_input.npy"][rows] = _to_disk(router_inputs[layer][:count], self.spec.dtype)
+            self._arrays[prefix + "router_input.npy"][rows] = _to_disk(
+                router_inputs[layer][:count], self.spec.dtype
+            )
             self._arrays[prefix + "head_norms.npy"][rows] = head_norms[layer][:count].float().cpu().numpy()
             if mlp_active is not None:
                 bits = np.packbits(mlp_active[layer][:count].cpu().numpy(), axis=-1, bitorder="little")
                 self._arrays[prefix + "mlp_active.npy"][rows] = bits
         self.rows += count
         self.sequences = sequences_done
+        if time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds:
+            self.checkpoint()
+        return count
+
+    def checkpoint(self) -> None:
+        """Make the rows so far durable, then record them: progress never claims unflushed rows."""
         for array in self._arrays.values():
             array.flush()
         write_json_atomic(self.root / PROGRESS, {"rows": self.rows, "sequences": self.sequences})
-        return count
+        self._last_checkpoint = time.monotonic()
 
     def finish(self, extra: dict[str, Any]) -> Path:
         """Write the manifest, last: from now on the store is complete."""
+        self.checkpoint()
         if self.remaining:
             raise StoreError(f"store has {self.rows}/{self.spec.samples} samples; the token stream ran out")
         manifest = {**self.spec.as_dict(), "format": STORE_FORMAT, "rows": self.rows, **extra}
@@ -233,9 +257,13 @@ class ActivationStore:
                     f"the store at {self.root} is incomplete ({done} samples written, no manifest); "
                     f"finish it with `python collect.py collect.resume=true ...`"
                 )
-            raise StoreError(f"no activation store at {self.root}; run `python collect.py` for this model first")
+            raise StoreError(
+                f"no activation store at {self.root}; run `python collect.py` for this model first"
+            )
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        self.geometry = ModelGeometry(**{**self.manifest["geometry"], "mlp_kind": MlpKind(self.manifest["geometry"]["mlp_kind"])})
+        self.geometry = ModelGeometry(
+            **{**self.manifest["geometry"], "mlp_kind": MlpKind(self.manifest["geometry"]["mlp_kind"])}
+        )
 
     @property
     def num_samples(self) -> int:
@@ -250,7 +278,9 @@ class ActivationStore:
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.geometry.num_layers:
-            raise ValueError(f"layer {layer} is outside the store's model (layers 0..{self.geometry.num_layers - 1})")
+            raise ValueError(
+                f"layer {layer} is outside the store's model (layers 0..{self.geometry.num_layers - 1})"
+            )
 
     def sequence_ids(self) -> np.ndarray:
         return self._load("sequence_ids.npy")
@@ -278,7 +308,9 @@ class ActivationStore:
         return self._load(f"layers/{layer:03d}/mlp_active.npy")
 
     def unpack_mlp(self, packed_rows: np.ndarray) -> np.ndarray:
-        return np.unpackbits(packed_rows, axis=-1, count=self.geometry.ffn_dim, bitorder="little").astype(bool)
+        return np.unpackbits(packed_rows, axis=-1, count=self.geometry.ffn_dim, bitorder="little").astype(
+            bool
+        )
 
     def as_tensor(self, rows: np.ndarray) -> torch.Tensor:
         """Router-input rows as a tensor in the store's dtype."""

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from polar_sparsity.data.corpus import load_documents
+from polar_sparsity.resources import ASSETS_DIR
 
 VOCAB_SIZE = 2048
 EOS_TOKEN = "<|endoftext|>"  # id 0: separates documents; also the bos token
@@ -22,7 +23,7 @@ PAD_TOKEN = "<pad>"  # id 1
 
 def tokenizer_path() -> Path:
     """The shipped tokenizer directory."""
-    return Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+    return ASSETS_DIR / "tokenizer"
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:

@@ -73,7 +73,9 @@ def _sequence(ids: list[int], bos: int | None, vocab_size: int) -> torch.Tensor:
     return sequence
 
 
-def batched(sequences: Iterator[torch.Tensor], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+def batched(
+    sequences: Iterator[torch.Tensor], batch_size: int, pad_id: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Right-padded batches with an attention mask (padding only ever comes from the stream's tail)."""
     batch: list[torch.Tensor] = []
     for sequence in sequences:

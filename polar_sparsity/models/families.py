@@ -193,7 +193,9 @@ def _check_norm(arch: dict[str, Any], expected: str) -> None:
         raise ValueError(f"norm {norm!r} does not match this family; it uses {expected!r}")
 
 
-def _llama_style(name: str, model_types: tuple[str, ...], config_class: type[PretrainedConfig]) -> FamilyAdapter:
+def _llama_style(
+    name: str, model_types: tuple[str, ...], config_class: type[PretrainedConfig]
+) -> FamilyAdapter:
     return FamilyAdapter(
         name=name,
         model_types=model_types,

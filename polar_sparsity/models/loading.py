@@ -16,8 +16,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from polar_sparsity.data.tokenizer import tokenizer_path
 from polar_sparsity.models.families import FamilyAdapter, ModelGeometry, build_hf_config, family_for_config
-from polar_sparsity.resources import shipped_tokenizer_path
 from polar_sparsity.schema import DType, ModelConfig, Weights
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,9 @@ def load_model(cfg: ModelConfig, device: str = "auto", seed: int = 0) -> LoadedM
         weights_source = _weights_location(cfg)
     model.eval()
     tokenizer, tokenizer_source = _load_tokenizer(cfg, hf_config.vocab_size)
-    return LoadedModel(model, tokenizer, adapter, adapter.geometry(hf_config), weights_source, tokenizer_source)
+    return LoadedModel(
+        model, tokenizer, adapter, adapter.geometry(hf_config), weights_source, tokenizer_source
+    )
 
 
 def _architecture_dict(cfg: ModelConfig) -> dict[str, Any]:
@@ -150,7 +152,7 @@ def _offline_tokenizer(cfg: ModelConfig) -> tuple[Tokenizer, str]:
             return AutoTokenizer.from_pretrained(cfg.hf_id, local_files_only=True), cfg.hf_id
         except (OSError, ValueError):
             pass
-    path = shipped_tokenizer_path()
+    path = str(tokenizer_path())
     source = (
         f"shipped offline-corpus tokenizer ({path}); {cfg.hf_id or cfg.name}'s own tokenizer is not "
         f"available offline, and its ids are a subset of the model's vocabulary"

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 import yaml
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
@@ -351,27 +352,33 @@ def main(argv: list[str] | None = None) -> None:
     metrics = evaluate_checkpoint(
         args.out, streams["train"], val_chunks, eval_chunks(streams["test"], args.seq_len), args.device
     )
+    training = training_record(args, argv, len(streams["train"]), result)
+    report = {"model": args.model, "family": family, "metrics": metrics, "training": training,
+              "history": result["history"]}  # fmt: skip
+    write_report(args.out, args.model, family, architecture, report)
+
+
+def training_record(
+    args: argparse.Namespace, argv: list[str] | None, train_tokens: int, result: dict[str, Any]
+) -> dict[str, Any]:
+    """How the model was trained, for the card: exact command, data volume, device, software."""
     tokens_seen = args.steps * args.batch_size * args.seq_len
-    training = {
+    command = ["python -m polar_sparsity.models.pretrain_tiny", *(sys.argv[1:] if argv is None else argv)]
+    return {
         **{k: v for k, v in vars(args).items() if k not in ("out", "config", "set")},
-        "command": " ".join(
-            ["python -m polar_sparsity.models.pretrain_tiny", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": " ".join(command),
         "architecture_overrides": args.set,
         "tokens_seen": tokens_seen,
-        "train_tokens": len(streams["train"]),
-        "epochs": tokens_seen / len(streams["train"]),
+        "train_tokens": train_tokens,
+        "epochs": tokens_seen / train_tokens,
         "precision": "bf16 autocast" if args.device.startswith("cuda") else "float32",
         "device": device_name(args.device),
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
+        "transformers": transformers.__version__,
         "best_step": result["best_step"],
-        "train_wall_s": result["train_wall_s"],
+        "train_wall_s": result["train_wall_s"],  # the training loop, periodic validation included
     }
-    report = {"model": args.model, "family": family, "metrics": metrics, "training": training,
-              "history": result["history"]}  # fmt: skip
-    write_report(args.out, args.model, family, architecture, report)
 
 
 def write_report(out: Path, model_name: str, family: str, architecture: dict[str, Any], report: dict) -> None:

@@ -29,8 +29,14 @@ def _settings(tmp_path: Path, *overrides: str) -> tuple[CollectRunConfig, dict]:
 
 def test_cli_default_is_tiny_opt_offline(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    command = [sys.executable, "collect.py", f"paths.artifacts={tmp_path}", "collect.samples=1500",
-               "collect.seq_len=128", "logger=csv"]
+    command = [
+        sys.executable,
+        "collect.py",
+        f"paths.artifacts={tmp_path}",
+        "collect.samples=1500",
+        "collect.seq_len=128",
+        "logger=csv",
+    ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Per-layer summary (tiny-opt on python-docs: 1500 tokens)" in result.stdout
@@ -58,8 +64,9 @@ def test_tiny_llama_gqa_store(tmp_path: Path) -> None:
 
 
 def test_random_weight_hub_architecture_uses_shipped_tokenizer(tmp_path: Path) -> None:
-    settings, resolved = _settings(tmp_path, "model=opt-125m", "model.weights=random", "model.dtype=float32",
-                                   "collect.samples=200")
+    settings, resolved = _settings(
+        tmp_path, "model=opt-125m", "model.weights=random", "model.dtype=float32", "collect.samples=200"
+    )
     run_collect(settings, resolved)
     manifest = ActivationStore(settings.paths.store).manifest
     assert manifest["geometry"]["num_layers"] == 12 and manifest["geometry"]["ffn_dim"] == 3072
@@ -85,7 +92,8 @@ def test_interrupted_run_resumes_to_the_same_store(tmp_path: Path, monkeypatch) 
     whole, resolved = _settings(tmp_path, f"paths.store={tmp_path / 'whole'}")
     run_collect(whole, resolved)
 
-    interrupted, resolved = _settings(tmp_path, f"paths.store={tmp_path / 'parts'}")
+    parts = [f"paths.store={tmp_path / 'parts'}", "collect.checkpoint_seconds=0"]
+    interrupted, resolved = _settings(tmp_path, *parts)
     original_append = StoreWriter.append
     calls = {"n": 0}
 
@@ -99,10 +107,10 @@ def test_interrupted_run_resumes_to_the_same_store(tmp_path: Path, monkeypatch) 
     with pytest.raises(KeyboardInterrupt):
         run_collect(interrupted, resolved)
     monkeypatch.setattr(StoreWriter, "append", original_append)
-    with pytest.raises(StoreError, match="collect.resume=true"):
+    with pytest.raises(StoreError, match=r"incomplete \(256/600 samples\).*collect.resume=true"):
         run_collect(interrupted, resolved)
 
-    resumed, resolved = _settings(tmp_path, f"paths.store={tmp_path / 'parts'}", "collect.resume=true")
+    resumed, resolved = _settings(tmp_path, *parts, "collect.resume=true")
     run_collect(resumed, resolved)
     a, b = ActivationStore(tmp_path / "whole"), ActivationStore(tmp_path / "parts")
     for layer in range(4):

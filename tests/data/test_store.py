@@ -13,14 +13,28 @@ from polar_sparsity.data import store as store_module
 from polar_sparsity.data.store import MANIFEST, ActivationStore, StoreError, StoreSpec, StoreWriter
 
 GEOMETRY = {
-    "num_layers": 2, "hidden_size": 6, "num_heads": 4, "num_kv_heads": 2, "head_dim": 3,
-    "ffn_dim": 13, "mlp_kind": "relu", "vocab_size": 50,
+    "num_layers": 2,
+    "hidden_size": 6,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "head_dim": 3,
+    "ffn_dim": 13,
+    "mlp_kind": "relu",
+    "vocab_size": 50,
 }
 
 
 def _spec(samples: int = 10, dtype: str = "float16", **changes) -> StoreSpec:
-    fields = dict(model="m", weights="random", data="d", split="train", seq_len=4, samples=samples,
-                  dtype=dtype, geometry=GEOMETRY)
+    fields = dict(
+        model="m",
+        weights="random",
+        data="d",
+        split="train",
+        seq_len=4,
+        samples=samples,
+        dtype=dtype,
+        geometry=GEOMETRY,
+    )
     return StoreSpec(**{**fields, **changes})
 
 
@@ -64,7 +78,7 @@ def test_round_trip_and_truncation(tmp_path, dtype) -> None:
 
 def test_incomplete_store_is_refused_then_resumed(tmp_path) -> None:
     root = tmp_path / "s"
-    writer = StoreWriter(root, _spec(samples=10))
+    writer = StoreWriter(root, _spec(samples=10), checkpoint_seconds=0)
     _append(writer, 6, seed=1, first_sequence=0)
     del writer  # interrupted: no manifest
 
@@ -119,7 +133,9 @@ def test_reader_errors_name_the_problem(tmp_path) -> None:
         ActivationStore(tmp_path / "missing")
     writer = StoreWriter(tmp_path / "s", _spec(geometry={**GEOMETRY, "mlp_kind": "gated"}))
     router, norms, _ = _batch(10, seed=0)
-    writer.append(np.zeros(10, np.int32), np.arange(10, dtype=np.int32), router, norms, None, sequences_done=1)
+    writer.append(
+        np.zeros(10, np.int32), np.arange(10, dtype=np.int32), router, norms, None, sequences_done=1
+    )
     writer.finish({})
     store = ActivationStore(tmp_path / "s")
     with pytest.raises(StoreError, match="gated MLP: no MLP activity"):

@@ -46,7 +46,9 @@ def _manual_layer(family: str, model, layer_index: int, hidden: torch.Tensor):
     if family == "opt":
         pre_norm = model.config.do_layer_norm_before
         ln1, ln2 = layer.self_attn_layer_norm, layer.final_layer_norm
-        router_input = F.layer_norm(hidden, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps) if pre_norm else hidden
+        router_input = (
+            F.layer_norm(hidden, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps) if pre_norm else hidden
+        )
         q, k, v = (_heads(router_input, p, head_dim) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         heads = _manual_attention(q, k, v)
         merged = heads.transpose(1, 2).reshape(BATCH, SEQ, -1)
@@ -95,7 +97,9 @@ def test_hook_points_match_manual_computation(name: str) -> None:
         with torch.no_grad():
             router_input, heads, down_input, _ = _manual_layer(family, model, i, hidden_states[i])
         got = captured.layers[i]
-        torch.testing.assert_close(got.router_input, router_input.reshape(BATCH * SEQ, -1), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            got.router_input, router_input.reshape(BATCH * SEQ, -1), rtol=1e-4, atol=1e-5
+        )
         expected_norms = heads.norm(dim=-1).reshape(BATCH * SEQ, geometry.num_heads)
         torch.testing.assert_close(got.head_norms, expected_norms, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(down_inputs[i], down_input, rtol=1e-4, atol=1e-5)
@@ -125,6 +129,14 @@ def test_unknown_family_names_the_valid_ones() -> None:
 def test_norm_mismatch_is_rejected() -> None:
     with pytest.raises(ValueError, match="norm 'rmsnorm' does not match"):
         get_family("opt").build_config(
-            {"vocab_size": 10, "hidden_size": 8, "num_layers": 1, "num_heads": 2, "ffn_dim": 8,
-             "activation": "relu", "norm": "rmsnorm", "max_position_embeddings": 8}
+            {
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "num_layers": 1,
+                "num_heads": 2,
+                "ffn_dim": 8,
+                "activation": "relu",
+                "norm": "rmsnorm",
+                "max_position_embeddings": 8,
+            }
         )

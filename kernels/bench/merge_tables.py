@@ -1,0 +1,33 @@
+"""Merge tuning tables: ``python -m kernels.bench.merge_tables OUT.json IN.json [IN.json ...]``.
+
+Later inputs override earlier ones key by key; used to turn the ``--save-table`` files of a tuning
+session into the shipped ``kernels/tuned_h100.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def merge(out: Path, inputs: list[Path]) -> dict:
+    table: dict = {"gpu": "H100", "sources": [], "configs": {}}
+    for path in inputs:
+        part = json.loads(path.read_text())
+        table["configs"].update(part.get("configs", {}))
+        if "sources" in part:  # an already merged table: keep its provenance
+            table["sources"] += [src for src in part["sources"] if src not in table["sources"]]
+        else:
+            table["sources"].append({"file": path.name, "source": part.get("source", ""),
+                                     "env": part.get("env", {})})
+    table["configs"] = dict(sorted(table["configs"].items()))
+    out.write_text(json.dumps(table, indent=1) + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
+    t = merge(Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]])
+    print(f"{sys.argv[1]}: {len(t['configs'])} configs")

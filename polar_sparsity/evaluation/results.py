@@ -1,0 +1,189 @@
+"""Result files and tables: atomic JSON, the dense-result cache, the comparison table, sweep rows."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+# Metrics shown in the comparison table, in this order; any other numeric metric follows them.
+_PREFERRED = ("acc", "acc_norm", "word_perplexity", "byte_perplexity", "bits_per_byte")
+_AVERAGED = ("acc", "acc_norm")  # averaged over tasks in the table's "average" rows
+_VERSIONED = ("torch", "transformers", "lm_eval", "datasets", "numpy", "safetensors", "polar-sparsity")
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    """JSON through a temporary name and a rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default, allow_nan=True))
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "value"):  # enums
+        return value.value
+    return str(value)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- dense cache -----------------------------------------------------------------------------------
+
+
+def cache_file(cache_dir: str | Path, model_name: str, key: dict[str, Any]) -> Path:
+    """One file per (model, weights, tasks, few-shot, limit, data, ...) key: a hash of the key."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{model_name}-{digest}.json"
+
+
+def read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """Cached dense results for exactly ``key`` (None when absent, unreadable or another key)."""
+    try:
+        payload = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if json.loads(json.dumps(key, default=str)) != payload.get("key"):
+        return None
+    return payload.get("results")
+
+
+def write_cache(path: Path, key: dict[str, Any], results: dict[str, Any]) -> Path:
+    return write_json(path, {"key": key, "results": results, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+# --- comparison table ------------------------------------------------------------------------------
+
+
+def _metric_order(metrics: dict[str, float]) -> list[str]:
+    names = [m for m in metrics if not m.endswith("_stderr")]
+    return [m for m in _PREFERRED if m in names] + sorted(m for m in names if m not in _PREFERRED)
+
+
+def comparison_rows(dense: dict[str, Any], sparse: dict[str, Any], label: str) -> list[dict[str, Any]]:
+    """Dense vs ``label`` per task and metric, absolute deltas, then averages and our perplexity."""
+    rows = []
+    dense_tasks, sparse_tasks = dense.get("lm_eval", {}), sparse.get("lm_eval", {})
+    for task in sorted(sparse_tasks):
+        for metric in _metric_order(sparse_tasks[task]):
+            d, s = dense_tasks.get(task, {}).get(metric), sparse_tasks[task][metric]
+            stderr = sparse_tasks[task].get(f"{metric}_stderr")
+            rows.append(_row(task, metric, d, s, stderr, label))
+    for metric in _AVERAGED:
+        tasks = [t for t in sparse_tasks if metric in sparse_tasks[t] and metric in dense_tasks.get(t, {})]
+        if tasks:
+            d = sum(dense_tasks[t][metric] for t in tasks) / len(tasks)
+            s = sum(sparse_tasks[t][metric] for t in tasks) / len(tasks)
+            rows.append(_row(f"average ({len(tasks)} tasks)", metric, d, s, None, label))
+    if "perplexity" in sparse:
+        name = f"perplexity: {sparse['perplexity']['data']} {sparse['perplexity']['split']}"
+        d = dense.get("perplexity", {}).get("perplexity")
+        rows.append(_row(name, "token_perplexity", d, sparse["perplexity"]["perplexity"], None, label))
+    return rows
+
+
+def _row(task: str, metric: str, dense: float | None, value: float, stderr: float | None, label: str):
+    delta = value - dense if dense is not None else None
+    return {"task": task, "metric": metric, "dense": dense, label: value, "delta": delta, "stderr": stderr}
+
+
+def average(results: dict[str, Any], metric: str) -> float | None:
+    values = [m[metric] for m in results.get("lm_eval", {}).values() if metric in m]
+    return sum(values) / len(values) if values else None
+
+
+# --- sweep rows ------------------------------------------------------------------------------------
+
+
+def flat_metrics(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """One column per task metric (stderr included), the averages, and our perplexity."""
+    row: dict[str, float] = {}
+    for task, metrics in sorted(results.get("lm_eval", {}).items()):
+        for metric, value in metrics.items():
+            row[f"{prefix}{task}/{metric}"] = value
+    for metric in _AVERAGED:
+        value = average(results, metric)
+        if value is not None:
+            row[f"{prefix}average/{metric}"] = value
+    if "perplexity" in results:
+        row[f"{prefix}perplexity"] = results["perplexity"]["perplexity"]
+    return row
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock beside ``path``: parallel sweep jobs append one at a time."""
+    lock = path.with_name(f".{path.name}.lock")
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_csv_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as handle:
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def _parse(text: str | None) -> Any:
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def append_row(path: str | Path, row: dict[str, Any]) -> Path:
+    """Append a row to a CSV shared by a sweep's jobs (columns are the union; rewritten atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        rows = [*read_csv_rows(path), row]
+        columns = list(dict.fromkeys(c for r in rows for c in r))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows({c: _cell(r.get(c)) for c in columns} for r in rows)
+        os.replace(tmp, path)
+    return path
+
+
+def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return value

@@ -1,0 +1,52 @@
+"""Kernel tests run on a GPU when there is one, else in Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` function is created, i.e. before ``kernels``
+is imported, so it is set here at the top of the first module pytest loads for this folder.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels import _tuning  # noqa: E402
+
+HERE = os.path.dirname(__file__)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    reason = "needs CUDA (GPU test at real shapes; run `pytest -m gpu` on a GPU machine)"
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "gpu" in item.keywords and str(item.fspath).startswith(HERE):
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the small tests run: the GPU if present, else the CPU (through the interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def force_config(monkeypatch):
+    """Make every op launch with the given config (to reach split / non-split / dot paths)."""
+
+    def apply(cfg: dict) -> None:
+        monkeypatch.setattr(_tuning, "pick", lambda key, device, heuristic, candidates, launch: dict(cfg))
+
+    return apply
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """Fresh random inputs each test, reproducible from the printed seed on failure."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,81 @@
+"""selective_down against the fp64 torch reference, plus the weight layout helper and checks."""
+
+import pytest
+import torch
+
+from kernels import prepare_down_weight, selective_down, selective_down_reference
+from kernels.testing import assert_rel_close, poisoned
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _case(M, d, n, k, dtype, device, gen):
+    a = torch.randn(M, k, generator=gen).to(dtype).to(device)
+    w_t = (torch.randn(n, d, generator=gen) / n**0.5).to(dtype).to(device)
+    b = torch.randn(d, generator=gen).to(dtype).to(device)
+    idx = torch.randperm(n, generator=gen)[:k].int().to(device)
+    return a, w_t, b, idx
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("M", "d", "n", "k"), [(1, 64, 40, 1), (5, 80, 40, 40), (33, 200, 70, 29)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_down(dtype, M, d, n, k, bias, device, gen):
+    a, w_t, b, idx = _case(M, d, n, k, dtype, device, gen)
+    b = b if bias else None
+    out = poisoned((M, d), dtype, device)
+    selective_down(a, w_t, idx, b, out=out)
+    ref = selective_down_reference(a.cpu(), w_t.cpu(), idx.cpu(), None if b is None else b.cpu(),
+                                   dtype=torch.float64)
+    assert_rel_close(out.cpu(), ref, dtype, "down")
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_split_k_paths(splits, force_config, device, gen):
+    force_config({"BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2,
+                  "splits": splits})
+    a, w_t, b, idx = _case(18, 72, 90, 61, torch.bfloat16, device, gen)
+    out = poisoned((18, 72), torch.bfloat16, device)
+    selective_down(a, w_t, idx, b, out=out)
+    ref = selective_down_reference(a.cpu(), w_t.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
+    assert_rel_close(out.cpu(), ref, torch.bfloat16, f"split={splits}")
+
+
+def test_matches_dense_linear_at_full_density(device, gen):
+    """With every neuron selected, selective_down on prepare_down_weight(W) equals F.linear(a, W)."""
+    w = (torch.randn(48, 30, generator=gen) / 30**0.5).half()  # nn.Linear(30 -> 48) weight: (d, n)
+    a = torch.randn(4, 30, generator=gen).half()
+    idx = torch.arange(30, dtype=torch.int32)
+    out = selective_down(a.to(device), prepare_down_weight(w).to(device), idx.to(device))
+    assert_rel_close(out.cpu(), torch.nn.functional.linear(a.double(), w.double()), torch.float16, "full")
+
+
+def test_argument_errors(device, gen):
+    a, w_t, b, idx = _case(3, 64, 20, 5, torch.float16, device, gen)
+    with pytest.raises(ValueError, match="idx has 4 entries but a has k=5"):
+        selective_down(a, w_t, idx[:4])
+    with pytest.raises(ValueError, match="valid indices are 0..19"):
+        selective_down(a, w_t, idx - 1 - idx.max())
+    with pytest.raises(ValueError, match="bias must have shape"):
+        selective_down(a, w_t, idx, b[:10])
+    with pytest.raises(ValueError, match="unit stride"):
+        selective_down(a, w_t.t().contiguous().t(), idx)
+    with pytest.raises(ValueError, match="out must have shape"):
+        selective_down(a, w_t, idx, out=torch.empty(3, 60, dtype=torch.float16, device=device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 16, 64, 256])
+@pytest.mark.parametrize(("d", "n"), [(9216, 36864), (4096, 14336)])
+def test_real_shapes_gpu(dtype, M, d, n):
+    dev = torch.device("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    k = int(0.3 * n)
+    a = torch.randn(M, k, device=dev, dtype=dtype, generator=gen)
+    w_t = torch.randn(n, d, device=dev, dtype=dtype, generator=gen) / n**0.5
+    b = torch.randn(d, device=dev, dtype=dtype, generator=gen)
+    idx = torch.randperm(n, device=dev, generator=gen)[:k].int()
+    out = poisoned((M, d), dtype, dev)
+    selective_down(a, w_t, idx, b, out=out)
+    assert_rel_close(out, selective_down_reference(a, w_t, idx, b), dtype, "real shape")
