@@ -1,10 +1,10 @@
 """Train per-layer routers from an activation store and export them into the router bundle.
 
-    python train.py router=mha layer=3                          # one head router (tiny-opt, top-k 0.5)
-    python train.py router=mha layer='range(0,4)' -m            # a sweep: one job per layer + summary
-    python train.py router=mlp layer='range(0,4)' -m            # MLP-neuron routers (ReLU models)
-    python train.py model=tiny-llama router=mha router.topk=0.25 layer=2   # GQA: per KV group
-    python train.py router=mha layer='range(0,32)' trainer=gpu hydra/launcher=parallel -m
+python train.py router=mha layer=3                     # one head router (tiny-opt, top-k 0.5)
+python train.py router=mha layer='range(0,4)' -m       # a sweep: one job per layer + a summary
+python train.py router=mlp layer='range(0,4)' -m       # MLP-neuron routers (ReLU models)
+python train.py model=tiny-llama router.topk=0.25 layer=2        # GQA: one score per KV group
+python train.py layer='range(0,32)' trainer=gpu hydra/launcher=parallel -m
 """
 
 import hydra

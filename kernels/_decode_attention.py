@@ -175,7 +175,8 @@ def _candidates(group: int, programs: int, n_max: int, sms: int) -> list[_tuning
     splits = _split_options(programs, n_max, sms)[-2:]
     return [
         {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "splits": s, "use_dot": d}
-        for bn in (64, 128) for nw in (4, 8) for ns in (2, 3) for s in splits for d in dots
+        for bn in ((32, 64, 128) if group > 1 else (64, 128)) for nw in (4, 8)
+        for ns in ((2, 3, 4) if group > 1 else (2, 3)) for s in splits for d in dots
         if not (bn == 128 and nw == 4 and d == 0)  # 128x128 fp32 products spill at 4 warps
     ]
 

@@ -45,10 +45,15 @@ def _down_kernel(
     j_start = sid * k_chunk
     j_end = tl.minimum(j_start + k_chunk, n_sel)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # The weight addresses depend on the indices: load the next step's indices one iteration ahead
+    # so the weight loads of a step never wait on an index load.
+    rj_next = j_start + tl.arange(0, BLOCK_K)
+    rows_next = tl.load(IDX + rj_next, mask=rj_next < j_end, other=0)
     for j0 in range(j_start, j_end, BLOCK_K):
         rj = j0 + tl.arange(0, BLOCK_K)
         mj = rj < j_end
-        rows = tl.load(IDX + rj, mask=mj, other=0)
+        rows = rows_next
+        rows_next = tl.load(IDX + rj + BLOCK_K, mask=rj + BLOCK_K < j_end, other=0)
         ok = mj & (rows >= 0) & (rows < n_rows)
         rows = tl.where(ok, rows, 0).to(tl.int64)
         # Padding / invalid neurons get zero activations, so their (valid, clamped) weight rows add 0.
@@ -112,13 +117,14 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int) -> _tuning.Config:
 def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
     out = []
     bm = _block_m(M)
-    for bd in (64, 128):
+    for bd in (64, 128, 256):
         for bk in (32, 64):
-            programs = C.cdiv(M, bm) * C.cdiv(d, bd)
-            s = _splits_for(programs, n_sel, bk, sms)
-            for split in sorted({s, s * 2}):
-                out.append({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": 4, "num_stages": 4,
-                            "splits": split})
+            for ns in (3, 4):
+                programs = C.cdiv(M, bm) * C.cdiv(d, bd)
+                s = _splits_for(programs, n_sel, bk, sms)
+                for split in sorted({s, s * 2}):
+                    out.append({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": 4, "num_stages": ns,
+                                "splits": split})
     return out
 
 

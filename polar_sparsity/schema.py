@@ -183,9 +183,12 @@ class SparsityConfig:
     mlp_topk: Optional[float] = None  # fraction of MLP neurons kept per token (ReLU models); null = MLP dense
     dense_attn_layers: list[int] = field(default_factory=lambda: [0])  # attention stays dense here
     positions: str = "all"  # all | last:N (only the last N positions of each sequence are sparse)
+    # mode=sparse: which trained head routers (bundle mha/topk=<k>) rank the heads; null: attn_topk's own.
+    router_topk: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check_fraction("sparsity.attn_topk", self.attn_topk)
+        _check_fraction("sparsity.router_topk", self.router_topk)
         _check_fraction("sparsity.mlp_topk", self.mlp_topk)
         parse_positions(self.positions)
         negative = [layer for layer in self.dense_attn_layers if layer < 0]
@@ -328,9 +331,13 @@ class RouterConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"router.{name}={getattr(self, name)} must be a positive integer")
         if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"router.lr={self.lr} must be > 0 and router.weight_decay={self.weight_decay} >= 0")
+            raise ValueError(
+                f"router.lr={self.lr} must be > 0 and router.weight_decay={self.weight_decay} >= 0"
+            )
         if self.neg_weight is not None and not 0.0 < self.neg_weight <= 1.0:
-            raise ValueError(f"router.neg_weight={self.neg_weight} must be in (0, 1] (or null: positive rate)")
+            raise ValueError(
+                f"router.neg_weight={self.neg_weight} must be in (0, 1] (or null: the positive rate)"
+            )
         if "_target_" not in self.net:
             raise ValueError("router.net needs a _target_ (dotted path of the router's nn.Module class)")
 
@@ -347,8 +354,8 @@ class TrainerConfig:
     log_every_n_steps: int = 50
     enable_progress_bar: bool = True
     deterministic: bool = False
-    # torch intra-op threads (null: torch's default). Router nets are tiny: on CPUs one thread is
-    # several times faster than many, whose synchronisation costs more than the matrix products.
+    # torch intra-op threads on CPUs. null: 1 for nets under 1M parameters (head routers: thread
+    # synchronisation costs more than their matrix products), torch's default for bigger ones.
     cpu_threads: Optional[int] = None
 
     def __post_init__(self) -> None:

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                      dict(env, bench=name, hbm_copy_bandwidth_Bps=copy_bw, hbm_read_bandwidth_Bps=read_bw,
                           limit_bandwidth_Bps=bw, shapes=_shapes(name), dtype="float16",
                           timing="CUDA-graph replay, median of 25, rotated inputs (>= 4x L2 per cycle)"))
-        title = f"{TITLES[name]} - {env['gpu']}, limit BW {bw / 1e12:.2f} TB/s"
+        title = f"{TITLES[name]}\n{env['gpu']}, limit BW {bw / 1e12:.2f} TB/s"
         h.plot(args.out / f"{name}.png", rows, title)
         print(f"[{name}] {len(rows)} rows in {time.time() - tb:.0f}s", flush=True)
         _print_summary(rows)

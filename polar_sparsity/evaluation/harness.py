@@ -21,6 +21,27 @@ from polar_sparsity.resources import asset_path
 
 log = logging.getLogger(__name__)
 
+# lm-eval warnings that are expected here and say nothing to the user: our tasks take no --metadata,
+# and passing a model object (not a name) is the point of this adapter.
+_EXPECTED_WARNINGS = (
+    "Custom kwargs can be passed",
+    "model kwarg is not of type `str`",
+    "Passed an already-initialized model",
+)
+
+
+class _DropExpected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in _EXPECTED_WARNINGS)
+
+
+def _quiet_lm_eval() -> None:
+    for name in ("lm_eval.api.task", "lm_eval.models.huggingface"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpected) for f in logger.filters):
+            logger.addFilter(_DropExpected())
+
 
 def local_tasks_dir() -> str:
     """The offline task suite shipped in the package."""
@@ -61,7 +82,11 @@ def resolve_tasks(names: list[str]) -> TaskSet:
 def local_task_names(manager: Any) -> list[str]:
     root = local_tasks_dir()
     index = manager.task_index.items()
-    return [name for name, info in index if str(info.get("yaml_path", "")).startswith(root)]
+    # Index entries are dicts in older 0.4 releases and ``Entry`` objects in newer ones.
+    paths = {
+        name: info.get("yaml_path") if isinstance(info, dict) else info.yaml_path for name, info in index
+    }
+    return [name for name, path in paths.items() if str(path or "").startswith(root)]
 
 
 def run_harness(
@@ -79,6 +104,7 @@ def run_harness(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    _quiet_lm_eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     output = lm_eval.simple_evaluate(
         model=lm,

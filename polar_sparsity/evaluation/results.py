@@ -19,6 +19,7 @@ from typing import Any
 # Metrics shown in the comparison table, in this order; any other numeric metric follows them.
 _PREFERRED = ("acc", "acc_norm", "word_perplexity", "byte_perplexity", "bits_per_byte")
 _AVERAGED = ("acc", "acc_norm")  # averaged over tasks in the table's "average" rows
+SWEEP_CSV = "eval_sweep.csv"  # in the sweep dir (or the run dir of a single run)
 _VERSIONED = ("torch", "transformers", "lm_eval", "datasets", "numpy", "safetensors", "polar-sparsity")
 
 
@@ -102,7 +103,8 @@ def comparison_rows(dense: dict[str, Any], sparse: dict[str, Any], label: str) -
         if tasks:
             d = sum(dense_tasks[t][metric] for t in tasks) / len(tasks)
             s = sum(sparse_tasks[t][metric] for t in tasks) / len(tasks)
-            rows.append(_row(f"average ({len(tasks)} tasks)", metric, d, s, None, label))
+            name = f"average ({len(tasks)} task{'s' if len(tasks) > 1 else ''})"
+            rows.append(_row(name, metric, d, s, None, label))
     if "perplexity" in sparse:
         name = f"perplexity: {sparse['perplexity']['data']} {sparse['perplexity']['split']}"
         d = dense.get("perplexity", {}).get("perplexity")

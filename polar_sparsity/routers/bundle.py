@@ -133,7 +133,9 @@ def _resolve_kind_dir(bundle_dir: Path, kind: str, topk: float | None) -> Path:
         raise BundleError(f"the bundle at {bundle_dir} has no {kind} routers (it holds {listing})")
     if kind == "mha" and topk is None:
         if len(found["mha"]) != 1:
-            raise BundleError(f"the bundle at {bundle_dir} holds several head-router top-k: pass topk ({listing})")
+            raise BundleError(
+                f"the bundle at {bundle_dir} holds several head-router top-k: pass topk ({listing})"
+            )
         return bundle_dir / "mha" / found["mha"][0]
     directory = kind_dir(bundle_dir, kind, topk)
     if not _layers_in(directory):

@@ -123,8 +123,10 @@ class RouterDataset(Dataset):
     def __getitem__(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         store, t = self._open(), self.target
         x = self._array("x")[rows]
-        x = store.as_tensor(x).float() if store.manifest["dtype"] == "bfloat16" else torch.from_numpy(
-            x.astype(np.float32)
+        x = (
+            store.as_tensor(x).float()
+            if store.manifest["dtype"] == "bfloat16"
+            else torch.from_numpy(x.astype(np.float32))
         )
         if t.kind == "mha":
             norms = torch.from_numpy(np.asarray(self._array("norms")[rows], dtype=np.float32))
@@ -177,7 +179,9 @@ class RouterDataModule(L.LightningDataModule):
         return self._loader(self.train_rows, self.batch_size, shuffle=True, partition=True)
 
     def val_dataloader(self, partition: bool = True) -> DataLoader:
-        return self._loader(self.val_rows, max(self.batch_size, _MIN_EVAL_BATCH), shuffle=False, partition=partition)
+        return self._loader(
+            self.val_rows, max(self.batch_size, _MIN_EVAL_BATCH), shuffle=False, partition=partition
+        )
 
     def unit_statistics(self) -> torch.Tensor:
         """Per unit over the training rows: mean norm (heads) or firing rate (neurons).

@@ -55,7 +55,9 @@ class HeadSelectionMetrics(Metric):
         return {"topk_recall": self.topk_recall / rows, "norm_recall": self.norm_recall / rows}
 
 
-def neurons_for_recall(scores: torch.Tensor, labels: torch.Tensor, target: float = RECALL_TARGET) -> torch.Tensor:
+def neurons_for_recall(
+    scores: torch.Tensor, labels: torch.Tensor, target: float = RECALL_TARGET
+) -> torch.Tensor:
     """Per row: how many top-scored units cover ``target`` of the positives (0 for rows without any)."""
     order = scores.float().argsort(dim=-1, descending=True)
     covered = labels.float().gather(-1, order).cumsum(-1)

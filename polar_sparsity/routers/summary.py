@@ -38,8 +38,12 @@ def title_of(result: dict[str, Any]) -> str:
 def result_row(result: dict[str, Any]) -> dict[str, Any]:
     """One table row: the router's metrics next to the static and random baselines."""
     kind = result["kind"]
-    row: dict[str, Any] = {"kind": kind, "topk": result.get("topk"), "layer": result["layer"],
-                           "status": result["status"]}  # fmt: skip
+    row: dict[str, Any] = {
+        "kind": kind,
+        "topk": result.get("topk"),
+        "layer": result["layer"],
+        "status": result["status"],
+    }
     metrics, baselines = result.get("metrics", {}), result.get("baselines", {})
     for name, _ in _COLUMNS[kind]:
         row[name] = metrics.get(name)
@@ -118,6 +122,7 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
         note = f" (failed layers: {failed})" if failed else ""
         arrow = "higher" if better == "max" else "lower"
         ax.set(title=f"{kind} routers: {metric} ({arrow} is better){note}", xlabel="layer", ylabel=metric)
+        ax.set_xticks(sorted({r["layer"] for r in ok}) or [0])
         ax.grid(alpha=0.3)
         if ok:
             ax.legend(fontsize=8)
@@ -173,13 +178,19 @@ def _log_summary(config: Any, sweep_dir: Path, rows: list[dict[str, Any]]) -> No
         return
     logger_cfg = OmegaConf.create(OmegaConf.to_container(logger_cfg, resolve=False))
     with open_dict(logger_cfg):
-        for key, value in (("save_dir", str(sweep_dir)), ("name", f"train-summary-{config.model.name}"),
-                           ("job_type", "train-summary"), ("group", sweep_dir.name)):  # fmt: skip
+        for key, value in (
+            ("save_dir", str(sweep_dir)),
+            ("name", f"train-summary-{config.model.name}"),
+            ("job_type", "train-summary"),
+            ("group", sweep_dir.name),
+        ):
             if key in logger_cfg and not (key == "name" and "CSVLogger" in str(logger_cfg.get("_target_"))):
                 logger_cfg[key] = value
     root = OmegaConf.create({"logger": logger_cfg, **{k: config[k] for k in ("model", "data", "task_name")}})
     logger = make_logger(root.logger)
-    numeric = [{k: (v if not (isinstance(v, float) and math.isnan(v)) else None) for k, v in r.items()} for r in rows]
+    numeric = [
+        {k: (v if not (isinstance(v, float) and math.isnan(v)) else None) for k, v in r.items()} for r in rows
+    ]
     for kind in sorted({r["kind"] for r in numeric}):
         kind_rows = [r for r in numeric if r["kind"] == kind and r["status"] == "ok"]
         log_rows(logger, f"routers/{kind}", kind_rows, step_key="layer")

@@ -33,7 +33,10 @@ from polar_sparsity.schema import RouterKind, TrainRunConfig
 
 log = logging.getLogger(__name__)
 
-_METRICS = {"mha": ("loss", "topk_recall", "norm_recall"), "mlp": ("loss", "k99", "density", "recall", "precision")}
+_METRICS = {
+    "mha": ("loss", "topk_recall", "norm_recall"),
+    "mlp": ("loss", "k99", "density", "recall", "precision"),
+}
 
 
 # -- checks: everything that can be wrong with the inputs fails here, before any training ---------
@@ -87,7 +90,9 @@ def net_spec(settings: TrainRunConfig, store: ActivationStore, target: RouterTar
     sizes = {"in_features": store.geometry.hidden_size, "out_features": target.units}
     clashes = {k: kwargs[k] for k in sizes if k in kwargs and kwargs[k] != sizes[k]}
     if clashes:
-        raise ValueError(f"router.net sets {clashes}, but the store fixes {sizes}; remove them from router.net")
+        raise ValueError(
+            f"router.net sets {clashes}, but the store fixes {sizes}; remove them from router.net"
+        )
     return {"class": settings.router.net["_target_"], "kwargs": {**kwargs, **sizes}}
 
 
@@ -100,7 +105,9 @@ def check_monitor(settings: TrainRunConfig) -> None:
 # -- the task --------------------------------------------------------------------------------------
 
 
-def run_train(settings: TrainRunConfig, resolved_config: dict[str, Any], logger: Any = None) -> dict[str, Any]:
+def run_train(
+    settings: TrainRunConfig, resolved_config: dict[str, Any], logger: Any = None
+) -> dict[str, Any]:
     """Train and export one router; returns (and writes) its result record."""
     output_dir = _output_dir(settings)
     started = time.perf_counter()
@@ -117,27 +124,61 @@ def run_train(settings: TrainRunConfig, resolved_config: dict[str, Any], logger:
 
 
 def _train(settings: TrainRunConfig, output_dir: Path, logger: Any) -> dict[str, Any]:
+    # Every check runs before the first training step.
     check_monitor(settings)
     store = open_store(settings)
     target = make_target(settings, store)
     spec = net_spec(settings, store, target)
-    if settings.trainer.cpu_threads is not None:
-        torch.set_num_threads(settings.trainer.cpu_threads)
     L.seed_everything(settings.seed, workers=True, verbose=False)
     net = build_net(spec["class"], spec["kwargs"])
-    cfg = settings.router
+    _set_cpu_threads(settings, net)
     data = RouterDataModule(
-        store.root, target, cfg.batch_size, settings.train.samples, settings.train.val_fraction,
-        settings.seed, settings.train.num_workers,
-    )  # fmt: skip
-    log.info("%s router, layer %d: %d train / %d validation rows (held out by sequence)",
-             target.kind, target.layer, len(data.train_rows), len(data.val_rows))  # fmt: skip
+        store.root,
+        target,
+        settings.router.batch_size,
+        settings.train.samples,
+        settings.train.val_fraction,
+        settings.seed,
+        settings.train.num_workers,
+    )
+    log.info(
+        "%s router, layer %d: %d train / %d validation rows (held out by sequence)",
+        target.kind,
+        target.layer,
+        len(data.train_rows),
+        len(data.val_rows),
+    )
     _name_wandb_run(logger, settings, target)
+    module, result = _fit(settings, net, target, data, output_dir, logger)
+    if module.trainer.is_global_zero:
+        path = router_path(settings.paths.routers, target.kind, target.layer, settings.router.topk)
+        meta = _bundle_meta(settings, store, target, spec, result)
+        result["router_file"] = str(save_router(path, module.net, meta))
+        log.info("router written to %s", result["router_file"])
+    if not settings.train.keep_checkpoints:
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    return result
+
+
+def _fit(
+    settings: TrainRunConfig,
+    net: torch.nn.Module,
+    target: RouterTarget,
+    data: RouterDataModule,
+    output_dir: Path,
+    logger: Any,
+) -> tuple[RouterModule, dict[str, Any]]:
+    """Train with early stopping, then re-validate the best checkpoint (its weights are exported)."""
+    cfg = settings.router
     module = RouterModule(net, target, lr=cfg.lr, weight_decay=cfg.weight_decay, neg_weight=cfg.neg_weight)
     checkpoint = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints", filename="best", monitor=cfg.monitor, mode=cfg.monitor_mode.value,
-        save_top_k=1, save_weights_only=True,
-    )  # fmt: skip
+        dirpath=output_dir / "checkpoints",
+        filename="best",
+        monitor=cfg.monitor,
+        mode=cfg.monitor_mode.value,
+        save_top_k=1,
+        save_weights_only=True,
+    )
     trainer = _trainer(settings, logger, output_dir, checkpoint)
     trainer.fit(module, datamodule=data)
     last = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -149,27 +190,26 @@ def _train(settings: TrainRunConfig, output_dir: Path, logger: Any) -> dict[str,
         "last_metrics": _strip(last),
         "baselines": baseline_metrics(data, target, settings.seed),
         "epochs": trainer.current_epoch,
-        "best_checkpoint_score": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
         "train_rows": len(data.train_rows),
         "val_rows": len(data.val_rows),
     }
-    if trainer.is_global_zero:
-        path = router_path(settings.paths.routers, target.kind, target.layer, cfg.topk)
-        result["router_file"] = str(save_router(path, module.net, _bundle_meta(settings, store, target, spec, result)))
-        log.info("router written to %s", result["router_file"])
-    if not settings.train.keep_checkpoints:
-        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
-    return result
+    return module, result
 
 
-def _trainer(settings: TrainRunConfig, logger: Any, output_dir: Path, checkpoint: ModelCheckpoint) -> L.Trainer:
+def _trainer(
+    settings: TrainRunConfig, logger: Any, output_dir: Path, checkpoint: ModelCheckpoint
+) -> L.Trainer:
     cfg, hw = settings.router, settings.trainer
     callbacks: list[Any] = [checkpoint]
     if cfg.early_stopping.enabled:
-        callbacks.append(EarlyStopping(
-            monitor=cfg.monitor, mode=cfg.monitor_mode.value, patience=cfg.early_stopping.patience,
-            min_delta=cfg.early_stopping.min_delta,
-        ))  # fmt: skip
+        callbacks.append(
+            EarlyStopping(
+                monitor=cfg.monitor,
+                mode=cfg.monitor_mode.value,
+                patience=cfg.early_stopping.patience,
+                min_delta=cfg.early_stopping.min_delta,
+            )
+        )
     return L.Trainer(
         accelerator=hw.accelerator,
         devices=hw.devices,
@@ -186,6 +226,17 @@ def _trainer(settings: TrainRunConfig, logger: Any, output_dir: Path, checkpoint
         deterministic=hw.deterministic,
         use_distributed_sampler=False,  # RowBatchSampler shards itself over ranks
     )
+
+
+_SMALL_NET = 1_000_000  # parameters: below this, one CPU thread trains fastest
+
+
+def _set_cpu_threads(settings: TrainRunConfig, net: torch.nn.Module) -> None:
+    threads = settings.trainer.cpu_threads
+    if threads is None and sum(p.numel() for p in net.parameters()) < _SMALL_NET:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -245,9 +296,13 @@ def _failure(settings: TrainRunConfig, error: BaseException) -> dict[str, Any]:
 
 def _record(result: dict[str, Any], output_dir: Path, started: float) -> None:
     """router_result.json in the job dir; in a sweep, refresh the sweep's summary table too."""
+    from lightning.pytorch.utilities import rank_zero_only
+
     from polar_sparsity.data.store import write_json_atomic
 
     result["seconds"] = round(time.perf_counter() - started, 2)
+    if getattr(rank_zero_only, "rank", 0) != 0:  # DDP: one record per job, from rank 0
+        return
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / summary.RESULT_FILE, result)
     sweep = _sweep_dir()
@@ -256,9 +311,12 @@ def _record(result: dict[str, Any], output_dir: Path, started: float) -> None:
 
 
 def _bundle_meta(
-    settings: TrainRunConfig, store: ActivationStore, target: RouterTarget, spec: dict[str, Any],
+    settings: TrainRunConfig,
+    store: ActivationStore,
+    target: RouterTarget,
+    spec: dict[str, Any],
     result: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     router, manifest = settings.router, store.manifest
     return {
         "kind": target.kind,
@@ -273,17 +331,31 @@ def _bundle_meta(
         "group_reduce": router.group_reduce.value if target.kind == "mha" else None,
         "unit": target.unit_name,
         "num_outputs": target.units,
-        "metrics": {"best": result["metrics"], "last": result["last_metrics"], "baselines": result["baselines"],
-                    "monitor": router.monitor},  # fmt: skip
+        "metrics": {
+            "best": result["metrics"],
+            "last": result["last_metrics"],
+            "baselines": result["baselines"],
+            "monitor": router.monitor,
+        },
         "train": {
-            "epochs": result["epochs"], "train_rows": result["train_rows"], "val_rows": result["val_rows"],
-            "batch_size": router.batch_size, "lr": router.lr, "weight_decay": router.weight_decay,
-            "neg_weight": router.neg_weight, "seed": settings.seed, "split": "held out by sequence",
-        },  # fmt: skip
+            "epochs": result["epochs"],
+            "train_rows": result["train_rows"],
+            "val_rows": result["val_rows"],
+            "batch_size": router.batch_size,
+            "lr": router.lr,
+            "weight_decay": router.weight_decay,
+            "neg_weight": router.neg_weight,
+            "seed": settings.seed,
+            "split": "held out by sequence",
+        },
         "store": {
-            "path": str(store.root.resolve()), "model": manifest["model"], "data": manifest["data"],
-            "rows": manifest["rows"], "weights": manifest.get("weights"), "dtype": manifest.get("dtype"),
-        },  # fmt: skip
+            "path": str(store.root.resolve()),
+            "model": manifest["model"],
+            "data": manifest["data"],
+            "rows": manifest["rows"],
+            "weights": manifest.get("weights"),
+            "dtype": manifest.get("dtype"),
+        },
         "package_version": polar_sparsity.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

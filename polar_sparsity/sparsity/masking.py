@@ -76,8 +76,11 @@ class SparsityPlan:
         return list(range(geometry.num_layers))
 
 
-def check_plan(plan: SparsityPlan, geometry: ModelGeometry) -> None:
-    """Refuse a plan that cannot run as asked (before any evaluation starts)."""
+def check_plan(plan: SparsityPlan, geometry: ModelGeometry, routers: bool = True) -> None:
+    """Refuse a plan that cannot run as asked (before any evaluation starts).
+
+    ``routers=False`` checks only what needs no routers (layers, MLP kind): before loading a bundle.
+    """
     outside = sorted(layer for layer in plan.dense_attn_layers if not 0 <= layer < geometry.num_layers)
     if outside:
         raise ValueError(
@@ -89,7 +92,7 @@ def check_plan(plan: SparsityPlan, geometry: ModelGeometry) -> None:
             f"sparsity.mlp_topk={plan.mlp_topk} needs a ReLU MLP; this model's MLP is "
             f"{geometry.mlp_kind.value} (no exact zeros to predict). Set sparsity.mlp_topk=null."
         )
-    if plan.mode != Mode.sparse:
+    if plan.mode != Mode.sparse or not routers:
         return
     _check_routers("head", plan.head_routers, plan.attn_layers(geometry), plan.attn_units(geometry))
     _check_routers("MLP", plan.mlp_routers, plan.mlp_layers(geometry), geometry.ffn_dim)

@@ -58,8 +58,9 @@ def random_scores(shape: tuple[int, ...], generator: torch.Generator, device: to
     return torch.rand(shape, generator=generator, device=device)
 
 
-def sparse_positions(batch: int, length: int, last_n: int | None, lengths: torch.Tensor | None,
-                     device: torch.device) -> torch.Tensor | None:
+def sparse_positions(
+    batch: int, length: int, last_n: int | None, lengths: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
     """(batch, length) bool: where masking applies; None means everywhere.
 
     ``last:N`` marks the last N real positions of each row: rows end at ``lengths`` when given

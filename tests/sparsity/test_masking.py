@@ -115,8 +115,11 @@ def test_oracle_keeps_top_norm_heads_or_groups(name: str) -> None:
     out_proj = adapter.attn_out_proj(model, layer)
     plan = SparsityPlan(Mode.sparse_attn, attn_topk=0.5)
     # Entered in order: `before` is registered ahead of the mask hook, `after` behind it.
-    with torch.no_grad(), _record(out_proj, before), apply_sparsity(model, adapter, geometry, plan), _record(
-        out_proj, after
+    with (
+        torch.no_grad(),
+        _record(out_proj, before),
+        apply_sparsity(model, adapter, geometry, plan),
+        _record(out_proj, after),
     ):
         model(_ids())
     x = before[0]
@@ -152,9 +155,13 @@ def test_random_heads_are_seeded_and_counted(name: str) -> None:
 
     def kept_units(seed: int) -> torch.Tensor:
         after = []
-        with torch.no_grad(), apply_sparsity(
-            model, adapter, geometry, SparsityPlan(Mode.random_attn, attn_topk=0.5, seed=seed)
-        ) as controller, _record(out_proj, after):
+        with (
+            torch.no_grad(),
+            apply_sparsity(
+                model, adapter, geometry, SparsityPlan(Mode.random_attn, attn_topk=0.5, seed=seed)
+            ) as controller,
+            _record(out_proj, after),
+        ):
             model(_ids(4, 16))
         x = after[0]
         assert controller.stats.attn_density() == pytest.approx(
@@ -174,8 +181,11 @@ def test_layer_zero_stays_dense_by_default(name: str) -> None:
     before, after = [], []
     out_proj = adapter.attn_out_proj(model, 0)
     plan = SparsityPlan(Mode.sparse_attn, attn_topk=0.25)
-    with torch.no_grad(), _record(out_proj, before), apply_sparsity(model, adapter, geometry, plan), _record(
-        out_proj, after
+    with (
+        torch.no_grad(),
+        _record(out_proj, before),
+        apply_sparsity(model, adapter, geometry, plan),
+        _record(out_proj, after),
     ):
         model(_ids())
     assert torch.equal(before[0], after[0])
@@ -248,8 +258,9 @@ def test_missing_routers_are_named() -> None:
     with pytest.raises(ValueError, match=r"MLP router for layers \[0, 1\]"):
         check_plan(SparsityPlan(Mode.sparse, attn_topk=0.5, head_routers=routers, mlp_topk=0.5), geometry)
     # apply_sparsity checks before installing anything.
-    with pytest.raises(ValueError, match="head router"), apply_sparsity(
-        model, adapter, geometry, SparsityPlan(Mode.sparse, attn_topk=0.5)
+    with (
+        pytest.raises(ValueError, match="head router"),
+        apply_sparsity(model, adapter, geometry, SparsityPlan(Mode.sparse, attn_topk=0.5)),
     ):
         pass
 

@@ -1,0 +1,335 @@
+"""evaluate: how much accuracy and perplexity a sparsity mode costs on a model, against dense.
+
+Order of work: everything that can be wrong with the inputs (tasks, router bundle, layers, top-k,
+positions) is checked before the model loads; then the dense baseline (cached per model, weights,
+tasks and data); then the sparse evaluation with the masking hooks; then the outputs (results JSON,
+comparison table, sweep CSV row, logger).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+from polar_sparsity.evaluation.harness import TaskSet, local_tasks_dir, resolve_tasks, run_harness
+from polar_sparsity.evaluation.perplexity import perplexity
+from polar_sparsity.evaluation.results import (
+    SWEEP_CSV,
+    append_row,
+    cache_file,
+    comparison_rows,
+    file_digest,
+    flat_metrics,
+    package_versions,
+    read_cache,
+    write_cache,
+    write_json,
+)
+from polar_sparsity.models.families import ModelGeometry, family_for_config
+from polar_sparsity.models.loading import LoadedModel, load_hf_config, load_model, resolve_device
+from polar_sparsity.reporting import format_table
+from polar_sparsity.schema import EvaluateRunConfig, Mode, Weights, parse_positions
+from polar_sparsity.sparsity.masking import SparsityPlan, apply_sparsity, check_plan
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "eval_results.json"
+_NUMERIC_PACKAGES = ("lm_eval", "transformers", "torch")  # their versions can change dense numbers
+
+
+def run_evaluate(settings: EvaluateRunConfig, resolved_config: dict[str, Any], logger: Logger | None = None):
+    """Evaluate ``settings.mode`` against dense; returns the results payload (also written as JSON)."""
+    started = time.perf_counter()
+    out_dir, sweep_dir = run_dirs(settings)
+    tasks = resolve_tasks(settings.eval.tasks) if settings.eval.tasks else None
+    hf_config = load_hf_config(settings.model)
+    geometry = family_for_config(hf_config).geometry(hf_config)
+    plan, bundle = build_plan(settings, geometry)
+    key = dense_key(settings, tasks)
+    cache_path = cache_file(settings.eval.cache_dir, settings.model.name, key)
+
+    loaded = load_model(settings.model, settings.device, settings.seed)
+    log.info("weights: %s; tokenizer: %s", loaded.weights_source, loaded.tokenizer_source)
+    dense, dense_source = _dense_results(loaded, settings, tasks, cache_path, key)
+    # mode=dense compares dense with itself: the table shows the baseline and zero deltas.
+    sparse = dense if settings.mode == Mode.dense else evaluate_model(loaded, settings, tasks, plan)
+    label = settings.mode.value
+    rows = comparison_rows(dense, sparse, label)
+    payload = {
+        "mode": label,
+        "model": settings.model.name,
+        "weights_source": loaded.weights_source,
+        "tokenizer_source": loaded.tokenizer_source,
+        "data": settings.data.name,
+        "sparsity": _sparsity_summary(settings, plan, geometry),
+        "results": sparse,
+        "dense": dense | {"source": dense_source},
+        "comparison": rows,
+        "router_bundle": bundle,
+        "config": resolved_config,
+        "versions": package_versions(),
+        "seconds": round(time.perf_counter() - started, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    results_path = write_json(out_dir / RESULTS_FILE, payload)
+    sweep_row = _sweep_row(settings, payload, dense, sparse, out_dir)
+    csv_path = append_row(sweep_dir / SWEEP_CSV, sweep_row)
+    print(format_table(rows, title=_title(settings, payload)))
+    print(f"results: {results_path}\nsweep table: {csv_path}\ndense baseline: {dense_source}")
+    print(f"evaluate took {payload['seconds']:.1f}s")
+    _log(logger, rows, sweep_row)
+    return payload
+
+
+def run_dirs(settings: EvaluateRunConfig) -> tuple[Path, Path]:
+    """(run dir, sweep dir): from the config when given, else Hydra's job and sweep dirs."""
+    out_dir, sweep_dir = settings.output_dir, settings.sweep_dir
+    if out_dir is None or sweep_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        out_dir = out_dir or hydra_cfg.runtime.output_dir
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        sweep_dir = sweep_dir or (hydra_cfg.sweep.dir if multirun else out_dir)
+    return Path(out_dir), Path(sweep_dir)
+
+
+# --- plan: routers and checks, before any model loads ---------------------------------------------
+
+
+def build_plan(settings: EvaluateRunConfig, geometry: ModelGeometry) -> tuple[SparsityPlan, dict | None]:
+    """The masking plan, with the bundle's routers for mode=sparse; fails on anything missing."""
+    sp = settings.sparsity
+    plan = SparsityPlan(
+        mode=settings.mode,
+        attn_topk=sp.attn_topk,
+        mlp_topk=sp.mlp_topk,
+        dense_attn_layers=frozenset(sp.dense_attn_layers),
+        last_n=parse_positions(sp.positions),
+        seed=settings.seed,
+    )
+    check_plan(plan, geometry, routers=False)  # layer ranges and MLP kind, before touching the bundle
+    bundle = None
+    if settings.mode == Mode.sparse:
+        plan.head_routers, plan.mlp_routers, bundle = _load_bundle(settings, plan, geometry)
+        check_plan(plan, geometry)
+    return plan, bundle
+
+
+def _load_bundle(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: ModelGeometry):
+    from polar_sparsity.routers.bundle import load_routers, router_path
+
+    bundle_dir = settings.paths.routers
+    device = resolve_device(settings.device)
+    router_topk = settings.sparsity.router_topk or settings.sparsity.attn_topk
+    head_layers, mlp_layers = plan.attn_layers(geometry), plan.mlp_layers(geometry)
+    common = {"device": device, "model": settings.model.name}
+    heads = load_routers(bundle_dir, "mha", router_topk, head_layers, **common) if head_layers else {}
+    mlps = load_routers(bundle_dir, "mlp", None, mlp_layers, **common) if mlp_layers else {}
+    if not heads and not mlps:
+        log.info("mode=sparse keeps every head and neuron here: no routers needed")
+        return heads, mlps, None
+    files = {}
+    for kind, routers, topk in (("mha", heads, router_topk), ("mlp", mlps, None)):
+        for layer, router in routers.items():
+            path = router_path(bundle_dir, kind, layer, topk)
+            files[str(path.relative_to(bundle_dir))] = {"sha256": file_digest(path), "meta": router.meta}
+    return heads, mlps, {"path": str(Path(bundle_dir).resolve()), "router_topk": router_topk, "files": files}
+
+
+# --- dense baseline --------------------------------------------------------------------------------
+
+
+def dense_key(settings: EvaluateRunConfig, tasks: TaskSet | None) -> dict[str, Any]:
+    """Everything the dense results depend on (the cache is valid for exactly this key)."""
+    ev = settings.eval
+    return {
+        "model": settings.model.name,
+        "weights": _weights_fingerprint(settings),
+        "dtype": settings.model.dtype.value,
+        "tokenizer": settings.model.tokenizer,
+        "device": resolve_device(settings.device).type,
+        "tasks": tasks.names if tasks else [],
+        "local_task_data": _local_task_digest() if tasks else None,
+        "num_fewshot": ev.num_fewshot,
+        "limit": ev.limit,
+        "seed": settings.seed,
+        "data": settings.data.name,
+        "perplexity": asdict(ev.perplexity) if ev.perplexity.enabled else None,
+        # last:N changes which predictions the perplexity scores (not the dense model itself).
+        "scored_positions": settings.sparsity.positions if ev.perplexity.enabled else None,
+        "versions": {k: v for k, v in package_versions().items() if k in _NUMERIC_PACKAGES},
+    }
+
+
+def _weights_fingerprint(settings: EvaluateRunConfig) -> dict[str, Any]:
+    model = settings.model
+    if model.weights == Weights.random:
+        return {"random_seed": settings.seed, "architecture": asdict(model.architecture)}
+    if model.path:
+        # Name, size and modification time of each checkpoint file: cheap, and changes on retraining.
+        files = sorted(p for p in Path(model.path).iterdir() if p.is_file())
+        return {
+            "path": str(Path(model.path).resolve()),
+            "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files},
+        }
+    return {"hf_id": model.hf_id}
+
+
+def _local_task_digest() -> str:
+    data = sorted(Path(local_tasks_dir()).rglob("*.jsonl")) + sorted(Path(local_tasks_dir()).glob("*.yaml"))
+    return file_digest_many(data)
+
+
+def file_digest_many(paths: list[Path]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(file_digest(path).encode())
+    return digest.hexdigest()[:16]
+
+
+def _dense_results(
+    loaded: LoadedModel, settings: EvaluateRunConfig, tasks: TaskSet | None, cache_path: Path, key: dict
+) -> tuple[dict[str, Any], str]:
+    """Cached dense results when valid (mode=dense always recomputes and refreshes the cache)."""
+    if settings.eval.dense_cache and settings.mode != Mode.dense:
+        cached = read_cache(cache_path, key)
+        if cached is not None:
+            log.info("dense baseline from cache %s", cache_path)
+            return cached, f"cache {cache_path}"
+    log.info("evaluating the dense baseline")
+    dense = evaluate_model(loaded, settings, tasks, None)
+    if settings.eval.dense_cache:
+        write_cache(cache_path, key, dense)
+        return dense, f"computed in this run, cached at {cache_path}"
+    return dense, "computed in this run"
+
+
+# --- one evaluation --------------------------------------------------------------------------------
+
+
+def evaluate_model(
+    loaded: LoadedModel, settings: EvaluateRunConfig, tasks: TaskSet | None, plan: SparsityPlan | None
+) -> dict[str, Any]:
+    """Perplexity and lm-eval tasks with ``plan``'s hooks installed (None or mode=dense: unmodified)."""
+    started = time.perf_counter()
+    hooks = (
+        apply_sparsity(loaded.model, loaded.adapter, loaded.geometry, plan)
+        if plan is not None and plan.mode != Mode.dense
+        else nullcontext(None)
+    )
+    results: dict[str, Any] = {}
+    with hooks as controller:
+        if settings.eval.perplexity.enabled:
+            results["perplexity"] = _perplexity(loaded, settings, controller)
+        if tasks is not None:
+            if controller is not None:
+                controller.set_lengths(None)  # lm-eval batches: rows end at the tensor (batch_size=1)
+            harness = run_harness(
+                loaded.model,
+                loaded.tokenizer,
+                tasks,
+                num_fewshot=settings.eval.num_fewshot,
+                limit=settings.eval.limit,
+                batch_size=settings.eval.batch_size,
+                bootstrap_iters=settings.eval.bootstrap_iters,
+                seed=settings.seed,
+            )
+            results["lm_eval"] = harness.pop("metrics")
+            results["lm_eval_info"] = harness
+        if controller is not None:
+            results["measured_density"] = {
+                "attn": controller.stats.attn_density(),
+                "mlp": controller.stats.mlp_density(),
+            }
+    results["seconds"] = round(time.perf_counter() - started, 2)
+    return results
+
+
+def _perplexity(loaded: LoadedModel, settings: EvaluateRunConfig, controller) -> dict[str, Any]:
+    from polar_sparsity.data.tokens import load_texts
+
+    cfg = settings.eval.perplexity
+    value = perplexity(
+        loaded.model,
+        loaded.tokenizer,
+        load_texts(settings.data, cfg.split),
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        max_tokens=cfg.max_tokens,
+        last_n=parse_positions(settings.sparsity.positions),
+        on_batch=controller.set_lengths if controller is not None else None,
+    )
+    return value | {"data": settings.data.name, "split": cfg.split}
+
+
+# --- outputs ---------------------------------------------------------------------------------------
+
+
+def _sparsity_summary(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: ModelGeometry) -> dict:
+    sp = settings.sparsity
+    return {
+        "attn_topk": sp.attn_topk,
+        "mlp_topk": sp.mlp_topk,
+        "router_topk": sp.router_topk,
+        "positions": sp.positions,
+        "dense_attn_layers": sorted(sp.dense_attn_layers),
+        "attn_unit": "kv_group" if geometry.group_size > 1 else "head",
+        "attn_units_per_layer": geometry.num_kv_heads,
+        "masked_attn_layers": plan.attn_layers(geometry),
+        "masked_mlp_layers": plan.mlp_layers(geometry),
+    }
+
+
+def _title(settings: EvaluateRunConfig, payload: dict[str, Any]) -> str:
+    sp = settings.sparsity
+    detail = (
+        ""
+        if settings.mode == Mode.dense
+        else (
+            f" (attn_topk={sp.attn_topk}, mlp_topk={sp.mlp_topk}, positions={sp.positions}, "
+            f"dense attention layers {sorted(sp.dense_attn_layers)})"
+        )
+    )
+    return f"{settings.model.name} on {settings.data.name}: dense vs {settings.mode.value}{detail}"
+
+
+def _sweep_row(settings: EvaluateRunConfig, payload: dict, dense: dict, sparse: dict, out_dir: Path) -> dict:
+    sp = settings.sparsity
+    measured = sparse.get("measured_density", {})
+    row: dict[str, Any] = {
+        "model": settings.model.name,
+        "mode": settings.mode.value,
+        "attn_topk": 1.0 if settings.mode == Mode.dense else sp.attn_topk,
+        "mlp_topk": sp.mlp_topk,
+        "positions": sp.positions,
+        "measured_attn_density": measured.get("attn"),
+        "measured_mlp_density": measured.get("mlp"),
+    }
+    row |= flat_metrics(sparse)
+    row |= flat_metrics(dense, prefix="dense:")
+    row["run_dir"] = str(out_dir)
+    return row
+
+
+def _log(logger: Logger | None, rows: list[dict[str, Any]], sweep_row: dict[str, Any]) -> None:
+    """The comparison as a W&B table, and the flat metrics for any logger."""
+    if logger is None:
+        return
+    if isinstance(logger, WandbLogger):
+        columns = list(rows[0]) if rows else []
+        data = [[r[c] for c in columns] for r in rows]
+        logger.log_table(key="evaluate/comparison", columns=columns, data=data)
+    numeric = {f"evaluate/{k}": v for k, v in sweep_row.items() if isinstance(v, (int, float))}
+    logger.log_metrics(numeric)
+    logger.save()
