@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(PY) collect.py
+	$(PY) train.py router=mha layer='range(0,4)' -m
 
 test: install
 	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)

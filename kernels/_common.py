@@ -109,3 +109,27 @@ def check_index_range(name: str, idx: torch.Tensor, upper: int, validate: bool) 
     if lo < 0 or hi >= upper:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} holds index {bad}; valid indices are 0..{upper - 1}")
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer of >= n arrival counters for in-kernel split-K reductions.
+
+    A split kernel's programs of one output tile each add 1 to the tile's counter after storing their
+    partial sum; the last to arrive sums all partials in split order (deterministic) and resets the
+    counter to 0, so the buffer is zero again whenever a launch has finished and can be reused without
+    a memset. Cached per (device, stream): launches on one stream never overlap. (Two CUDA graphs
+    captured on the same stream and replayed concurrently on different streams would share counters;
+    replay such graphs one after the other.) If the first split launch on a stream happens during graph
+    capture, the buffer is allocated in the graph's pool and its zero-fill becomes a node of that graph
+    (harmless: it runs before the graph's kernels); the cache keeps the tensor alive.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(4096, next_pow2(n)), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf

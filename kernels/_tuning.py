@@ -108,6 +108,13 @@ def pick(
 _TUNED: set[str] = set()
 
 
+def record(key: str, cfg: Config) -> None:
+    """Store a config tuned elsewhere (e.g. the graph-timed sweep of ``kernels.bench gemm --tune``)."""
+    _CHOSEN[key] = dict(cfg)
+    _TUNED.add(key)
+    _save()
+
+
 def chosen() -> dict[str, Config]:
     """Configs picked so far in this process (what `kernels.tune` saves)."""
     return dict(_CHOSEN)

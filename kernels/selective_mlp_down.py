@@ -10,8 +10,8 @@ row); transposed, it is one contiguous row, so the kernel reads only the selecte
 
 Parallelism: programs tile (batch rows x ``BLOCK_D`` output columns); because ``d / BLOCK_D`` alone
 is too few programs for an H100, the sum over the k selected neurons is split; each split stores its
-fp32 partial sum (plain stores, no atomics: deterministic) and a small second kernel adds the splits,
-adds the bias and casts.
+fp32 partial sum (plain stores) and bumps an arrival counter of its output tile; the last split to
+arrive adds the partials in split order (deterministic), adds the bias and casts, in the same kernel.
 """
 
 from __future__ import annotations
@@ -26,9 +26,17 @@ from kernels._tl import dot, upcast_dot
 
 
 @triton.jit
+def _down_epilogue(acc, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rd, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    o_ptrs = OUT + rm[:, None].to(tl.int64) * stride_om + rd[None, :]
+    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _down_kernel(
-    A, W, BIAS, IDX, OUT, WS,
-    M, n_sel, d, n_rows, k_chunk, num_m,
+    A, W, BIAS, IDX, OUT, WS, CNT,
+    M, n_sel, d, n_rows, k_chunk, num_m, n_splits,
     stride_am, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
@@ -64,30 +72,21 @@ def _down_kernel(
 
     mask = mask_m[:, None] & mask_d[None, :]
     if SPLIT:
-        # Plain stores of this split's partial sum (no atomics: deterministic, no memset needed).
-        ws = WS + (sid * M + rm[:, None]).to(tl.int64) * d + rd[None, :]
-        tl.store(ws, acc, mask=mask)
+        # Store this split's fp32 partial, then count arrivals on the output tile; the last split to
+        # arrive adds all partials in split order (deterministic whichever program is last), applies
+        # the bias, writes the output and resets the counter. No second kernel, no memset.
+        ws_tile = WS + (rm[:, None] * d + rd[None, :]).to(tl.int64)
+        tl.store(ws_tile + (sid * M * d).to(tl.int64), acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the (release) arrival
+        arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_splits - 1:
+            tot = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for s in range(0, n_splits):
+                tot += tl.load(ws_tile + (s * M * d).to(tl.int64), mask=mask, other=0.0, cache_modifier=".cg")
+            _down_epilogue(tot, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS)
+            tl.atomic_xchg(CNT + pid, 0, sem="relaxed", scope="gpu")
     else:
-        if HAS_BIAS:
-            acc += tl.load(BIAS + rd, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-        o_ptrs = OUT + rm[:, None].to(tl.int64) * stride_om + rd[None, :]
-        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _down_finalize_kernel(
-    WS, BIAS, OUT, M, d, n_splits, stride_om, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * d
-    m = offs // d
-    c = offs % d
-    acc = tl.zeros([BLOCK], tl.float32)
-    for s in range(0, n_splits):
-        acc += tl.load(WS + s * M * d + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + c, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + m.to(tl.int64) * stride_om + c, acc.to(OUT.dtype.element_ty), mask=mask)
+        _down_epilogue(acc, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,36 +94,59 @@ def _down_finalize_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+def config_key(M: int, n_sel: int, d: int) -> str:
+    return f"down|M{_block_m(M) if M <= 64 else C.bucket(M)}|K{C.bucket(n_sel)}|D{C.bucket(d)}"
+
+
 def _block_m(M: int) -> int:
     return min(64, max(16, C.next_pow2(M)))
 
 
-def _splits_for(programs: int, n_sel: int, block_k: int, sms: int) -> int:
-    """Split the k neurons until there are >= 2 waves of programs, keeping >= 2 steps per split."""
+def _splits_for(programs: int, n_sel: int, block_k: int, target: int) -> int:
+    """Split the k neurons until there are >= ``target`` programs, keeping >= 2 steps per split."""
     split = 1
-    while programs * split < 2 * sms and n_sel // (split * 2) >= 2 * block_k:
+    while programs * split < target and n_sel // (split * 2) >= 2 * block_k:
         split *= 2
     return split
 
 
 def _heuristic(M: int, n_sel: int, d: int, sms: int) -> _tuning.Config:
-    bm, bd, bk = _block_m(M), 128, 64
+    # Wide BLOCK_D: each selected row is read in long contiguous pieces (1 KB at M <= 16) and the
+    # activation tile is re-read d / BLOCK_D times only. Split-K partials cost 8 bytes per (split,
+    # row, column) of L2 traffic, so M=64 aims at one wave of programs, small M at two.
+    bm = _block_m(M)
+    bd, bk, nw = (512, 32, 8) if bm <= 16 else (256, 32, 8)
     programs = C.cdiv(M, bm) * C.cdiv(d, bd)
-    return {"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": 4, "num_stages": 4,
-            "splits": _splits_for(programs, n_sel, bk, sms)}
+    target = 2 * sms if bm <= 16 else sms
+    return {"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": nw, "num_stages": 4,
+            "splits": _splits_for(programs, n_sel, bk, target)}
+
+
+# (BLOCK_D, BLOCK_K, num_warps, num_stages) tried per batch-tile size (kept small: each compiles).
+_TILES = {
+    16: ((128, 64, 4, 4), (256, 64, 4, 4), (512, 32, 8, 4), (512, 64, 8, 3), (1024, 16, 8, 4),
+         (1024, 32, 8, 3)),
+    64: ((64, 64, 4, 4), (128, 64, 4, 4), (128, 32, 4, 4), (256, 32, 8, 4), (256, 64, 8, 3)),
+}
+
+
+def _split_options(tiles: int, n_sel: int, block_k: int, sms: int, base: int) -> list[int]:
+    """Power-of-two splits around ``base`` plus counts that make tiles x splits fill whole waves of
+    1-4 programs per SM (a partial last wave of long programs costs up to a whole wave)."""
+    opts = {max(1, base // 2), base, base * 2}
+    opts |= {max(1, (w * sms) // tiles) for w in (1, 2, 3, 4)}
+    return sorted(s for s in opts if s == 1 or (s <= 64 and n_sel // s >= 2 * block_k))
 
 
 def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
-    out = []
     bm = _block_m(M)
-    for bd in (64, 128, 256):
-        for bk in (32, 64):
-            for ns in (3, 4):
-                programs = C.cdiv(M, bm) * C.cdiv(d, bd)
-                s = _splits_for(programs, n_sel, bk, sms)
-                for split in sorted({s, s * 2}):
-                    out.append({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": 4, "num_stages": ns,
-                                "splits": split})
+    out = []
+    for bd, bk, nw, ns in _TILES.get(bm, _TILES[64]):
+        tiles = C.cdiv(M, bm) * C.cdiv(d, bd)
+        s = _splits_for(tiles, n_sel, bk, 2 * sms if bm <= 16 else sms)
+        for split in _split_options(tiles, n_sel, bk, sms, s):
+            out.append({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns,
+                        "splits": split})
     return out
 
 
@@ -180,7 +202,7 @@ def selective_down(
     if out is None:
         out = torch.empty((M, d), device=a.device, dtype=a.dtype)
     sms = C.num_sms(a.device)
-    key = f"down|M{_block_m(M) if M <= 64 else C.bucket(M)}|K{C.bucket(n_sel)}|D{C.bucket(d)}"
+    key = config_key(M, n_sel, d)
 
     def launch(cfg: _tuning.Config) -> None:
         _launch(a, w_down_t, idx, bias, out, cfg)
@@ -194,24 +216,32 @@ def selective_down(
 def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
     M, n_sel = a.shape
     d = w_down_t.shape[1]
+    if M > 16 and a.stride(0) % 16:
+        # Rows of `a` not 32-byte aligned (odd k): the kernel's (M x BLOCK_K) activation loads would be
+        # element-wise. Re-pitch once (M * k * 4 bytes moved, ~1% of the weight bytes at M=64); OPT-66B
+        # M=64, k=25805: 341 -> 242 us (docs/performance.md, run 7).
+        padded = torch.empty((M, C.cdiv(n_sel, 16) * 16), device=a.device, dtype=a.dtype)
+        padded[:, :n_sel].copy_(a)
+        a = padded[:, :n_sel]
     bm, bd, bk = cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["BLOCK_K"]
     splits = max(1, min(cfg["splits"], C.cdiv(n_sel, bk)))
     k_chunk = C.cdiv(C.cdiv(n_sel, splits), bk) * bk
     splits = C.cdiv(n_sel, k_chunk)
     num_m = C.cdiv(M, bm)
-    ws = torch.empty((splits, M, d), device=a.device, dtype=torch.float32) if splits > 1 else out
+    tiles = num_m * C.cdiv(d, bd)
+    if splits > 1:
+        ws = torch.empty((splits, M, d), device=a.device, dtype=torch.float32)
+        cnt = C.split_counters(a.device, tiles)
+    else:
+        ws = cnt = out  # unused
     b = bias if bias is not None else a  # dummy pointer when HAS_BIAS is False
-    _down_kernel[(num_m * C.cdiv(d, bd), splits)](
-        a, w_down_t, b, idx, out, ws, M, n_sel, d, w_down_t.shape[0], k_chunk, num_m,
+    _down_kernel[(tiles, splits)](
+        a, w_down_t, b, idx, out, ws, cnt, M, n_sel, d, w_down_t.shape[0], k_chunk, num_m, splits,
         a.stride(0), w_down_t.stride(0), out.stride(0),
         BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=bk, HAS_BIAS=bias is not None, SPLIT=splits > 1,
         EVEN_D=d % bd == 0, UPCAST=upcast_dot(a.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if splits > 1:
-        block = 1024
-        _down_finalize_kernel[(C.cdiv(M * d, block),)](
-            ws, b, out, M, d, splits, out.stride(0), HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
 
 
 def selective_down_reference(

@@ -9,8 +9,9 @@ the kernel streams exactly the selected rows once. Output is compact, (M, k), re
 
 Parallelism: one program per (row tile of the batch, ``BLOCK_N`` selected neurons). When that gives
 too few programs to fill the GPU (small k), the reduction over ``d`` is split across programs that
-store fp32 partial sums (plain stores, no atomics: deterministic), and a small second kernel adds
-them and applies bias and activation (a nonlinearity needs the full sum first).
+store fp32 partial sums (plain stores) and bump an arrival counter of their output tile; the last
+split to arrive adds the partials in split order (deterministic) and applies bias and activation (a
+nonlinearity needs the full sum first), in the same kernel.
 """
 
 from __future__ import annotations
@@ -29,9 +30,22 @@ Activation = Literal["relu", "none"]
 
 
 @triton.jit
+def _up_epilogue(acc_u, acc_g, BIAS, OUT, rows, rm, rn, mask, stride_om,
+                 GATED: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
+    if HAS_BIAS:
+        acc_u += tl.load(BIAS + rows).to(tl.float32)[None, :]
+    if GATED:
+        acc_u = acc_u * acc_g * tl.sigmoid(acc_g)
+    elif RELU:
+        acc_u = tl.maximum(acc_u, 0.0)
+    o_ptrs = OUT + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(o_ptrs, acc_u.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _up_kernel(
-    X, WG, WU, BIAS, IDX, OUT, WS,
-    M, n_sel, d, n_rows, d_chunk, num_m,
+    X, WG, WU, BIAS, IDX, OUT, WS, CNT,
+    M, n_sel, d, n_rows, d_chunk, num_m, n_splits,
     stride_xm, stride_wg, stride_wu, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
@@ -76,47 +90,29 @@ def _up_kernel(
 
     mask = mask_m[:, None] & ok_n[None, :]
     if SPLIT:
-        # Plain stores of this split's partial sums (no atomics: deterministic, no memset needed).
-        ws = WS + ((sid * (2 if GATED else 1)) * M + rm[:, None]).to(tl.int64) * n_sel + rn[None, :]
-        tl.store(ws, acc_u, mask=mask)
+        # Store this split's fp32 partial sums, then count arrivals on the output tile; the last split
+        # to arrive adds all partials in split order (deterministic whichever program is last), applies
+        # bias and activation (a nonlinearity needs the full sum), writes the output and resets the
+        # counter. No second kernel, no memset.
+        ws_tile = WS + (rm[:, None] * n_sel + rn[None, :]).to(tl.int64)
+        ws_own = ws_tile + (sid * (2 if GATED else 1) * M * n_sel).to(tl.int64)
+        tl.store(ws_own, acc_u, mask=mask)
         if GATED:
-            tl.store(ws + M * n_sel, acc_g, mask=mask)
+            tl.store(ws_own + M * n_sel, acc_g, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the (release) arrival
+        arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_splits - 1:
+            tot_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            tot_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in range(0, n_splits):
+                part = ws_tile + (s * (2 if GATED else 1) * M * n_sel).to(tl.int64)
+                tot_u += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    tot_g += tl.load(part + M * n_sel, mask=mask, other=0.0, cache_modifier=".cg")
+            _up_epilogue(tot_u, tot_g, BIAS, OUT, rows, rm, rn, mask, stride_om, GATED, HAS_BIAS, RELU)
+            tl.atomic_xchg(CNT + pid, 0, sem="relaxed", scope="gpu")
     else:
-        if HAS_BIAS:
-            acc_u += tl.load(BIAS + rows).to(tl.float32)[None, :]
-        if GATED:
-            acc_u = acc_u * acc_g * tl.sigmoid(acc_g)
-        elif RELU:
-            acc_u = tl.maximum(acc_u, 0.0)
-        o_ptrs = OUT + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-        tl.store(o_ptrs, acc_u.to(OUT.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _up_finalize_kernel(
-    WS, BIAS, IDX, OUT, M, n_sel, n_rows, n_splits, stride_om,
-    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * n_sel
-    m = offs // n_sel
-    j = offs % n_sel
-    rows = tl.load(IDX + j, mask=mask, other=0)
-    ok = mask & (rows >= 0) & (rows < n_rows)
-    per_split = (2 if GATED else 1) * M * n_sel
-    acc = tl.zeros([BLOCK], tl.float32)
-    g = tl.zeros([BLOCK], tl.float32)
-    for s in range(0, n_splits):
-        acc += tl.load(WS + s * per_split + offs, mask=mask, other=0.0)
-        if GATED:
-            g += tl.load(WS + s * per_split + M * n_sel + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + rows, mask=ok, other=0.0).to(tl.float32)
-    if GATED:
-        acc = acc * g * tl.sigmoid(g)
-    elif RELU:
-        acc = tl.maximum(acc, 0.0)
-    tl.store(OUT + m.to(tl.int64) * stride_om + j, acc.to(OUT.dtype.element_ty), mask=ok)
+        _up_epilogue(acc_u, acc_g, BIAS, OUT, rows, rm, rn, mask, stride_om, GATED, HAS_BIAS, RELU)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,14 +120,18 @@ def _up_finalize_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+def config_key(M: int, n_sel: int, d: int, gated: bool) -> str:
+    return f"up|g{int(gated)}|M{_block_m(M) if M <= 64 else C.bucket(M)}|K{C.bucket(n_sel)}|D{C.bucket(d)}"
+
+
 def _block_m(M: int) -> int:
     return min(64, max(16, C.next_pow2(M)))
 
 
-def _splits_for(programs: int, d: int, block_k: int, sms: int) -> int:
-    """Split d until there are >= 2 waves of programs, keeping >= 4 K-steps per split."""
+def _splits_for(programs: int, d: int, block_k: int, target: int) -> int:
+    """Split d until there are >= ``target`` programs, keeping >= 4 K-steps per split."""
     split = 1
-    while programs * split < 2 * sms and d // (split * 2) >= 4 * block_k:
+    while programs * split < target and d // (split * 2) >= 4 * block_k:
         split *= 2
     return split
 
@@ -140,19 +140,29 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int) -> _tuning.Config:
     bm, bn, bk = _block_m(M), 32, 128
     programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 4,
-            "splits": _splits_for(programs, d, bk, sms)}
+            "splits": _splits_for(programs, d, bk, 2 * sms)}
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) tried per batch-tile size (kept small: each compiles).
+# At M=64 the activation tile (M x BLOCK_K) is re-read per program step, as many bytes as a
+# BLOCK_N=64 weight tile: wider BLOCK_N (with split-d to keep enough programs) halves that traffic.
+_TILES = {
+    16: ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 8, 3)),
+    64: ((16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (64, 128, 8, 4), (128, 64, 8, 4)),
+}
 
 
 def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
-    out = []
     bm = _block_m(M)
-    for bn in (16, 32, 64):
-        for bk in (128, 256):
-            programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
-            s = _splits_for(programs, d, bk, sms)
-            for split in sorted({1, s}):
-                out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 4,
-                            "splits": split})
+    out = []
+    for bn, bk, nw, ns in _TILES.get(bm, _TILES[64]):
+        programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
+        s = _splits_for(programs, d, bk, 2 * sms)
+        for split in sorted({1, 2, 3, 4, 6, s, s * 2}):
+            if split > 1 and d // split < 2 * bk:
+                continue
+            out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns,
+                        "splits": split})
     return out
 
 
@@ -198,7 +208,7 @@ def _run(x, w_gate, w_up, bias, idx, out, relu: bool, validate: bool) -> torch.T
         out = torch.empty((M, n_sel), device=x.device, dtype=x.dtype)
     gated = w_gate is not None
     sms = C.num_sms(x.device)
-    key = f"up|g{int(gated)}|M{_block_m(M) if M <= 64 else C.bucket(M)}|K{C.bucket(n_sel)}|D{C.bucket(d)}"
+    key = config_key(M, n_sel, d, gated)
 
     def launch(cfg: _tuning.Config) -> None:
         _launch(x, w_gate, w_up, bias, idx, out, relu, cfg)
@@ -218,22 +228,21 @@ def _launch(x, w_gate, w_up, bias, idx, out, relu, cfg) -> None:
     splits = C.cdiv(d, d_chunk)
     gated = w_gate is not None
     num_m = C.cdiv(M, bm)
-    ws = (torch.empty((splits, 2 if gated else 1, M, n_sel), device=x.device, dtype=torch.float32)
-          if splits > 1 else out)
+    tiles = num_m * C.cdiv(n_sel, bn)
+    if splits > 1:
+        ws = torch.empty((splits, 2 if gated else 1, M, n_sel), device=x.device, dtype=torch.float32)
+        cnt = C.split_counters(x.device, tiles)
+    else:
+        ws = cnt = out  # unused
     wg = w_gate if gated else w_up
     b = bias if bias is not None else w_up  # dummy pointer when HAS_BIAS is False
-    flags = dict(GATED=gated, HAS_BIAS=bias is not None, RELU=relu)
-    _up_kernel[(num_m * C.cdiv(n_sel, bn), splits)](
-        x, wg, w_up, b, idx, out, ws, M, n_sel, d, w_up.shape[0], d_chunk, num_m,
+    _up_kernel[(tiles, splits)](
+        x, wg, w_up, b, idx, out, ws, cnt, M, n_sel, d, w_up.shape[0], d_chunk, num_m, splits,
         x.stride(0), wg.stride(0), w_up.stride(0), out.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=splits > 1, EVEN_K=d % bk == 0, UPCAST=upcast_dot(x.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], GATED=gated, HAS_BIAS=bias is not None,
+        RELU=relu,
     )
-    if splits > 1:
-        block = 1024
-        _up_finalize_kernel[(C.cdiv(M * n_sel, block),)](
-            ws, b, idx, out, M, n_sel, w_up.shape[0], splits, out.stride(0), BLOCK=block, num_warps=4,
-            **flags)
 
 
 def selective_up(

@@ -57,6 +57,15 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def files_digest(paths: list[Path]) -> str:
+    """One short digest of several files' names and contents (order matters)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(file_digest(path).encode())
+    return digest.hexdigest()[:16]
+
+
 # --- dense cache -----------------------------------------------------------------------------------
 
 

@@ -25,17 +25,21 @@ from polar_sparsity.evaluation.results import (
     cache_file,
     comparison_rows,
     file_digest,
+    files_digest,
     flat_metrics,
     package_versions,
     read_cache,
+    read_csv_rows,
     write_cache,
     write_json,
 )
+from polar_sparsity.evaluation.sweep import SWEEP_PNG, plot_sweep
 from polar_sparsity.models.families import ModelGeometry, family_for_config
 from polar_sparsity.models.loading import LoadedModel, load_hf_config, load_model, resolve_device
 from polar_sparsity.reporting import format_table
 from polar_sparsity.schema import EvaluateRunConfig, Mode, Weights, parse_positions
 from polar_sparsity.sparsity.masking import SparsityPlan, apply_sparsity, check_plan
+from polar_sparsity.tracking import log_image
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +84,12 @@ def run_evaluate(settings: EvaluateRunConfig, resolved_config: dict[str, Any], l
     results_path = write_json(out_dir / RESULTS_FILE, payload)
     sweep_row = _sweep_row(settings, payload, dense, sparse, out_dir)
     csv_path = append_row(sweep_dir / SWEEP_CSV, sweep_row)
+    # The sweep plot so far (one point in a single run); the multirun callback redraws it at the end.
+    png = plot_sweep(read_csv_rows(csv_path), sweep_dir / SWEEP_PNG, f"evaluate {sweep_dir.name}")
     print(format_table(rows, title=_title(settings, payload)))
-    print(f"results: {results_path}\nsweep table: {csv_path}\ndense baseline: {dense_source}")
+    print(f"results: {results_path}\nsweep table: {csv_path}\nplot: {png}\ndense baseline: {dense_source}")
     print(f"evaluate took {payload['seconds']:.1f}s")
-    _log(logger, rows, sweep_row)
+    _log(logger, rows, sweep_row, png)
     return payload
 
 
@@ -185,17 +191,7 @@ def _weights_fingerprint(settings: EvaluateRunConfig) -> dict[str, Any]:
 
 def _local_task_digest() -> str:
     data = sorted(Path(local_tasks_dir()).rglob("*.jsonl")) + sorted(Path(local_tasks_dir()).glob("*.yaml"))
-    return file_digest_many(data)
-
-
-def file_digest_many(paths: list[Path]) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode())
-        digest.update(file_digest(path).encode())
-    return digest.hexdigest()[:16]
+    return files_digest(data)
 
 
 def _dense_results(
@@ -322,10 +318,11 @@ def _sweep_row(settings: EvaluateRunConfig, payload: dict, dense: dict, sparse: 
     return row
 
 
-def _log(logger: Logger | None, rows: list[dict[str, Any]], sweep_row: dict[str, Any]) -> None:
-    """The comparison as a W&B table, and the flat metrics for any logger."""
+def _log(logger: Logger | None, rows: list[dict[str, Any]], sweep_row: dict[str, Any], png: Path) -> None:
+    """The comparison as a W&B table and the plot, and the flat metrics for any logger."""
     if logger is None:
         return
+    log_image(logger, "evaluate/plot", png)
     if isinstance(logger, WandbLogger):
         columns = list(rows[0]) if rows else []
         data = [[r[c] for c in columns] for r in rows]

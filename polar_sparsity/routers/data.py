@@ -183,6 +183,10 @@ class RouterDataModule(L.LightningDataModule):
             self.val_rows, max(self.batch_size, _MIN_EVAL_BATCH), shuffle=False, partition=partition
         )
 
+    def test_dataloader(self) -> DataLoader:
+        """The held-out rows again: the test stage re-measures the exported (best) weights on them."""
+        return self.val_dataloader()
+
     def unit_statistics(self) -> torch.Tensor:
         """Per unit over the training rows: mean norm (heads) or firing rate (neurons).
 

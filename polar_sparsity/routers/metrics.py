@@ -8,8 +8,10 @@ So the metrics compare the router's top-k with the true top-k by output norm:
   (1.0 = oracle): how much of what matters survives.
 
 MLP routers are used by ranking too (the top-k neurons of the batch-summed scores, with k calibrated
-for 99% recall), so besides precision and recall at the 0.5 threshold:
+for 99% recall), so besides precision, recall and F1 at the 0.5 threshold:
 
+* ``topk_recall``: share of the neurons that fired that the router's top-k contains, with k the
+  layer's mean active count (measured on the training rows): recall at the budget an oracle needs.
 * ``k99``: per token, the fraction of neurons the router must keep (in its score order) to cover 99%
   of the neurons that fired; the cost of deployment at the paper's recall target (oracle: ``density``).
 * ``density``: fraction of neurons that fired (the lower bound for ``k99``).
@@ -20,6 +22,7 @@ States are sums, so DDP ranks combine exactly (torchmetrics syncs them at ``comp
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torchmetrics import Metric
@@ -33,8 +36,8 @@ class HeadSelectionMetrics(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, k: int):
-        super().__init__()
+    def __init__(self, k: int, **kwargs: Any):
+        super().__init__(**kwargs)
         self.k = k
         for name in ("topk_recall", "norm_recall", "rows"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -69,10 +72,10 @@ def neurons_for_recall(
 class MlpSelectionMetrics(Metric):
     full_state_update = False
 
-    def __init__(self, num_neurons: int):
-        super().__init__()
-        self.num_neurons = num_neurons
-        for name in ("tp", "fp", "fn", "needed", "active", "rows"):
+    def __init__(self, num_neurons: int, mean_active: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.num_neurons, self.mean_active = num_neurons, mean_active
+        for name in ("tp", "fp", "fn", "topk_hits", "needed", "active", "rows"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:  # type: ignore[override]
@@ -82,6 +85,7 @@ class MlpSelectionMetrics(Metric):
         self.tp += (predicted * labels).sum().double()
         self.fp += (predicted * (1 - labels)).sum().double()
         self.fn += ((1 - predicted) * labels).sum().double()
+        self.topk_hits += (topk_labels(scores.float(), self.mean_active) * labels).sum().double()
         self.needed += neurons_for_recall(scores, labels).sum().double()
         self.active += labels.sum().double()
         self.rows += labels.shape[0]
@@ -90,9 +94,13 @@ class MlpSelectionMetrics(Metric):
         cells = self.rows.clamp_min(1) * self.num_neurons
         nan = torch.tensor(math.nan, dtype=torch.float64, device=self.tp.device)
         predicted, actual = self.tp + self.fp, self.tp + self.fn
+        recall = self.tp / actual if actual > 0 else nan
+        precision = self.tp / predicted if predicted > 0 else nan
         return {
             "k99": self.needed / cells,
             "density": self.active / cells,
-            "recall": self.tp / actual if actual > 0 else nan,
-            "precision": self.tp / predicted if predicted > 0 else nan,
+            "topk_recall": self.topk_hits / self.active if self.active > 0 else nan,
+            "recall": recall,
+            "precision": precision,
+            "f1": 2 * precision * recall / (precision + recall) if self.tp > 0 else nan,
         }

@@ -26,14 +26,29 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, neg_weight: float |
     return F.binary_cross_entropy_with_logits(logits.float(), labels, weight=element_weight)
 
 
-def make_metrics(target: RouterTarget) -> HeadSelectionMetrics | MlpSelectionMetrics:
+def make_metrics(
+    target: RouterTarget, mean_active: int | None = None, sync: bool = True
+) -> HeadSelectionMetrics | MlpSelectionMetrics:
+    """The kind's metrics; ``sync=False`` for values computed on one process only (no DDP gather).
+
+    ``mean_active``: MLP routers only, the layer's mean count of neurons that fire (top-k recall's k).
+    """
     if target.kind == "mha":
-        return HeadSelectionMetrics(target.k)  # type: ignore[arg-type]
-    return MlpSelectionMetrics(target.units)
+        return HeadSelectionMetrics(target.k, sync_on_compute=sync)  # type: ignore[arg-type]
+    if mean_active is None:
+        raise ValueError("MLP router metrics need the layer's mean active neuron count")
+    return MlpSelectionMetrics(target.units, mean_active, sync_on_compute=sync)
+
+
+STAGES = ("train", "val", "test")
 
 
 class RouterModule(L.LightningModule):
-    """Trains ``net`` to score the units of one layer; logs ``val/*`` deployment metrics each epoch."""
+    """Trains ``net`` to score the units of one layer; one step for every stage, each with its metrics.
+
+    ``val/*`` drives early stopping and checkpoint selection; ``test/*`` re-measures the exported
+    (best) weights on the held-out rows.
+    """
 
     def __init__(
         self,
@@ -42,11 +57,13 @@ class RouterModule(L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         neg_weight: float | None = None,
+        mean_active: int | None = None,
     ):
         super().__init__()
         self.net, self.target = net, target
         self.lr, self.weight_decay, self.neg_weight = lr, weight_decay, neg_weight
-        self.val_metrics = make_metrics(target)
+        # Keyed "<stage>_metrics": a ModuleDict key may not shadow a Module attribute such as `train`.
+        self.stage_metrics = nn.ModuleDict({f"{s}_metrics": make_metrics(target, mean_active) for s in STAGES})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -55,21 +72,40 @@ class RouterModule(L.LightningModule):
         """Head routers: each row's top-k units by norm; MLP routers: the stored 0/1 labels."""
         return topk_labels(target, self.target.k) if self.target.kind == "mha" else target  # type: ignore[arg-type]
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = weighted_bce(self(batch["x"]), self.labels(batch["target"]), self.neg_weight)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["x"]))
-        return loss
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch["x"])
         loss = weighted_bce(logits, self.labels(batch["target"]), self.neg_weight)
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(batch["x"]))
-        self.val_metrics.update(logits, batch["target"])
+        training = stage == "train"
+        self.log(
+            f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=training,
+            sync_dist=not training, batch_size=len(batch["x"]),
+        )  # fmt: skip
+        self.stage_metrics[f"{stage}_metrics"].update(logits.detach(), batch["target"])
+        return loss
+
+    def _log_stage_metrics(self, stage: str) -> None:
+        metrics = self.stage_metrics[f"{stage}_metrics"]
+        values = metrics.compute()  # synced over DDP ranks
+        self.log_dict({f"{stage}/{name}": value.float() for name, value in values.items()}, prog_bar=stage == "val")
+        metrics.reset()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_stage_metrics("train")
 
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()  # synced over DDP ranks
-        self.log_dict({f"val/{name}": value.float() for name, value in values.items()}, prog_bar=True)
-        self.val_metrics.reset()
+        self._log_stage_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_stage_metrics("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 _METRICS = {
     "mha": ("loss", "topk_recall", "norm_recall"),
-    "mlp": ("loss", "k99", "density", "recall", "precision"),
+    "mlp": ("loss", "k99", "density", "topk_recall", "recall", "precision", "f1"),
 }
 
 
@@ -149,7 +149,8 @@ def _train(settings: TrainRunConfig, output_dir: Path, logger: Any) -> dict[str,
         len(data.val_rows),
     )
     _name_wandb_run(logger, settings, target)
-    module, result = _fit(settings, net, target, data, output_dir, logger)
+    unit_stats = data.unit_statistics()
+    module, result = _fit(settings, net, target, data, unit_stats, output_dir, logger)
     if module.trainer.is_global_zero:
         path = router_path(settings.paths.routers, target.kind, target.layer, settings.router.topk)
         meta = _bundle_meta(settings, store, target, spec, result)
@@ -165,12 +166,16 @@ def _fit(
     net: torch.nn.Module,
     target: RouterTarget,
     data: RouterDataModule,
+    unit_stats: torch.Tensor,
     output_dir: Path,
     logger: Any,
 ) -> tuple[RouterModule, dict[str, Any]]:
-    """Train with early stopping, then re-validate the best checkpoint (its weights are exported)."""
+    """Train with early stopping, then test the best checkpoint (its weights are exported)."""
     cfg = settings.router
-    module = RouterModule(net, target, lr=cfg.lr, weight_decay=cfg.weight_decay, neg_weight=cfg.neg_weight)
+    mean_active = mean_active_count(unit_stats) if target.kind == "mlp" else None
+    module = RouterModule(
+        net, target, lr=cfg.lr, weight_decay=cfg.weight_decay, neg_weight=cfg.neg_weight, mean_active=mean_active
+    )
     checkpoint = ModelCheckpoint(
         dirpath=output_dir / "checkpoints",
         filename="best",
@@ -182,13 +187,13 @@ def _fit(
     trainer = _trainer(settings, logger, output_dir, checkpoint)
     trainer.fit(module, datamodule=data)
     last = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    best = trainer.validate(module, datamodule=data, ckpt_path="best", verbose=False)[0]
+    best = trainer.test(module, datamodule=data, ckpt_path="best", verbose=False)[0]
     result = {
         **_identity(settings, target),
         "status": "ok",
-        "metrics": _strip(best),
-        "last_metrics": _strip(last),
-        "baselines": baseline_metrics(data, target, settings.seed),
+        "metrics": _strip(best, "test/"),
+        "last_metrics": _strip(last, "val/"),
+        "baselines": baseline_metrics(data, target, settings.seed, unit_stats, mean_active),
         "epochs": trainer.current_epoch,
         "train_rows": len(data.train_rows),
         "val_rows": len(data.val_rows),
@@ -239,18 +244,30 @@ def _set_cpu_threads(settings: TrainRunConfig, net: torch.nn.Module) -> None:
         torch.set_num_threads(threads)
 
 
+def mean_active_count(firing_rates: torch.Tensor) -> int:
+    """The layer's mean number of neurons that fire per token (at least 1)."""
+    return max(1, round(float(firing_rates.sum())))
+
+
 @torch.no_grad()
-def baseline_metrics(data: RouterDataModule, target: RouterTarget, seed: int) -> dict[str, dict[str, float]]:
+def baseline_metrics(
+    data: RouterDataModule,
+    target: RouterTarget,
+    seed: int,
+    unit_stats: torch.Tensor,
+    mean_active: int | None = None,
+) -> dict[str, dict[str, float]]:
     """The same validation metrics for two routers that need no training.
 
     static: every token gets the units that were most active on the training rows (highest mean
     norm, or firing rate as a logit so that its threshold metrics mean "always-on neurons").
     random: a fresh random ranking per token.
     """
-    stats = data.unit_statistics()
+    stats = unit_stats
     if target.kind == "mlp":
         stats = torch.logit(stats.clamp(1e-6, 1 - 1e-6))
-    static, rand = make_metrics(target), make_metrics(target)
+    # Every rank reads the whole validation set here: no gathering over DDP ranks.
+    static, rand = (make_metrics(target, mean_active, sync=False) for _ in range(2))
     generator = torch.Generator().manual_seed(seed)
     for batch in data.val_dataloader(partition=False):
         rows = len(batch["x"])
@@ -263,8 +280,8 @@ def _values(metric: HeadSelectionMetrics | MlpSelectionMetrics) -> dict[str, flo
     return {name: float(value) for name, value in metric.compute().items()}
 
 
-def _strip(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/")}
+def _strip(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {k.removeprefix(prefix): float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
 # -- records ---------------------------------------------------------------------------------------

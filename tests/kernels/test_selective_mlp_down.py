@@ -1,5 +1,7 @@
 """selective_down against the fp64 torch reference, plus the weight layout helper and checks."""
 
+import os
+
 import pytest
 import torch
 
@@ -41,6 +43,21 @@ def test_split_k_paths(splits, force_config, device, gen):
     assert_rel_close(out.cpu(), ref, torch.bfloat16, f"split={splits}")
 
 
+def test_split_k_repeat_is_deterministic(force_config, device, gen):
+    """The in-kernel split reduction resets its arrival counters: repeated calls are bitwise equal."""
+    force_config({"BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2,
+                  "splits": 3})
+    a, w_t, b, idx = _case(20, 80, 90, 70, torch.float16, device, gen)  # 2 x 3 tiles, 3 splits
+    outs = []
+    for _ in range(3):
+        out = poisoned((20, 80), torch.float16, device)
+        selective_down(a, w_t, idx, b, out=out)
+        outs.append(out.cpu())
+    ref = selective_down_reference(a.cpu(), w_t.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
+    assert_rel_close(outs[0], ref, torch.float16, "split repeat")
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
 def test_matches_dense_linear_at_full_density(device, gen):
     """With every neuron selected, selective_down on prepare_down_weight(W) equals F.linear(a, W)."""
     w = (torch.randn(48, 30, generator=gen) / 30**0.5).half()  # nn.Linear(30 -> 48) weight: (d, n)
@@ -79,3 +96,28 @@ def test_real_shapes_gpu(dtype, M, d, n):
     out = poisoned((M, d), dtype, dev)
     selective_down(a, w_t, idx, b, out=out)
     assert_rel_close(out, selective_down_reference(a, w_t, idx, b), dtype, "real shape")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [8, 32])
+def test_split_k_gpu_deterministic_under_graph_replay(splits, force_config):
+    """Many splits racing on one tile's counter: exact repeatability, eager and replayed in a graph."""
+    force_config({"BLOCK_M": 64, "BLOCK_D": 256, "BLOCK_K": 32, "num_warps": 8, "num_stages": 4,
+                  "splits": splits})
+    dev = torch.device("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    M, d, n, k = 64, 4096, 14336, 4300
+    a = torch.randn(M, k, device=dev, dtype=torch.float16, generator=gen)
+    w_t = torch.randn(n, d, device=dev, dtype=torch.float16, generator=gen) / n**0.5
+    idx = torch.randperm(n, device=dev, generator=gen)[:k].int()
+    first = selective_down(a, w_t, idx)
+    assert_rel_close(first, selective_down_reference(a, w_t, idx), torch.float16, "split gpu")
+    out = poisoned((M, d), torch.float16, dev)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        selective_down(a, w_t, idx, out=out, validate=False)
+    for _ in range(5):
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)

@@ -56,7 +56,7 @@ def test_gated_up(dtype, M, d, n, k, device, gen):
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_split_d_paths(gated, splits, force_config, device, gen):
-    """Split over d adds fp32 partials atomically; the finalize kernel applies bias + activation."""
+    """Split over d: the last split of a tile to arrive adds the fp32 partials, bias and activation."""
     force_config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2,
                   "splits": splits})
     M, d, n, k = 19, 100, 48, 21  # d not a multiple of BLOCK_K: ragged last chunk
@@ -72,6 +72,32 @@ def test_split_d_paths(gated, splits, force_config, device, gen):
         selective_up(x, wu, idx, b, out=out)
         ref = selective_up_reference(x.cpu(), wu.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
     assert_rel_close(out.cpu(), ref, torch.float16, f"split={splits}")
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_split_d_repeat_is_deterministic(gated, force_config, device, gen):
+    """The in-kernel split reduction resets its arrival counters: repeated calls are bitwise equal."""
+    force_config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2,
+                  "splits": 4})
+    M, d, n, k = 20, 160, 64, 40  # 2 x 3 output tiles, 5 d-chunks -> 4 splits after rounding
+    x = torch.randn(M, d, generator=gen).half().to(device)
+    wg, wu = _w(n, d, torch.float16, device, gen), _w(n, d, torch.float16, device, gen)
+    b = torch.randn(n, generator=gen).half().to(device)
+    idx = _idx(n, k, device, gen)
+    outs = []
+    for _ in range(3):
+        out = poisoned((M, k), torch.float16, device)
+        if gated:
+            selective_gated_up(x, wg, wu, idx, out=out)
+        else:
+            selective_up(x, wu, idx, b, out=out)
+        outs.append(out.cpu())
+    if gated:
+        ref = selective_gated_up_reference(x.cpu(), wg.cpu(), wu.cpu(), idx.cpu(), dtype=torch.float64)
+    else:
+        ref = selective_up_reference(x.cpu(), wu.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
+    assert_rel_close(outs[0], ref, torch.float16, "split repeat")
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 def test_argument_errors(device, gen):

@@ -56,11 +56,13 @@ def test_neurons_for_99_percent_recall_by_hand() -> None:
 
 
 def test_mlp_metrics_by_hand() -> None:
-    metric = MlpSelectionMetrics(num_neurons=4)
+    metric = MlpSelectionMetrics(num_neurons=4, mean_active=2)
     metric.update(torch.tensor([[2.0, -1.0, 1.0, -3.0]]), torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
     values = {k: v.item() for k, v in metric.compute().items()}
-    # Both positives are covered at rank 3 (scores 2, 1, -1): 3 of 4 neurons.
-    assert values == pytest.approx({"recall": 0.5, "precision": 0.5, "density": 0.5, "k99": 0.75})
+    # Both positives are covered at rank 3 (scores 2, 1, -1): 3 of 4 neurons. The top-2 (scores 2, 1)
+    # holds one of the two positives; at the 0.5 threshold: 1 true positive, 1 false positive, 1 miss.
+    expected = {"recall": 0.5, "precision": 0.5, "f1": 0.5, "density": 0.5, "k99": 0.75, "topk_recall": 0.5}
+    assert values == pytest.approx(expected)
 
 
 def test_weighted_bce_weighs_negatives_by_the_positive_rate() -> None:
@@ -71,3 +73,13 @@ def test_weighted_bce_weighs_negatives_by_the_positive_rate() -> None:
     assert weighted_bce(logits, labels).item() == pytest.approx(expected.item())
     fixed = (per_element * torch.tensor([[1.0, 0.5, 0.5, 0.5]])).mean()
     assert weighted_bce(logits, labels, neg_weight=0.5).item() == pytest.approx(fixed.item())
+
+
+def test_baseline_metrics_never_gather_over_ranks() -> None:
+    # Baselines are computed on CPU by every rank over the whole validation set; gathering CPU
+    # tensors over NCCL fails ("No backend type associated with device type cpu", seen on an H100).
+    from polar_sparsity.routers.data import RouterTarget
+    from polar_sparsity.routers.module import make_metrics
+
+    target = RouterTarget("mha", 0, units=8, k=4, num_heads=8, num_kv_heads=8, group_reduce="max")
+    assert make_metrics(target).sync_on_compute and not make_metrics(target, sync=False).sync_on_compute

@@ -66,6 +66,8 @@ def test_mlp_router_needs_far_fewer_neurons_than_static(tmp_path: Path, opt_stor
     # k99: neurons kept per token for 99% recall. Static needs most of the layer; the router a few x density.
     assert metrics["k99"] <= static["k99"] - 0.4, result
     assert metrics["k99"] <= 4 * metrics["density"] and metrics["recall"] >= 0.9, result
+    # At equal selected count (the layer's mean active count), the router beats the most active neurons.
+    assert metrics["topk_recall"] >= static["topk_recall"] + 0.2, result
     meta = load_routers(settings.paths.routers, "mlp", model="tiny-opt")[2].meta
     assert meta["unit"] == "neuron" and meta["num_outputs"] == 1024 and meta["topk"] is None
     assert meta["net"]["kwargs"] == {"hidden": 1024, "activation": "none", "norm": False,
@@ -116,7 +118,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
             ValueError,
             "train.samples=999999 but the store .* holds 24000",
         ),
-        ("opt", ["layer=1", "router.monitor=val/f1"], ValueError, r"router.monitor='val/f1' is not one of"),
+        ("opt", ["layer=1", "router.monitor=val/f2"], ValueError, r"router.monitor='val/f2' is not one of"),
         ("opt", ["layer=1", "+router.net.heads=3"], ValueError, r"cannot build .*HeadRouter"),
         ("opt", ["layer=1", "router.net._target_=torch.nn.Nothing"], ValueError, "cannot be imported"),
     ],
