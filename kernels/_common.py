@@ -87,8 +87,10 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     # Kernels address rows with strides but assume unit stride along the innermost axis so that
     # loads are 16-byte vectors; a transposed view would silently turn them into gathers.
     if t.stride(-1) != 1:
-        raise ValueError(f"{name} must have unit stride in its last dim (got strides {t.stride()}); "
-                         "call .contiguous() once when the tensor is created")
+        raise ValueError(
+            f"{name} must have unit stride in its last dim (got strides {t.stride()}); "
+            "call .contiguous() once when the tensor is created"
+        )
 
 
 def check_index_tensor(name: str, idx: torch.Tensor, device: torch.device) -> None:

@@ -35,13 +35,39 @@ MASKED_MAX = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _attn_chunk_kernel(
-    Q, K, V, SEQLENS, IDX, OUT, PO, PML,
+    Q,
+    K,
+    V,
+    SEQLENS,
+    IDX,
+    OUT,
+    PO,
+    PML,
     qk_scale,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_ib,
-    n_sel, n_kv, n_max, chunk, n_splits,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_ib,
+    n_sel,
+    n_kv,
+    n_max,
+    chunk,
+    n_splits,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    SPLIT: tl.constexpr,
+    USE_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)  # one (sequence, selected group) pair
@@ -66,8 +92,11 @@ def _attn_chunk_kernel(
     b64 = b.to(tl.int64)  # B * H * N_max * D overflows int32 at real cache sizes
     g64 = g.to(tl.int64)
     heads = g * GROUP + offs_g
-    q = tl.load(Q + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(
+        Q + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_g[:, None] & mask_d[None, :],
+        other=0.0,
+    )
     k_base = K + b64 * stride_kb + g64 * stride_kh
     v_base = V + b64 * stride_vb + g64 * stride_vh
 
@@ -113,10 +142,20 @@ def _attn_chunk_kernel(
 
 @triton.jit
 def _attn_merge_kernel(
-    PO, PML, IDX, OUT,
-    stride_ob, stride_oh, stride_ib,
-    n_sel, n_kv, n_splits,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    PO,
+    PML,
+    IDX,
+    OUT,
+    stride_ob,
+    stride_oh,
+    stride_ib,
+    n_sel,
+    n_kv,
+    n_splits,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     HAS_IDX: tl.constexpr,
 ):
     # One program per (sequence, selected group, query head of the group): all splits are loaded
@@ -134,8 +173,11 @@ def _attn_merge_kernel(
     part = (pid * n_splits + offs_s).to(tl.int64)
     m_s = tl.load(PML + part * (GROUP * 2) + r * 2, mask=ok_s, other=MASKED_MAX)
     l_s = tl.load(PML + part * (GROUP * 2) + r * 2 + 1, mask=ok_s, other=0.0)
-    o_s = tl.load(PO + part[:, None] * (GROUP * HEAD_DIM) + r * HEAD_DIM + offs_d[None, :],
-                  mask=ok_s[:, None] & mask_d[None, :], other=0.0)
+    o_s = tl.load(
+        PO + part[:, None] * (GROUP * HEAD_DIM) + r * HEAD_DIM + offs_d[None, :],
+        mask=ok_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )
     w = tl.exp2(m_s - tl.max(m_s, 0))
     l_tot = tl.sum(l_s * w, 0)
     o = tl.sum(o_s * w[:, None], 0) / tl.where(l_tot > 0, l_tot, 1.0)
@@ -175,8 +217,11 @@ def _candidates(group: int, programs: int, n_max: int, sms: int) -> list[_tuning
     splits = _split_options(programs, n_max, sms)[-2:]
     return [
         {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "splits": s, "use_dot": d}
-        for bn in ((32, 64, 128) if group > 1 else (64, 128)) for nw in (4, 8)
-        for ns in ((2, 3, 4) if group > 1 else (2, 3)) for s in splits for d in dots
+        for bn in ((32, 64, 128) if group > 1 else (64, 128))
+        for nw in (4, 8)
+        for ns in ((2, 3, 4) if group > 1 else (2, 3))
+        for s in splits
+        for d in dots
         if not (bn == 128 and nw == 4 and d == 0)  # 128x128 fp32 products spill at 4 warps
     ]
 
@@ -190,11 +235,15 @@ def _check_inputs(q, k_cache, v_cache, seqlens, kv_idx, out) -> None:
     B, Hq, D = q.shape
     C.check_shape("v_cache", v_cache, k_cache.shape, "(same as k_cache)")
     if k_cache.shape[0] != B or k_cache.shape[3] != D:
-        raise ValueError(f"k_cache has shape {tuple(k_cache.shape)}; expected (batch={B}, kv_heads, "
-                         f"max_len, head_dim={D}) to match q {tuple(q.shape)}")
+        raise ValueError(
+            f"k_cache has shape {tuple(k_cache.shape)}; expected (batch={B}, kv_heads, "
+            f"max_len, head_dim={D}) to match q {tuple(q.shape)}"
+        )
     if D % 8 or not 16 <= D <= 256:
-        raise ValueError(f"head_dim {D} is unsupported; use a multiple of 8 in 16..256 "
-                         f"(model head dims {C.SUPPORTED_HEAD_DIMS} are all fine)")
+        raise ValueError(
+            f"head_dim {D} is unsupported; use a multiple of 8 in 16..256 "
+            f"(model head dims {C.SUPPORTED_HEAD_DIMS} are all fine)"
+        )
     Hkv = k_cache.shape[1]
     if Hq % Hkv:
         raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
@@ -209,8 +258,10 @@ def _check_inputs(q, k_cache, v_cache, seqlens, kv_idx, out) -> None:
         C.check_ndim("head/group indices", kv_idx, 2, "(batch, k)")
         C.check_index_tensor("head/group indices", kv_idx, device)
         if kv_idx.shape[0] != B or not 1 <= kv_idx.shape[1] <= Hkv:
-            raise ValueError(f"head/group indices have shape {tuple(kv_idx.shape)}; expected (batch={B}, k) "
-                             f"with 1 <= k <= {Hkv}")
+            raise ValueError(
+                f"head/group indices have shape {tuple(kv_idx.shape)}; expected (batch={B}, k) "
+                f"with 1 <= k <= {Hkv}"
+            )
         if kv_idx.stride(1) != 1:
             raise ValueError("head/group indices must be contiguous along k; call .contiguous()")
     if out is not None:
@@ -248,7 +299,7 @@ def decode_attention(
         if kv_idx is not None:
             C.check_index_range("head/group indices", kv_idx, Hkv, True)
     if out is None:
-        out = (torch.zeros_like(q) if kv_idx is not None and zero_unselected else torch.empty_like(q))
+        out = torch.zeros_like(q) if kv_idx is not None and zero_unselected else torch.empty_like(q)
     elif kv_idx is not None and zero_unselected:
         out.zero_()
     n_sel = Hkv if kv_idx is None else kv_idx.shape[1]
@@ -261,8 +312,13 @@ def decode_attention(
     def launch(cfg: _tuning.Config) -> None:
         _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg)
 
-    cfg = _tuning.pick(key, q.device, lambda: _heuristic(group, programs, n_max, sms),
-                       lambda: _candidates(group, programs, n_max, sms), launch)
+    cfg = _tuning.pick(
+        key,
+        q.device,
+        lambda: _heuristic(group, programs, n_max, sms),
+        lambda: _candidates(group, programs, n_max, sms),
+        launch,
+    )
     launch(cfg)
     return out
 
@@ -286,18 +342,57 @@ def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg)
         po = pml = out  # unused
     meta = dict(GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d)
     _attn_chunk_kernel[(B * n_sel, splits)](
-        q, k_cache, v_cache, seqlens, idx, out, po, pml, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), stride_ib,
-        n_sel, n_kv, n_max, chunk, splits,
-        BLOCK_N=cfg["BLOCK_N"], HAS_IDX=has_idx, SPLIT=splits > 1, USE_DOT=use_dot,
+        q,
+        k_cache,
+        v_cache,
+        seqlens,
+        idx,
+        out,
+        po,
+        pml,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        stride_ib,
+        n_sel,
+        n_kv,
+        n_max,
+        chunk,
+        splits,
+        BLOCK_N=cfg["BLOCK_N"],
+        HAS_IDX=has_idx,
+        SPLIT=splits > 1,
+        USE_DOT=use_dot,
         UPCAST=upcast_dot(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        **meta,
     )
     if splits > 1:
         _attn_merge_kernel[(B * n_sel, group)](
-            po, pml, idx, out, out.stride(0), out.stride(1), stride_ib, n_sel, n_kv, splits,
-            GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=C.next_pow2(splits), HAS_IDX=has_idx,
+            po,
+            pml,
+            idx,
+            out,
+            out.stride(0),
+            out.stride(1),
+            stride_ib,
+            n_sel,
+            n_kv,
+            splits,
+            GROUP=group,
+            HEAD_DIM=D,
+            BLOCK_D=block_d,
+            BLOCK_S=C.next_pow2(splits),
+            HAS_IDX=has_idx,
             num_warps=4,
         )
 

@@ -76,8 +76,10 @@ def _tune(key: str, candidates: list[Config], launch: Callable[[Config], None]) 
             best, best_ms = cfg, ms
     if best is None:
         raise RuntimeError(f"no candidate config could be launched for {key}; first errors: {errors[:3]}")
-    print(f"[tune] {key}: {best} {best_ms * 1e3:.1f} us ({len(candidates)} tried, {time.time() - t0:.1f} s)",
-          flush=True)
+    print(
+        f"[tune] {key}: {best} {best_ms * 1e3:.1f} us ({len(candidates)} tried, {time.time() - t0:.1f} s)",
+        flush=True,
+    )
     return best
 
 
@@ -137,8 +139,11 @@ def _save() -> None:
     if _SAVE_PATH is None:
         return
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    table = {"gpu": "H100", "source": f"kernels tuning run on {gpu}",
-             "configs": {k: v for k, v in sorted(_CHOSEN.items()) if k in _TUNED}}
+    table = {
+        "gpu": "H100",
+        "source": f"kernels tuning run on {gpu}",
+        "configs": {k: v for k, v in sorted(_CHOSEN.items()) if k in _TUNED},
+    }
     _SAVE_PATH.write_text(json.dumps(table, indent=1))
 
 

@@ -30,8 +30,17 @@ def selective_group_attention(
     int32 on the device. Returns (B, H_q, D); the query heads of unselected groups are zero (or
     untouched in ``out`` if ``zero_unselected=False``).
     """
-    return decode_attention(q, k_cache, v_cache, seqlens, group_idx, sm_scale=sm_scale, out=out,
-                            zero_unselected=zero_unselected, validate=validate)
+    return decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        seqlens,
+        group_idx,
+        sm_scale=sm_scale,
+        out=out,
+        zero_unselected=zero_unselected,
+        validate=validate,
+    )
 
 
 def selective_group_attention_reference(

@@ -13,8 +13,10 @@ from kernels._decode_attention import decode_attention, decode_attention_referen
 
 def _check_mha(q: torch.Tensor, k_cache: torch.Tensor) -> None:
     if q.dim() == 3 and k_cache.dim() == 4 and q.shape[1] != k_cache.shape[1]:
-        raise ValueError(f"MHA needs as many query heads as KV heads; got q heads {q.shape[1]} and "
-                         f"k_cache heads {k_cache.shape[1]} (use selective_group_attention for GQA)")
+        raise ValueError(
+            f"MHA needs as many query heads as KV heads; got q heads {q.shape[1]} and "
+            f"k_cache heads {k_cache.shape[1]} (use selective_group_attention for GQA)"
+        )
 
 
 def selective_head_attention(
@@ -35,8 +37,17 @@ def selective_head_attention(
     Returns (B, H, D); unselected heads are zero (or untouched in ``out`` if ``zero_unselected=False``).
     """
     _check_mha(q, k_cache)
-    return decode_attention(q, k_cache, v_cache, seqlens, head_idx, sm_scale=sm_scale, out=out,
-                            zero_unselected=zero_unselected, validate=validate)
+    return decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        seqlens,
+        head_idx,
+        sm_scale=sm_scale,
+        out=out,
+        zero_unselected=zero_unselected,
+        validate=validate,
+    )
 
 
 def selective_head_attention_reference(

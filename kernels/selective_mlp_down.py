@@ -35,11 +35,30 @@ def _down_epilogue(acc, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS: tl
 
 @triton.jit
 def _down_kernel(
-    A, W, BIAS, IDX, OUT, WS, CNT,
-    M, n_sel, d, n_rows, k_chunk, num_m, n_splits,
-    stride_am, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+    A,
+    W,
+    BIAS,
+    IDX,
+    OUT,
+    WS,
+    CNT,
+    M,
+    n_sel,
+    d,
+    n_rows,
+    k_chunk,
+    num_m,
+    n_splits,
+    stride_am,
+    stride_wn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = pid % num_m
@@ -118,14 +137,26 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int) -> _tuning.Config:
     bd, bk, nw = (512, 32, 8) if bm <= 16 else (256, 32, 8)
     programs = C.cdiv(M, bm) * C.cdiv(d, bd)
     target = 2 * sms if bm <= 16 else sms
-    return {"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": nw, "num_stages": 4,
-            "splits": _splits_for(programs, n_sel, bk, target)}
+    return {
+        "BLOCK_M": bm,
+        "BLOCK_D": bd,
+        "BLOCK_K": bk,
+        "num_warps": nw,
+        "num_stages": 4,
+        "splits": _splits_for(programs, n_sel, bk, target),
+    }
 
 
 # (BLOCK_D, BLOCK_K, num_warps, num_stages) tried per batch-tile size (kept small: each compiles).
 _TILES = {
-    16: ((128, 64, 4, 4), (256, 64, 4, 4), (512, 32, 8, 4), (512, 64, 8, 3), (1024, 16, 8, 4),
-         (1024, 32, 8, 3)),
+    16: (
+        (128, 64, 4, 4),
+        (256, 64, 4, 4),
+        (512, 32, 8, 4),
+        (512, 64, 8, 3),
+        (1024, 16, 8, 4),
+        (1024, 32, 8, 3),
+    ),
     64: ((64, 64, 4, 4), (128, 64, 4, 4), (128, 32, 4, 4), (256, 32, 8, 4), (256, 64, 8, 3)),
 }
 
@@ -145,8 +176,16 @@ def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
         tiles = C.cdiv(M, bm) * C.cdiv(d, bd)
         s = _splits_for(tiles, n_sel, bk, 2 * sms if bm <= 16 else sms)
         for split in _split_options(tiles, n_sel, bk, sms, s):
-            out.append({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns,
-                        "splits": split})
+            out.append(
+                {
+                    "BLOCK_M": bm,
+                    "BLOCK_D": bd,
+                    "BLOCK_K": bk,
+                    "num_warps": nw,
+                    "num_stages": ns,
+                    "splits": split,
+                }
+            )
     return out
 
 
@@ -207,8 +246,9 @@ def selective_down(
     def launch(cfg: _tuning.Config) -> None:
         _launch(a, w_down_t, idx, bias, out, cfg)
 
-    cfg = _tuning.pick(key, a.device, lambda: _heuristic(M, n_sel, d, sms),
-                       lambda: _candidates(M, n_sel, d, sms), launch)
+    cfg = _tuning.pick(
+        key, a.device, lambda: _heuristic(M, n_sel, d, sms), lambda: _candidates(M, n_sel, d, sms), launch
+    )
     launch(cfg)
     return out
 
@@ -236,11 +276,32 @@ def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
         ws = cnt = out  # unused
     b = bias if bias is not None else a  # dummy pointer when HAS_BIAS is False
     _down_kernel[(tiles, splits)](
-        a, w_down_t, b, idx, out, ws, cnt, M, n_sel, d, w_down_t.shape[0], k_chunk, num_m, splits,
-        a.stride(0), w_down_t.stride(0), out.stride(0),
-        BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=bk, HAS_BIAS=bias is not None, SPLIT=splits > 1,
-        EVEN_D=d % bd == 0, UPCAST=upcast_dot(a.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        a,
+        w_down_t,
+        b,
+        idx,
+        out,
+        ws,
+        cnt,
+        M,
+        n_sel,
+        d,
+        w_down_t.shape[0],
+        k_chunk,
+        num_m,
+        splits,
+        a.stride(0),
+        w_down_t.stride(0),
+        out.stride(0),
+        BLOCK_M=bm,
+        BLOCK_D=bd,
+        BLOCK_K=bk,
+        HAS_BIAS=bias is not None,
+        SPLIT=splits > 1,
+        EVEN_D=d % bd == 0,
+        UPCAST=upcast_dot(a.dtype),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
 
 

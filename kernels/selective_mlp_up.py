@@ -30,8 +30,20 @@ Activation = Literal["relu", "none"]
 
 
 @triton.jit
-def _up_epilogue(acc_u, acc_g, BIAS, OUT, rows, rm, rn, mask, stride_om,
-                 GATED: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
+def _up_epilogue(
+    acc_u,
+    acc_g,
+    BIAS,
+    OUT,
+    rows,
+    rm,
+    rn,
+    mask,
+    stride_om,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+):
     if HAS_BIAS:
         acc_u += tl.load(BIAS + rows).to(tl.float32)[None, :]
     if GATED:
@@ -44,11 +56,33 @@ def _up_epilogue(acc_u, acc_g, BIAS, OUT, rows, rm, rn, mask, stride_om,
 
 @triton.jit
 def _up_kernel(
-    X, WG, WU, BIAS, IDX, OUT, WS, CNT,
-    M, n_sel, d, n_rows, d_chunk, num_m, n_splits,
-    stride_xm, stride_wg, stride_wu, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    X,
+    WG,
+    WU,
+    BIAS,
+    IDX,
+    OUT,
+    WS,
+    CNT,
+    M,
+    n_sel,
+    d,
+    n_rows,
+    d_chunk,
+    num_m,
+    n_splits,
+    stride_xm,
+    stride_wg,
+    stride_wu,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     # Batch tiles vary fastest so tiles sharing the same weight rows run together (L2 reuse).
@@ -139,8 +173,14 @@ def _splits_for(programs: int, d: int, block_k: int, target: int) -> int:
 def _heuristic(M: int, n_sel: int, d: int, sms: int) -> _tuning.Config:
     bm, bn, bk = _block_m(M), 32, 128
     programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 4,
-            "splits": _splits_for(programs, d, bk, 2 * sms)}
+    return {
+        "BLOCK_M": bm,
+        "BLOCK_N": bn,
+        "BLOCK_K": bk,
+        "num_warps": 4,
+        "num_stages": 4,
+        "splits": _splits_for(programs, d, bk, 2 * sms),
+    }
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) tried per batch-tile size (kept small: each compiles).
@@ -161,8 +201,16 @@ def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
         for split in sorted({1, 2, 3, 4, 6, s, s * 2}):
             if split > 1 and d // split < 2 * bk:
                 continue
-            out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns,
-                        "splits": split})
+            out.append(
+                {
+                    "BLOCK_M": bm,
+                    "BLOCK_N": bn,
+                    "BLOCK_K": bk,
+                    "num_warps": nw,
+                    "num_stages": ns,
+                    "splits": split,
+                }
+            )
     return out
 
 
@@ -213,8 +261,9 @@ def _run(x, w_gate, w_up, bias, idx, out, relu: bool, validate: bool) -> torch.T
     def launch(cfg: _tuning.Config) -> None:
         _launch(x, w_gate, w_up, bias, idx, out, relu, cfg)
 
-    cfg = _tuning.pick(key, x.device, lambda: _heuristic(M, n_sel, d, sms),
-                       lambda: _candidates(M, n_sel, d, sms), launch)
+    cfg = _tuning.pick(
+        key, x.device, lambda: _heuristic(M, n_sel, d, sms), lambda: _candidates(M, n_sel, d, sms), launch
+    )
     launch(cfg)
     return out
 
@@ -237,10 +286,35 @@ def _launch(x, w_gate, w_up, bias, idx, out, relu, cfg) -> None:
     wg = w_gate if gated else w_up
     b = bias if bias is not None else w_up  # dummy pointer when HAS_BIAS is False
     _up_kernel[(tiles, splits)](
-        x, wg, w_up, b, idx, out, ws, cnt, M, n_sel, d, w_up.shape[0], d_chunk, num_m, splits,
-        x.stride(0), wg.stride(0), w_up.stride(0), out.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=splits > 1, EVEN_K=d % bk == 0, UPCAST=upcast_dot(x.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], GATED=gated, HAS_BIAS=bias is not None,
+        x,
+        wg,
+        w_up,
+        b,
+        idx,
+        out,
+        ws,
+        cnt,
+        M,
+        n_sel,
+        d,
+        w_up.shape[0],
+        d_chunk,
+        num_m,
+        splits,
+        x.stride(0),
+        wg.stride(0),
+        w_up.stride(0),
+        out.stride(0),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        SPLIT=splits > 1,
+        EVEN_K=d % bk == 0,
+        UPCAST=upcast_dot(x.dtype),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        GATED=gated,
+        HAS_BIAS=bias is not None,
         RELU=relu,
     )
 

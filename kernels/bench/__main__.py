@@ -43,8 +43,13 @@ def _run_one(name: str, bw: float) -> list[dict]:
 def _shapes(name: str) -> dict:
     from kernels.bench import attention, gemm, model
 
-    return {"attn": attention.MHA_SHAPES, "gqa": attention.GQA_SHAPES, "gemm": gemm.MODELS,
-            "mlp": model.MLPS, "block": model.BLOCKS}[name]
+    return {
+        "attn": attention.MHA_SHAPES,
+        "gqa": attention.GQA_SHAPES,
+        "gemm": gemm.MODELS,
+        "mlp": model.MLPS,
+        "block": model.BLOCKS,
+    }[name]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,17 +71,29 @@ def main(argv: list[str] | None = None) -> None:
     # The limit line: the faster of the two measured streams (our ops mostly read), so that
     # "fraction of limit" is never flattered by a slow reference stream.
     bw = max(copy_bw, read_bw)
-    print(f"{env['gpu']}: torch {env['torch']} triton {env['triton']} CUDA {env['cuda']}; copy bandwidth "
-          f"{copy_bw / 1e12:.3f} TB/s, read bandwidth {read_bw / 1e12:.3f} TB/s; limit uses "
-          f"{bw / 1e12:.3f} TB/s", flush=True)
+    print(
+        f"{env['gpu']}: torch {env['torch']} triton {env['triton']} CUDA {env['cuda']}; copy bandwidth "
+        f"{copy_bw / 1e12:.3f} TB/s, read bandwidth {read_bw / 1e12:.3f} TB/s; limit uses "
+        f"{bw / 1e12:.3f} TB/s",
+        flush=True,
+    )
     for name in BENCHES if args.bench == "all" else (args.bench,):
         tb = time.time()
         rows = _run_one(name, bw)
         h.write_csv(args.out / f"{name}.csv", rows)
-        h.write_meta(args.out / f"{name}_meta.json",
-                     dict(env, bench=name, hbm_copy_bandwidth_Bps=copy_bw, hbm_read_bandwidth_Bps=read_bw,
-                          limit_bandwidth_Bps=bw, shapes=_shapes(name), dtype="float16",
-                          timing="CUDA-graph replay, median of 25, rotated inputs (>= 4x L2 per cycle)"))
+        h.write_meta(
+            args.out / f"{name}_meta.json",
+            dict(
+                env,
+                bench=name,
+                hbm_copy_bandwidth_Bps=copy_bw,
+                hbm_read_bandwidth_Bps=read_bw,
+                limit_bandwidth_Bps=bw,
+                shapes=_shapes(name),
+                dtype="float16",
+                timing="CUDA-graph replay, median of 25, rotated inputs (>= 4x L2 per cycle)",
+            ),
+        )
         title = f"{TITLES[name]}\n{env['gpu']}, limit BW {bw / 1e12:.2f} TB/s"
         h.plot(args.out / f"{name}.png", rows, title)
         print(f"[{name}] {len(rows)} rows in {time.time() - tb:.0f}s", flush=True)
@@ -85,14 +102,27 @@ def main(argv: list[str] | None = None) -> None:
             _tuning.set_force_tune(False)
     if args.save_table:
         keys = _tuning.tuned_keys() if args.tune else set(_tuning.chosen())
-        table = {"gpu": "H100", "source": f"python -m kernels.bench {args.bench} --tune on {env['gpu']}",
-                 "env": env, "configs": {k: v for k, v in sorted(_tuning.chosen().items()) if k in keys}}
+        table = {
+            "gpu": "H100",
+            "source": f"python -m kernels.bench {args.bench} --tune on {env['gpu']}",
+            "env": env,
+            "configs": {k: v for k, v in sorted(_tuning.chosen().items()) if k in keys},
+        }
         args.save_table.write_text(json.dumps(table, indent=1))
 
 
 def _print_summary(rows: list[dict]) -> None:
-    wanted = ("shape", "method", "density", "latency_us", "frac_of_limit", "speedup_vs_sdpa_cudnn_dense",
-              "speedup_vs_cublas_dense", "speedup_vs_dense", "speedup_vs_dense_sdpa")
+    wanted = (
+        "shape",
+        "method",
+        "density",
+        "latency_us",
+        "frac_of_limit",
+        "speedup_vs_sdpa_cudnn_dense",
+        "speedup_vs_cublas_dense",
+        "speedup_vs_dense",
+        "speedup_vs_dense_sdpa",
+    )
     cols = [c for c in wanted if any(c in r for r in rows)]
     print(" | ".join(cols))
     for r in rows:

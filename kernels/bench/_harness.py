@@ -95,8 +95,9 @@ def read_bandwidth(gib: float = 4.0) -> float:
     out = torch.empty(programs, device="cuda", dtype=torch.float32)
     best = 0.0
     for warps in (4, 8):
-        us = time_graph([lambda w=warps, x=x: _read_kernel[(programs,)](x, out, per, BLOCK=block,
-                                                                        num_warps=w)])
+        us = time_graph(
+            [lambda w=warps, x=x: _read_kernel[(programs,)](x, out, per, BLOCK=block, num_warps=w)]
+        )
         best = max(best, x.numel() * 2 / (us * 1e-6))
     del x
     torch.cuda.empty_cache()
@@ -149,7 +150,7 @@ def plot(path: Path, rows: list[dict], title: str, panels: str = "shape") -> Non
     ncols = min(4, len(shapes))
     nrows = math.ceil(len(shapes) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
-    for ax in axes.flat[len(shapes):]:
+    for ax in axes.flat[len(shapes) :]:
         ax.set_visible(False)
     for ax, shape in zip(axes.flat, shapes, strict=False):
         sub = [r for r in rows if r[panels] == shape]

@@ -17,15 +17,22 @@ MHA_SHAPES = {
 }
 GQA_SHAPES = {"llama-3-70b B=64 N=8192 64q/8kv x128": dict(B=64, N=8192, H=64, Hkv=8, D=128)}
 MHA_DENSITIES = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
 
 
 def _sdpa(backend: SDPBackend, q, k, v, gqa: bool):
     def fn():
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa) if gqa else \
-                F.scaled_dot_product_attention(q, k, v)
+            return (
+                F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+                if gqa
+                else F.scaled_dot_product_attention(q, k, v)
+            )
+
     return [fn]
 
 
@@ -41,8 +48,17 @@ def _dense_baselines(name: str, s: dict, q, k, v, seqlens, gqa: bool) -> list[di
     rows = []
     for method, factory in runs.items():
         us, err = try_time(factory)
-        rows.append(dict(shape=name, method=method, density=1.0, k=Hkv, latency_us=us,
-                         bytes=B * Hkv * N * D * 2 * q.element_size(), note=err))
+        rows.append(
+            dict(
+                shape=name,
+                method=method,
+                density=1.0,
+                k=Hkv,
+                latency_us=us,
+                bytes=B * Hkv * N * D * 2 * q.element_size(),
+                note=err,
+            )
+        )
     return rows
 
 
@@ -62,8 +78,17 @@ def bench_shape(name: str, s: dict, densities, bw: float, gqa: bool, dtype=torch
         idx = torch.rand(R, B, Hkv, device="cuda").argsort(-1)[..., :kk].int().contiguous()
         fns = [lambda q=q, k=k, v=v, i=idx[i]: op(q, k, v, seqlens, i, validate=False) for i in range(R)]
         us = time_graph(fns)
-        rows.append(dict(shape=name, method="selective (ours)", density=kk / Hkv, k=kk, latency_us=us,
-                         bytes=nbytes, rotations=R))
+        rows.append(
+            dict(
+                shape=name,
+                method="selective (ours)",
+                density=kk / Hkv,
+                k=kk,
+                latency_us=us,
+                bytes=nbytes,
+                rotations=R,
+            )
+        )
     for r in rows:
         r["limit_us"] = r["bytes"] / bw * 1e6
         ok = not math.isnan(r["latency_us"])

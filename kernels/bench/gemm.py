@@ -26,14 +26,16 @@ def _weights(d: int, n: int, gated: bool, copies: int, dtype) -> list[dict]:
     out = []
     for _ in range(copies):
         w_gu = torch.randn(2 * n if gated else n, d, device="cuda", dtype=dtype) / math.sqrt(d)
-        out.append(dict(
-            w_gu=w_gu,  # gated: [gate; up] stacked, as one cuBLAS GEMM for the dense baseline
-            w_gate=w_gu[:n] if gated else None,
-            w_up=w_gu[n:] if gated else w_gu,
-            b_up=None if gated else torch.randn(n, device="cuda", dtype=dtype),
-            w_down_t=torch.randn(n, d, device="cuda", dtype=dtype) / math.sqrt(n),
-            b_down=None if gated else torch.randn(d, device="cuda", dtype=dtype),
-        ))
+        out.append(
+            dict(
+                w_gu=w_gu,  # gated: [gate; up] stacked, as one cuBLAS GEMM for the dense baseline
+                w_gate=w_gu[:n] if gated else None,
+                w_up=w_gu[n:] if gated else w_gu,
+                b_up=None if gated else torch.randn(n, device="cuda", dtype=dtype),
+                w_down_t=torch.randn(n, d, device="cuda", dtype=dtype) / math.sqrt(n),
+                b_down=None if gated else torch.randn(d, device="cuda", dtype=dtype),
+            )
+        )
     return out
 
 
@@ -75,12 +77,20 @@ def _tune_case(M, d, n_rows, k, gated, ws, copies, x, a, idx) -> None:
     down_out = torch.empty(M, d, device="cuda", dtype=x.dtype)
 
     def up_fns(cfg):
-        return [lambda w=ws[i % copies], j=idx[i]: _up_mod._launch(
-            x, w["w_gate"], w["w_up"], w["b_up"], j, up_out, not gated, cfg) for i in range(R)]
+        return [
+            lambda w=ws[i % copies], j=idx[i]: _up_mod._launch(
+                x, w["w_gate"], w["w_up"], w["b_up"], j, up_out, not gated, cfg
+            )
+            for i in range(R)
+        ]
 
     def down_fns(cfg):
-        return [lambda w=ws[i % copies], j=idx[i]: _down_mod._launch(
-            a, w["w_down_t"], j, w["b_down"], down_out, cfg) for i in range(R)]
+        return [
+            lambda w=ws[i % copies], j=idx[i]: _down_mod._launch(
+                a, w["w_down_t"], j, w["b_down"], down_out, cfg
+            )
+            for i in range(R)
+        ]
 
     _sweep(_up_mod.config_key(M, k, d, gated), _up_mod._candidates(M, k, d, sms), up_fns)
     _sweep(_down_mod.config_key(M, k, d), _down_mod._candidates(M, k, d, sms), down_fns)
@@ -88,9 +98,21 @@ def _tune_case(M, d, n_rows, k, gated, ws, copies, x, a, idx) -> None:
 
 def _row(model, op, M, method, dens, k, us, nbytes, bw, dense_us=math.nan) -> dict:
     limit = nbytes / bw * 1e6
-    return dict(bench="gemm", shape=f"{model} {op} M={M}", model=model, op=op, M=M, method=method,
-                density=dens, k=k, latency_us=us, bytes=nbytes, limit_us=limit, frac_of_limit=limit / us,
-                speedup_vs_cublas_dense=dense_us / us)
+    return dict(
+        bench="gemm",
+        shape=f"{model} {op} M={M}",
+        model=model,
+        op=op,
+        M=M,
+        method=method,
+        density=dens,
+        k=k,
+        latency_us=us,
+        bytes=nbytes,
+        limit_us=limit,
+        frac_of_limit=limit / us,
+        speedup_vs_cublas_dense=dense_us / us,
+    )
 
 
 def bench_model(model: str, cfg: dict, bw: float, dtype=torch.float16, tune: bool = False) -> list[dict]:
@@ -118,8 +140,14 @@ def bench_model(model: str, cfg: dict, bw: float, dtype=torch.float16, tune: boo
             if tune and M <= TUNE_MAX_M:
                 _tune_case(M, d, n, k, gated, ws, copies, x, a, idx)
             t_up = time_graph([lambda w=ws[i % copies], x=x, j=idx[i]: _up(w, x, j) for i in range(R)])
-            t_down = time_graph([lambda w=ws[i % copies], a=a, j=idx[i]: selective_down(
-                a, w["w_down_t"], j, w["b_down"], validate=False) for i in range(R)])
+            t_down = time_graph(
+                [
+                    lambda w=ws[i % copies], a=a, j=idx[i]: selective_down(
+                        a, w["w_down_t"], j, w["b_down"], validate=False
+                    )
+                    for i in range(R)
+                ]
+            )
             sel = "selective (ours)"
             rows.append(_row(model, up_name, M, sel, k / n, k, t_up, up_bytes, bw, dense_up))
             rows.append(_row(model, "down", M, sel, k / n, k, t_down, down_bytes, bw, dense_down))

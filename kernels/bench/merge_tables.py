@@ -19,8 +19,9 @@ def merge(out: Path, inputs: list[Path]) -> dict:
         if "sources" in part:  # an already merged table: keep its provenance
             table["sources"] += [src for src in part["sources"] if src not in table["sources"]]
         else:
-            table["sources"].append({"file": path.name, "source": part.get("source", ""),
-                                     "env": part.get("env", {})})
+            table["sources"].append(
+                {"file": path.name, "source": part.get("source", ""), "env": part.get("env", {})}
+            )
     table["configs"] = dict(sorted(table["configs"].items()))
     out.write_text(json.dumps(table, indent=1) + "\n")
     return table

@@ -57,7 +57,7 @@ class _Mlp:
 
     def dense(self, x):
         h = F.linear(x, self.w_gu, self.b_up)
-        h = F.silu(h[:, : self.n]) * h[:, self.n:] if self.gated else torch.relu(h)
+        h = F.silu(h[:, : self.n]) * h[:, self.n :] if self.gated else torch.relu(h)
         out = torch.mm(h, self.w_down_t)
         return out + self.b_down if self.b_down is not None else out
 
@@ -68,7 +68,7 @@ class _Mlp:
     def sparse(self, x, k: int, idx=None):
         idx = self.route(x, k) if idx is None else idx
         if self.gated:
-            h = selective_gated_up(x, self.w_gu[: self.n], self.w_gu[self.n:], idx, validate=False)
+            h = selective_gated_up(x, self.w_gu[: self.n], self.w_gu[self.n :], idx, validate=False)
         else:
             h = selective_up(x, self.w_gu, idx, self.b_up, validate=False)
         return selective_down(h, self.w_down_t, idx, self.b_down, validate=False)
@@ -81,18 +81,30 @@ def run_mlp() -> list[dict]:
         for M in MLP_BATCHES:
             x = _randn(M, c["d"])
             dense = time_graph([lambda mlp=mlp, x=x: mlp.dense(x)])
-            rows.append(dict(shape=f"{name} M={M}", method="dense MLP (cuBLAS)", density=1.0,
-                             latency_us=dense))
+            rows.append(
+                dict(shape=f"{name} M={M}", method="dense MLP (cuBLAS)", density=1.0, latency_us=dense)
+            )
             for dens in DENSITIES:
                 k = max(1, round(dens * c["n"]))
                 idx = torch.randperm(c["n"], device="cuda")[:k].int()
                 t = time_graph([lambda mlp=mlp, x=x, k=k: mlp.sparse(x, k)])
                 t_kern = time_graph([lambda mlp=mlp, x=x, k=k, idx=idx: mlp.sparse(x, k, idx)])
                 t_router = time_graph([lambda mlp=mlp, x=x, k=k: mlp.route(x, k)])
-                for method, us in (("sparse MLP incl. router", t), ("sparse MLP kernels only", t_kern),
-                                   ("router only", t_router)):
-                    rows.append(dict(shape=f"{name} M={M}", method=method, density=k / c["n"], k=k,
-                                     latency_us=us, speedup_vs_dense=dense / us))
+                for method, us in (
+                    ("sparse MLP incl. router", t),
+                    ("sparse MLP kernels only", t_kern),
+                    ("router only", t_router),
+                ):
+                    rows.append(
+                        dict(
+                            shape=f"{name} M={M}",
+                            method=method,
+                            density=k / c["n"],
+                            k=k,
+                            latency_us=us,
+                            speedup_vs_dense=dense / us,
+                        )
+                    )
         del mlp
         torch.cuda.empty_cache()
     for r in rows:
@@ -122,8 +134,8 @@ class _Block:
         B, H, Hkv, D = c["B"], c["H"], c["Hkv"], c["D"]
         qkv = F.linear(h, self.w_qkv)
         q = qkv[:, : H * D].view(B, H, D)
-        k_new = qkv[:, H * D:(H + Hkv) * D].view(B, Hkv, D)
-        v_new = qkv[:, (H + Hkv) * D:].view(B, Hkv, D)
+        k_new = qkv[:, H * D : (H + Hkv) * D].view(B, Hkv, D)
+        v_new = qkv[:, (H + Hkv) * D :].view(B, Hkv, D)
         self.k_cache[:, :, c["N"] - 1].copy_(k_new)  # the KV cache is written for every head
         self.v_cache[:, :, c["N"] - 1].copy_(v_new)
         return q
@@ -160,9 +172,16 @@ def run_block() -> list[dict]:
         dens_list = [g / c["Hkv"] for g in range(1, c["Hkv"] + 1)] if c["gated"] else DENSITIES
         for dens in dens_list:
             us = time_graph([lambda dens=dens, blk=blk, x=x: blk.forward(x, dens)])
-            rows.append(dict(shape=name, method="sparse block incl. routers", density=dens, latency_us=us,
-                             speedup_vs_dense_sdpa=dense["sdpa"] / us,
-                             speedup_vs_dense_ours=dense["ours"] / us))
+            rows.append(
+                dict(
+                    shape=name,
+                    method="sparse block incl. routers",
+                    density=dens,
+                    latency_us=us,
+                    speedup_vs_dense_sdpa=dense["sdpa"] / us,
+                    speedup_vs_dense_ours=dense["ours"] / us,
+                )
+            )
         del blk
         torch.cuda.empty_cache()
     for r in rows:

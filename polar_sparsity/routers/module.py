@@ -63,7 +63,9 @@ class RouterModule(L.LightningModule):
         self.net, self.target = net, target
         self.lr, self.weight_decay, self.neg_weight = lr, weight_decay, neg_weight
         # Keyed "<stage>_metrics": a ModuleDict key may not shadow a Module attribute such as `train`.
-        self.stage_metrics = nn.ModuleDict({f"{s}_metrics": make_metrics(target, mean_active) for s in STAGES})
+        self.stage_metrics = nn.ModuleDict(
+            {f"{s}_metrics": make_metrics(target, mean_active) for s in STAGES}
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -86,7 +88,9 @@ class RouterModule(L.LightningModule):
     def _log_stage_metrics(self, stage: str) -> None:
         metrics = self.stage_metrics[f"{stage}_metrics"]
         values = metrics.compute()  # synced over DDP ranks
-        self.log_dict({f"{stage}/{name}": value.float() for name, value in values.items()}, prog_bar=stage == "val")
+        self.log_dict(
+            {f"{stage}/{name}": value.float() for name, value in values.items()}, prog_bar=stage == "val"
+        )
         metrics.reset()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -174,7 +174,12 @@ def _fit(
     cfg = settings.router
     mean_active = mean_active_count(unit_stats) if target.kind == "mlp" else None
     module = RouterModule(
-        net, target, lr=cfg.lr, weight_decay=cfg.weight_decay, neg_weight=cfg.neg_weight, mean_active=mean_active
+        net,
+        target,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        neg_weight=cfg.neg_weight,
+        mean_active=mean_active,
     )
     checkpoint = ModelCheckpoint(
         dirpath=output_dir / "checkpoints",

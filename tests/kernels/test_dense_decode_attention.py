@@ -29,8 +29,9 @@ def test_custom_scale(device, gen):
     v = torch.randn(2, 2, 10, 64, generator=gen).half().to(device)
     sl = torch.tensor([10, 3], dtype=torch.int32, device=device)
     out = dense_decode_attention(q, k, v, sl, sm_scale=0.3)
-    ref = dense_decode_attention_reference(q.cpu(), k.cpu(), v.cpu(), sl.cpu(), sm_scale=0.3,
-                                           dtype=torch.float64)
+    ref = dense_decode_attention_reference(
+        q.cpu(), k.cpu(), v.cpu(), sl.cpu(), sm_scale=0.3, dtype=torch.float64
+    )
     assert_rel_close(out.cpu(), ref, torch.float16, "sm_scale")
 
 
@@ -52,5 +53,6 @@ def test_dense_matches_sdpa_gpu(B, Hq, Hkv, N):
     out = poisoned(q.shape, torch.float16, dev)
     dense_decode_attention(q, k, v, sl, out=out)
     sdpa = torch.nn.functional.scaled_dot_product_attention(
-        q.float().unsqueeze(2), k.float(), v.float(), enable_gqa=Hq != Hkv).squeeze(2)
+        q.float().unsqueeze(2), k.float(), v.float(), enable_gqa=Hq != Hkv
+    ).squeeze(2)
     assert_rel_close(out, sdpa, torch.float16, "vs SDPA fp32")

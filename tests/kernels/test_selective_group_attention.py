@@ -21,8 +21,9 @@ def _inputs(B, Hq, Hkv, N, D, dtype, device, gen, seqlens=None):
 def _check(q, k, v, sl, idx, dtype):
     out = poisoned(q.shape, dtype, q.device)
     selective_group_attention(q, k, v, sl, idx, out=out)
-    ref = selective_group_attention_reference(q.cpu(), k.cpu(), v.cpu(), sl.cpu(), idx.cpu(),
-                                              dtype=torch.float64)
+    ref = selective_group_attention_reference(
+        q.cpu(), k.cpu(), v.cpu(), sl.cpu(), idx.cpu(), dtype=torch.float64
+    )
     assert_rel_close(out.cpu(), ref, dtype, f"groups={idx.tolist()} seqlens={sl.tolist()}")
 
 

@@ -21,8 +21,9 @@ def _inputs(B, H, N, D, dtype, device, gen, seqlens=None):
 def _check(q, k, v, sl, idx, dtype, **kw):
     out = poisoned(q.shape, dtype, q.device)
     selective_head_attention(q, k, v, sl, idx, out=out, **kw)
-    ref = selective_head_attention_reference(q.cpu(), k.cpu(), v.cpu(), sl.cpu(), idx.cpu(),
-                                             dtype=torch.float64)
+    ref = selective_head_attention_reference(
+        q.cpu(), k.cpu(), v.cpu(), sl.cpu(), idx.cpu(), dtype=torch.float64
+    )
     assert_rel_close(out.cpu(), ref, dtype, f"k={idx.shape[1]} seqlens={sl.tolist()}")
 
 
@@ -79,12 +80,21 @@ def test_default_zeroes_unselected(device, gen):
         (lambda a: a.update(sl=a["sl"] + 100), ValueError, "seqlens holds index"),
         (lambda a: a.update(sl=a["sl"][:1]), ValueError, "seqlens must have shape"),
         (lambda a: a.update(q=a["q"].float()), TypeError, "q has dtype torch.float32"),
-        (lambda a: a.update(k=a["k"].to(torch.bfloat16), v=a["v"].to(torch.bfloat16)), TypeError,
-         "k_cache has dtype"),
+        (
+            lambda a: a.update(k=a["k"].to(torch.bfloat16), v=a["v"].to(torch.bfloat16)),
+            TypeError,
+            "k_cache has dtype",
+        ),
         (lambda a: a.update(v=a["v"][:, :, :8]), ValueError, "v_cache must have shape"),
         (lambda a: a.update(q=a["q"][:, :2]), ValueError, "as many query heads as KV heads"),
-        (lambda a: a.update(k=a["k"].transpose(2, 3).contiguous().transpose(2, 3), v=a["v"].transpose(2, 3)
-                            .contiguous().transpose(2, 3)), ValueError, "unit stride"),
+        (
+            lambda a: a.update(
+                k=a["k"].transpose(2, 3).contiguous().transpose(2, 3),
+                v=a["v"].transpose(2, 3).contiguous().transpose(2, 3),
+            ),
+            ValueError,
+            "unit stride",
+        ),
     ],
 )
 def test_argument_errors(change, error, match, device, gen):

@@ -27,15 +27,17 @@ def test_down(dtype, M, d, n, k, bias, device, gen):
     b = b if bias else None
     out = poisoned((M, d), dtype, device)
     selective_down(a, w_t, idx, b, out=out)
-    ref = selective_down_reference(a.cpu(), w_t.cpu(), idx.cpu(), None if b is None else b.cpu(),
-                                   dtype=torch.float64)
+    ref = selective_down_reference(
+        a.cpu(), w_t.cpu(), idx.cpu(), None if b is None else b.cpu(), dtype=torch.float64
+    )
     assert_rel_close(out.cpu(), ref, dtype, "down")
 
 
 @pytest.mark.parametrize("splits", [1, 4])
 def test_split_k_paths(splits, force_config, device, gen):
-    force_config({"BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2,
-                  "splits": splits})
+    force_config(
+        {"BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "splits": splits}
+    )
     a, w_t, b, idx = _case(18, 72, 90, 61, torch.bfloat16, device, gen)
     out = poisoned((18, 72), torch.bfloat16, device)
     selective_down(a, w_t, idx, b, out=out)
@@ -45,8 +47,7 @@ def test_split_k_paths(splits, force_config, device, gen):
 
 def test_split_k_repeat_is_deterministic(force_config, device, gen):
     """The in-kernel split reduction resets its arrival counters: repeated calls are bitwise equal."""
-    force_config({"BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2,
-                  "splits": 3})
+    force_config({"BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "splits": 3})
     a, w_t, b, idx = _case(20, 80, 90, 70, torch.float16, device, gen)  # 2 x 3 tiles, 3 splits
     outs = []
     for _ in range(3):
@@ -102,8 +103,9 @@ def test_real_shapes_gpu(dtype, M, d, n):
 @pytest.mark.parametrize("splits", [8, 32])
 def test_split_k_gpu_deterministic_under_graph_replay(splits, force_config):
     """Many splits racing on one tile's counter: exact repeatability, eager and replayed in a graph."""
-    force_config({"BLOCK_M": 64, "BLOCK_D": 256, "BLOCK_K": 32, "num_warps": 8, "num_stages": 4,
-                  "splits": splits})
+    force_config(
+        {"BLOCK_M": 64, "BLOCK_D": 256, "BLOCK_K": 32, "num_warps": 8, "num_stages": 4, "splits": splits}
+    )
     dev = torch.device("cuda")
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     M, d, n, k = 64, 4096, 14336, 4300

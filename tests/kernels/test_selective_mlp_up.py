@@ -57,8 +57,9 @@ def test_gated_up(dtype, M, d, n, k, device, gen):
 @pytest.mark.parametrize("splits", [1, 3])
 def test_split_d_paths(gated, splits, force_config, device, gen):
     """Split over d: the last split of a tile to arrive adds the fp32 partials, bias and activation."""
-    force_config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2,
-                  "splits": splits})
+    force_config(
+        {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "splits": splits}
+    )
     M, d, n, k = 19, 100, 48, 21  # d not a multiple of BLOCK_K: ragged last chunk
     x = torch.randn(M, d, generator=gen).half().to(device)
     wg, wu = _w(n, d, torch.float16, device, gen), _w(n, d, torch.float16, device, gen)
@@ -77,8 +78,7 @@ def test_split_d_paths(gated, splits, force_config, device, gen):
 @pytest.mark.parametrize("gated", [False, True])
 def test_split_d_repeat_is_deterministic(gated, force_config, device, gen):
     """The in-kernel split reduction resets its arrival counters: repeated calls are bitwise equal."""
-    force_config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2,
-                  "splits": 4})
+    force_config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "splits": 4})
     M, d, n, k = 20, 160, 64, 40  # 2 x 3 output tiles, 5 d-chunks -> 4 splits after rounding
     x = torch.randn(M, d, generator=gen).half().to(device)
     wg, wu = _w(n, d, torch.float16, device, gen), _w(n, d, torch.float16, device, gen)
