@@ -43,6 +43,7 @@ def _attn_chunk_kernel(
     OUT,
     PO,
     PML,
+    CNT,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -57,6 +58,7 @@ def _attn_chunk_kernel(
     stride_ib,
     n_sel,
     n_kv,
+    n_q,
     n_max,
     chunk,
     n_splits,
@@ -67,6 +69,10 @@ def _attn_chunk_kernel(
     BLOCK_N: tl.constexpr,
     HAS_IDX: tl.constexpr,
     SPLIT: tl.constexpr,
+    MERGE_HERE: tl.constexpr,
+    ZERO_FILL: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -126,18 +132,59 @@ def _attn_chunk_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
+    mask_gd = mask_g[:, None] & mask_d[None, :]
+    o_ptrs = OUT + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     if SPLIT:
-        # Unnormalised partial state of this chunk; the merge kernel combines the chunks.
+        # Unnormalised partial state of this chunk; the merge (a second kernel, or with MERGE_HERE
+        # the last split of the pair to arrive) combines the chunks.
         part = (pid * n_splits + sid).to(tl.int64)
         po = PO + part * (GROUP * HEAD_DIM) + offs_g[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(po, acc, mask=mask_g[:, None] & mask_d[None, :])
+        tl.store(po, acc, mask=mask_gd)
         pml = PML + part * (GROUP * 2) + offs_g * 2
         tl.store(pml, m_i, mask=mask_g)
         tl.store(pml + 1, l_i, mask=mask_g)
+        if MERGE_HERE:
+            # Arrival counter per pair: the last split adds all partials in split order (deterministic
+            # whichever is last), writes the output and resets the counter: no merge launch, no memset.
+            tl.debug_barrier()  # every thread's partial is written before the (release) arrival
+            arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_splits - 1:
+                m_t = tl.full([BLOCK_G], MASKED_MAX, tl.float32)
+                l_t = tl.zeros([BLOCK_G], tl.float32)
+                o_t = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+                for s in range(0, n_splits):
+                    ps = (pid * n_splits + s).to(tl.int64)
+                    pml_s = PML + ps * (GROUP * 2) + offs_g * 2
+                    m_s = tl.load(pml_s, mask=mask_g, other=MASKED_MAX, cache_modifier=".cg")
+                    l_s = tl.load(pml_s + 1, mask=mask_g, other=0.0, cache_modifier=".cg")
+                    po_s = PO + ps * (GROUP * HEAD_DIM) + offs_g[:, None] * HEAD_DIM + offs_d[None, :]
+                    o_s = tl.load(po_s, mask=mask_gd, other=0.0, cache_modifier=".cg")
+                    m_n = tl.maximum(m_t, m_s)
+                    a_t = tl.exp2(m_t - m_n)
+                    a_s = tl.exp2(m_s - m_n)
+                    l_t = l_t * a_t + l_s * a_s
+                    o_t = o_t * a_t[:, None] + o_s * a_s[:, None]
+                    m_t = m_n
+                o = o_t / tl.where(l_t > 0, l_t, 1.0)[:, None]
+                tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=mask_gd)
+                tl.atomic_xchg(CNT + pid, 0, sem="relaxed", scope="gpu")
     else:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty sequence -> zeros, not NaN
-        o_ptrs = OUT + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+        tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=mask_gd)
+
+    if ZERO_FILL:  # noqa: SIM102 - a constexpr branch, kept apart from the runtime test below
+        # The first program of each sequence also writes zeros to the query heads of the groups not in
+        # its index row: no memset launch and no extra programs (at one or two resident programs per
+        # SM, even empty programs cost a scheduling slot each).
+        if (j == 0) & (sid == 0):
+            offs_k = tl.arange(0, BLOCK_K)
+            sel = tl.load(IDX + b * stride_ib + offs_k, mask=offs_k < n_sel, other=-1)
+            offs_h = tl.arange(0, BLOCK_H)
+            hit = tl.sum(((offs_h // GROUP)[:, None] == sel[None, :]).to(tl.int32), 1)
+            mask_h = (offs_h < n_q) & (hit == 0)
+            z_ptrs = OUT + b64 * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
+            zeros = tl.zeros([BLOCK_H, BLOCK_D], tl.float32).to(OUT.dtype.element_ty)
+            tl.store(z_ptrs, zeros, mask=mask_h[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -207,23 +254,35 @@ def _split_options(programs: int, n_max: int, sms: int) -> list[int]:
 
 def _heuristic(group: int, programs: int, n_max: int, sms: int) -> _tuning.Config:
     splits = _split_options(programs, n_max, sms)
-    # Enough programs for ~4 waves smooths the tail; the largest option reaches that or more.
-    target = next((s for s in splits if programs * s >= 4 * sms), splits[-1])
+    # The fewest splits that fill one wave: long chunks pay the pipeline start-up (index -> K/V load
+    # chain) once per program; many short chunks pay it per chunk (measured on the H100 at low
+    # density: Llama-3-70B one group of 8, 103.6 us with 2 splits vs 127.6 us with 32).
+    target = next((s for s in splits if programs * s >= sms), splits[-1])
     return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "splits": target, "use_dot": int(group > 1)}
 
 
 def _candidates(group: int, programs: int, n_max: int, sms: int) -> list[_tuning.Config]:
     dots = (0, 1) if group == 1 else (1,)
-    splits = _split_options(programs, n_max, sms)[-2:]
+    # Every split count up to ~8 waves: at low density one long chunk per program (one or two waves,
+    # few pipeline start-ups) can beat many short ones. The in-kernel merge is tried for <= 8 splits
+    # (its last-arriving program reads the partials one split after another).
+    splits = _split_options(programs, n_max, sms)
     return [
-        {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "splits": s, "use_dot": d}
+        {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "splits": s, "use_dot": d, "merge_here": mh}
         for bn in ((32, 64, 128) if group > 1 else (64, 128))
         for nw in (4, 8)
         for ns in ((2, 3, 4) if group > 1 else (2, 3))
         for s in splits
         for d in dots
+        for mh in ((0, 1) if 1 < s <= 8 else (0,))
         if not (bn == 128 and nw == 4 and d == 0)  # 128x128 fp32 products spill at 4 warps
+        if not (bn == 128 and ns == 4)  # 4 x 64 KB K/V stages exceed shared memory
     ]
+
+
+def config_key(head_dim: int, group: int, programs: int, n_max: int) -> str:
+    """Tuning-table key: head dim, query heads per KV head, bucketed (sequence, group) pairs and length."""
+    return f"attn|D{C.next_pow2(head_dim)}|G{group}|P{C.bucket(programs)}|N{C.bucket(n_max)}"
 
 
 def _check_inputs(q, k_cache, v_cache, seqlens, kv_idx, out) -> None:
@@ -299,18 +358,18 @@ def decode_attention(
         if kv_idx is not None:
             C.check_index_range("head/group indices", kv_idx, Hkv, True)
     if out is None:
-        out = torch.zeros_like(q) if kv_idx is not None and zero_unselected else torch.empty_like(q)
-    elif kv_idx is not None and zero_unselected:
-        out.zero_()
+        out = torch.empty_like(q)  # unselected heads are zeroed by the kernel (ZERO_FILL programs)
     n_sel = Hkv if kv_idx is None else kv_idx.shape[1]
     scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * LOG2E
     group = Hq // Hkv
     programs = B * n_sel
     sms = C.num_sms(q.device)
-    key = f"attn|D{C.next_pow2(D)}|G{group}|P{C.bucket(programs)}|N{C.bucket(n_max)}"
+    key = config_key(D, group, programs, n_max)
+
+    zero_fill = kv_idx is not None and zero_unselected
 
     def launch(cfg: _tuning.Config) -> None:
-        _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg)
+        _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg, zero_fill)
 
     cfg = _tuning.pick(
         key,
@@ -323,8 +382,8 @@ def decode_attention(
     return out
 
 
-def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg) -> None:
-    B, _, D = q.shape
+def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg, zero_fill=False) -> None:
+    B, Hq, D = q.shape
     n_kv, n_max = k_cache.shape[1], k_cache.shape[2]
     use_dot = bool(cfg["use_dot"]) or group > 1
     block_g = max(16, C.next_pow2(group)) if use_dot else 1
@@ -335,13 +394,16 @@ def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg)
     has_idx = kv_idx is not None
     idx = kv_idx if has_idx else seqlens  # dummy pointer, never read when HAS_IDX is False
     stride_ib = kv_idx.stride(0) if has_idx else 0
+    n_pairs = B * n_sel
+    merge_here = splits > 1 and bool(cfg.get("merge_here", 0))
     if splits > 1:
-        po = torch.empty((B * n_sel * splits, group, D), device=q.device, dtype=torch.float32)
-        pml = torch.empty((B * n_sel * splits, group, 2), device=q.device, dtype=torch.float32)
+        po = torch.empty((n_pairs * splits, group, D), device=q.device, dtype=torch.float32)
+        pml = torch.empty((n_pairs * splits, group, 2), device=q.device, dtype=torch.float32)
     else:
         po = pml = out  # unused
+    cnt = C.split_counters(q.device, n_pairs) if merge_here else seqlens  # dummy when unused
     meta = dict(GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d)
-    _attn_chunk_kernel[(B * n_sel, splits)](
+    _attn_chunk_kernel[(n_pairs, splits)](
         q,
         k_cache,
         v_cache,
@@ -350,6 +412,7 @@ def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg)
         out,
         po,
         pml,
+        cnt,
         scale,
         q.stride(0),
         q.stride(1),
@@ -364,19 +427,24 @@ def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg)
         stride_ib,
         n_sel,
         n_kv,
+        Hq,
         n_max,
         chunk,
         splits,
         BLOCK_N=cfg["BLOCK_N"],
         HAS_IDX=has_idx,
         SPLIT=splits > 1,
+        MERGE_HERE=merge_here,
+        ZERO_FILL=zero_fill,
+        BLOCK_H=C.next_pow2(Hq) if zero_fill else 1,
+        BLOCK_K=C.next_pow2(n_sel) if zero_fill else 1,
         USE_DOT=use_dot,
         UPCAST=upcast_dot(q.dtype),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **meta,
     )
-    if splits > 1:
+    if splits > 1 and not merge_here:
         _attn_merge_kernel[(B * n_sel, group)](
             po,
             pml,

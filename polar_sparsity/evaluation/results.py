@@ -100,6 +100,8 @@ def _metric_order(metrics: dict[str, float]) -> list[str]:
 
 def comparison_rows(dense: dict[str, Any], sparse: dict[str, Any], label: str) -> list[dict[str, Any]]:
     """Dense vs ``label`` per task and metric, absolute deltas, then averages and our perplexity."""
+    if label == "dense":  # mode=dense: the column must not overwrite the baseline's
+        label = "dense (this run)"
     rows = []
     dense_tasks, sparse_tasks = dense.get("lm_eval", {}), sparse.get("lm_eval", {})
     for task in sorted(sparse_tasks):

@@ -44,6 +44,11 @@ def test_comparison_has_deltas_per_task_and_the_average() -> None:
     assert not any(metric.endswith("_stderr") for _, metric in rows)
 
 
+def test_dense_mode_keeps_both_columns() -> None:
+    (row, *_) = comparison_rows(DENSE, DENSE, "dense")
+    assert row["dense"] == row["dense (this run)"] == 0.6 and row["delta"] == 0
+
+
 def test_sweep_csv_appends_with_a_column_union(tmp_path: Path) -> None:
     path = tmp_path / "sweep.csv"
     append_row(path, {"mode": "sparse", "attn_topk": 0.5, **flat_metrics(SPARSE)})

@@ -1,19 +1,14 @@
 """Kernel tests run on a GPU when there is one, else in Triton's CPU interpreter.
 
-TRITON_INTERPRET must be set before any ``@triton.jit`` function is created, i.e. before ``kernels``
-is imported, so it is set here at the top of the first module pytest loads for this folder.
+TRITON_INTERPRET is set by ``tests/conftest.py``, which pytest loads before anything imports Triton.
 """
 
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from kernels import _tuning  # noqa: E402
+from kernels import _tuning
 
 HERE = os.path.dirname(__file__)
 

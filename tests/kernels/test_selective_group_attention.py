@@ -41,9 +41,10 @@ def test_k_extremes_and_odd_lengths(dtype, k_sel, device, gen):
     _check(q, k, v, sl, random_rows(3, 4, k_sel, device, gen), dtype)
 
 
-@pytest.mark.parametrize("splits", [1, 4])
-def test_split_paths(splits, force_config, device, gen):
-    force_config({"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "splits": splits, "use_dot": 1})
+@pytest.mark.parametrize(("splits", "merge_here"), [(1, 0), (4, 0), (4, 1)])
+def test_split_paths(splits, merge_here, force_config, device, gen):
+    cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "splits": splits, "use_dot": 1}
+    force_config(dict(cfg, merge_here=merge_here))
     q, k, v, sl = _inputs(2, 8, 2, 90, 64, torch.bfloat16, device, gen, seqlens=[90, 20])
     _check(q, k, v, sl, random_rows(2, 2, 1, device, gen), torch.bfloat16)
 
@@ -72,6 +73,37 @@ def test_argument_errors(device, gen):
     with pytest.raises(ValueError, match="head_dim 60 is unsupported"):
         q60, k60, v60 = (t[..., :60].contiguous() for t in (q, k, v))
         selective_group_attention(q60, k60, v60, sl, random_rows(2, 4, 1, device, gen))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("splits", "merge_here"), [(1, 0), (2, 1), (4, 1), (2, 0)])
+def test_low_density_configs_gpu(splits, merge_here, force_config):
+    """Llama-3-70B-like at one group of eight: the split / merge variants low-density configs use."""
+    force_config(
+        {
+            "BLOCK_N": 128,
+            "num_warps": 8,
+            "num_stages": 3,
+            "splits": splits,
+            "use_dot": 1,
+            "merge_here": merge_here,
+        }
+    )
+    dev = torch.device("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    B, Hq, Hkv, N, D = 64, 64, 8, 8192, 128
+    q = torch.randn(B, Hq, D, device=dev, dtype=torch.float16, generator=gen)
+    k = torch.randn(B, Hkv, N, D, device=dev, dtype=torch.float16, generator=gen)
+    v = torch.randn(B, Hkv, N, D, device=dev, dtype=torch.float16, generator=gen)
+    sl = torch.randint(1, N + 1, (B,), device=dev, dtype=torch.int32, generator=gen)
+    idx = torch.rand(B, Hkv, device=dev, generator=gen).argsort(-1)[:, :1].int().contiguous()
+    out = poisoned(q.shape, torch.float16, dev)
+    selective_group_attention(q, k, v, sl, idx, out=out)
+    ref = selective_group_attention_reference(q, k, v, sl, idx)
+    assert_rel_close(out, ref, torch.float16, "k=1")
+    again = poisoned(q.shape, torch.float16, dev)
+    selective_group_attention(q, k, v, sl, idx, out=again)
+    assert torch.equal(out, again), "not bitwise repeatable"
 
 
 @pytest.mark.gpu

@@ -43,12 +43,45 @@ def test_k_extremes_and_odd_lengths(dtype, k_sel, device, gen):
 
 
 @pytest.mark.parametrize("use_dot", [0, 1])
-@pytest.mark.parametrize("splits", [1, 3])
-def test_paths(use_dot, splits, force_config, device, gen):
-    """Register-reduction and tensor-core paths, with and without split-K + merge."""
-    force_config({"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "splits": splits, "use_dot": use_dot})
+@pytest.mark.parametrize(("splits", "merge_here"), [(1, 0), (3, 0), (3, 1)])
+def test_paths(use_dot, splits, merge_here, force_config, device, gen):
+    """Register-reduction and tensor-core paths; no split, split + merge kernel, split + in-kernel merge."""
+    cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "splits": splits, "use_dot": use_dot}
+    force_config(dict(cfg, merge_here=merge_here))
     q, k, v, sl = _inputs(3, 4, 53, 64, torch.float16, device, gen, seqlens=[53, 17, 2])
     _check(q, k, v, sl, random_rows(3, 4, 3, device, gen), torch.float16)
+
+
+@pytest.mark.parametrize(("splits", "merge_here"), [(1, 0), (4, 0), (4, 1)])
+def test_out_of_range_indices_skipped_and_others_zeroed(splits, merge_here, force_config, device, gen):
+    """validate=False: a bad index writes nothing; every head not validly selected is zeroed in-kernel."""
+    force_config(
+        {
+            "BLOCK_N": 16,
+            "num_warps": 4,
+            "num_stages": 2,
+            "splits": splits,
+            "use_dot": 1,
+            "merge_here": merge_here,
+        }
+    )
+    q, k, v, sl = _inputs(2, 5, 40, 64, torch.float16, device, gen)
+    idx = torch.tensor([[4, 7], [-1, 0]], dtype=torch.int32, device=device)
+    out = poisoned(q.shape, q.dtype, device)
+    selective_head_attention(q, k, v, sl, idx, out=out, validate=False)
+    good = torch.tensor([[4], [0]], dtype=torch.int32)
+    ref = selective_head_attention_reference(q.cpu(), k.cpu(), v.cpu(), sl.cpu(), good, dtype=torch.float64)
+    assert_rel_close(out.cpu(), ref, torch.float16, "bad indices")
+    assert (out.cpu()[0, :4] == 0).all() and (out.cpu()[1, 1:] == 0).all()
+
+
+def test_in_kernel_merge_is_deterministic_and_resets_counters(force_config, device, gen):
+    force_config({"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "splits": 4, "use_dot": 0, "merge_here": 1})
+    q, k, v, sl = _inputs(3, 4, 64, 64, torch.float16, device, gen)
+    idx = random_rows(3, 4, 2, device, gen)
+    first = selective_head_attention(q, k, v, sl, idx)
+    for _ in range(2):  # counters must be back at 0 after each launch, or the merge would misfire
+        assert torch.equal(selective_head_attention(q, k, v, sl, idx), first)
 
 
 def test_unselected_left_untouched(device, gen):
@@ -138,8 +171,39 @@ def test_cuda_graph_replay_reads_lengths_on_device():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         selective_head_attention(q, k, v, sl, idx, out=out)
-    sl.copy_(torch.randint(1, N + 1, (B,), device=dev, dtype=torch.int32))
-    idx.copy_(torch.rand(B, H, device=dev).argsort(-1)[:, :4].int())
-    out.fill_(float("nan"))
-    graph.replay()
-    assert_rel_close(out, selective_head_attention_reference(q, k, v, sl, idx), torch.float16, "graph")
+    for _ in range(2):
+        sl.copy_(torch.randint(1, N + 1, (B,), device=dev, dtype=torch.int32))
+        idx.copy_(torch.rand(B, H, device=dev).argsort(-1)[:, :4].int())
+        out.fill_(float("nan"))
+        graph.replay()
+        assert_rel_close(out, selective_head_attention_reference(q, k, v, sl, idx), torch.float16, "graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("splits", "merge_here"), [(1, 0), (2, 1), (4, 1), (4, 0)])
+def test_low_density_configs_gpu(splits, merge_here, force_config):
+    """OPT-66B at density 0.1 (k=7): the split / merge variants the low-density configs use."""
+    force_config(
+        {
+            "BLOCK_N": 128,
+            "num_warps": 8,
+            "num_stages": 3,
+            "splits": splits,
+            "use_dot": 1,
+            "merge_here": merge_here,
+        }
+    )
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    dev = torch.device("cuda")
+    B, H, N = 64, 72, 1920
+    q = torch.randn(B, H, 128, device=dev, dtype=torch.float16, generator=gen)
+    k = torch.randn(B, H, N, 128, device=dev, dtype=torch.float16, generator=gen)
+    v = torch.randn(B, H, N, 128, device=dev, dtype=torch.float16, generator=gen)
+    sl = torch.randint(1, N + 1, (B,), device=dev, dtype=torch.int32, generator=gen)
+    idx = torch.rand(B, H, device=dev, generator=gen).argsort(-1)[:, :7].int().contiguous()
+    out = poisoned(q.shape, torch.float16, dev)
+    selective_head_attention(q, k, v, sl, idx, out=out)
+    assert_rel_close(out, selective_head_attention_reference(q, k, v, sl, idx), torch.float16, "k=7")
+    again = poisoned(q.shape, torch.float16, dev)
+    selective_head_attention(q, k, v, sl, idx, out=again)
+    assert torch.equal(out, again), "not bitwise repeatable"
