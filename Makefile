@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) collect.py
 	$(PY) train.py router=mha layer='range(0,4)' -m
+	$(PY) evaluate.py mode=sparse
 
 test: install
 	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
