@@ -32,6 +32,31 @@ def format_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> st
     return "\n".join(lines)
 
 
+def subplots(nrows: int, ncols: int, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A matplotlib figure and its 2-D axes grid, drawn off-screen (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=figsize, squeeze=False)
+
+
+def save_figure(fig: Any, path: str | Path, title: str) -> Path:
+    """Title, lay out and write a figure through a temporary name, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     """Write rows to CSV through a temporary name, so a reader never sees a partial file."""
     path = Path(path)

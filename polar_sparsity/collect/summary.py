@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from polar_sparsity.data.store import ActivationStore
+from polar_sparsity.reporting import save_figure, subplots
 
 _CHUNK_ROWS = 65536  # rows read at a time: summaries never load a whole layer into memory
 
@@ -44,14 +44,11 @@ def store_summary(store: ActivationStore) -> list[dict[str, Any]]:
 
 def plot_summary(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
     """Bar plot of MLP density and head-norm concentration per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     layers = [r["layer"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, grid = subplots(1, 2, figsize=(10, 3.6))
+    axes = grid[0]
     density = [r["mlp_density"] for r in rows]
     axes[0].bar(layers, np.nan_to_num(density))
     axes[0].set(title="MLP activation density", xlabel="layer", ylabel="fraction of neurons > 0", ylim=(0, 1))
@@ -63,11 +60,4 @@ def plot_summary(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
     axes[1].legend(loc="lower right")
     for axis in axes:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, title)

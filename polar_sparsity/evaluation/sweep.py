@@ -8,14 +8,13 @@ ends. ``python -m polar_sparsity.evaluation.sweep DIR`` redoes it for any sweep 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 
 from polar_sparsity.evaluation.results import SWEEP_CSV, read_csv_rows
-from polar_sparsity.reporting import format_table
+from polar_sparsity.reporting import format_table, save_figure, subplots
 
 SWEEP_PNG = "eval_sweep.png"
 # Panels of the plot, when present: (column, y label).
@@ -58,13 +57,8 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Metric vs attention density, a line per (model, mode, ...), dense as a dashed horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [(c, label) for c, label in _PANELS if any(r.get(c) is not None for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(5.2 * len(panels), 4))
     series: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         series.setdefault(_series_key(row), []).append(row)
@@ -80,14 +74,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         ax.set(xlabel="attention density (fraction of heads / KV groups kept)", ylabel=ylabel, xlim=(0, 1.05))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, title)
 
 
 def summarise(sweep_dir: Path) -> tuple[list[dict[str, Any]], Path] | None:

@@ -15,12 +15,11 @@ import contextlib
 import fcntl
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from polar_sparsity.reporting import format_table, write_csv
+from polar_sparsity.reporting import format_table, save_figure, subplots, write_csv
 
 RESULT_FILE = "router_result.json"
 SUMMARY_CSV = "summary.csv"
@@ -104,13 +103,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 def plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
     """Per kind, the primary metric per layer: router (one line per top-k) against the baselines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     kinds = sorted({r["kind"] for r in rows})
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(kinds), figsize=(6 * len(kinds), 3.8))
     for ax, kind in zip(axes[0], kinds, strict=True):
         metric, better = _COLUMNS[kind][0]
         ok = [r for r in rows if r["kind"] == kind and r["status"] == "ok"]
@@ -129,14 +123,7 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ok:
             ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, title)
 
 
 def print_summary(sweep_dir: str | Path, rows: list[dict[str, Any]]) -> None:
