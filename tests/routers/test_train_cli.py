@@ -60,8 +60,6 @@ def test_a_failing_job_does_not_take_the_sweep_down(tmp_path: Path, opt_store: P
 
 @pytest.mark.parametrize(("launcher", "plugin"), [("parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
 def test_launcher_configs_compose(launcher: str, plugin: str) -> None:
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher" if launcher == "parallel" else
-                        "hydra_plugins.hydra_submitit_launcher")  # fmt: skip
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["layer=0", f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(plugin)
