@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,19 @@ def save_figure(fig: Any, path: str | Path, title: str) -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+@contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """An exclusive lock on ``.<name>.lock`` beside ``path``: parallel sweep jobs update it one at a time."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_name(f".{path.name}.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:

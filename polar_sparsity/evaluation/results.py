@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import json
 import math
 import os
 import platform
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from polar_sparsity.reporting import locked
 
 # Metrics shown in the comparison table, in this order; any other numeric metric follows them.
 _PREFERRED = ("acc", "acc_norm", "word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -151,18 +150,6 @@ def flat_metrics(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return row
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock beside ``path``: parallel sweep jobs append one at a time."""
-    lock = path.with_name(f".{path.name}.lock")
-    with lock.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def read_csv_rows(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -184,7 +171,7 @@ def append_row(path: str | Path, row: dict[str, Any]) -> Path:
     """Append a row to a CSV shared by a sweep's jobs (columns are the union; rewritten atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
+    with locked(path):
         rows = [*read_csv_rows(path), row]
         columns = list(dict.fromkeys(c for r in rows for c in r))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

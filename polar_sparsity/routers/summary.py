@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from polar_sparsity.reporting import format_table, save_figure, subplots, write_csv
+from polar_sparsity.reporting import format_table, locked, save_figure, subplots, write_csv
 
 RESULT_FILE = "router_result.json"
 SUMMARY_CSV = "summary.csv"
@@ -80,7 +78,7 @@ def _uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def refresh(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Rewrite the sweep's summary.csv / summary.png from the job records present now."""
     sweep_dir = Path(sweep_dir)
-    with _locked(sweep_dir / ".summary.lock"):
+    with locked(sweep_dir / SUMMARY_CSV):
         results = gather(sweep_dir)
         if not results:
             return []
@@ -88,17 +86,6 @@ def refresh(sweep_dir: str | Path) -> list[dict[str, Any]]:
         write_csv(sweep_dir / SUMMARY_CSV, rows)
         plot(rows, title_of(results[0]), sweep_dir / SUMMARY_PNG)
     return rows
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
