@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -70,6 +71,22 @@ def locked(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> Path:
+    """JSON through a temporary name and a rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "value"):  # enums
+        return value.value
+    return str(value)
 
 
 def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:

@@ -47,8 +47,7 @@ def _is_complete_copy(root: Path, spec: StoreSpec) -> bool:
     """A finished store of exactly this spec: nothing to do (re-running a pipeline is cheap)."""
     if not (root / MANIFEST).exists():
         return False
-    identity = json.loads((root / IDENTITY).read_text())
-    return all(identity.get(k) == v for k, v in spec.as_dict().items())
+    return not spec.mismatches(json.loads((root / IDENTITY).read_text()))
 
 
 def run_collect(

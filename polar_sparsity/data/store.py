@@ -19,7 +19,6 @@ and viewed back as ``torch.bfloat16`` by the reader.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from polar_sparsity.models.families import MlpKind, ModelGeometry
+from polar_sparsity.reporting import write_json_atomic
 
 MANIFEST = "manifest.json"
 IDENTITY = "identity.json"
@@ -42,13 +42,6 @@ _DISK_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uin
 
 class StoreError(RuntimeError):
     """A store that is missing, incomplete, or belongs to another model or data source."""
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _layer_dir(root: Path, layer: int) -> Path:
@@ -84,6 +77,10 @@ class StoreSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def mismatches(self, identity: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Fields where a store's ``identity.json`` differs from this spec: name -> (store's, ours)."""
+        return {k: (identity.get(k), v) for k, v in self.as_dict().items() if identity.get(k) != v}
 
 
 def _array_specs(spec: StoreSpec) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -141,7 +138,7 @@ class StoreWriter:
         self._create()
 
     def _check_existing(self, identity: dict[str, Any], resume: bool) -> None:
-        mismatched = {k: (identity.get(k), v) for k, v in self.spec.as_dict().items() if identity.get(k) != v}
+        mismatched = self.spec.mismatches(identity)
         if mismatched:
             details = ", ".join(
                 f"{k}: store has {old!r}, this run {new!r}" for k, (old, new) in mismatched.items()

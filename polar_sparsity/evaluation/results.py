@@ -13,29 +13,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from polar_sparsity.reporting import locked
+from polar_sparsity.reporting import locked, write_json_atomic
 
 # Metrics shown in the comparison table, in this order; any other numeric metric follows them.
 _PREFERRED = ("acc", "acc_norm", "word_perplexity", "byte_perplexity", "bits_per_byte")
 _AVERAGED = ("acc", "acc_norm")  # averaged over tasks in the table's "average" rows
 SWEEP_CSV = "eval_sweep.csv"  # in the sweep dir (or the run dir of a single run)
 _VERSIONED = ("torch", "transformers", "lm_eval", "datasets", "numpy", "safetensors", "polar-sparsity")
-
-
-def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
-    """JSON through a temporary name and a rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default, allow_nan=True))
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "value"):  # enums
-        return value.value
-    return str(value)
 
 
 def package_versions() -> dict[str, str]:
@@ -86,7 +70,8 @@ def read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def write_cache(path: Path, key: dict[str, Any], results: dict[str, Any]) -> Path:
-    return write_json(path, {"key": key, "results": results, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return write_json_atomic(path, {"key": key, "results": results, "created": created})
 
 
 # --- comparison table ------------------------------------------------------------------------------

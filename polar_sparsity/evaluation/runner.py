@@ -31,12 +31,11 @@ from polar_sparsity.evaluation.results import (
     read_cache,
     read_csv_rows,
     write_cache,
-    write_json,
 )
 from polar_sparsity.evaluation.sweep import SWEEP_PNG, plot_sweep
 from polar_sparsity.models.families import ModelGeometry, family_for_config
 from polar_sparsity.models.loading import LoadedModel, load_hf_config, load_model, resolve_device
-from polar_sparsity.reporting import format_table
+from polar_sparsity.reporting import format_table, write_json_atomic
 from polar_sparsity.schema import EvaluateRunConfig, Mode, Weights, parse_positions
 from polar_sparsity.sparsity.masking import SparsityPlan, apply_sparsity, check_plan
 from polar_sparsity.tracking import log_image
@@ -81,7 +80,7 @@ def run_evaluate(settings: EvaluateRunConfig, resolved_config: dict[str, Any], l
         "seconds": round(time.perf_counter() - started, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    results_path = write_json(out_dir / RESULTS_FILE, payload)
+    results_path = write_json_atomic(out_dir / RESULTS_FILE, payload)
     sweep_row = _sweep_row(settings, payload, dense, sparse, out_dir)
     csv_path = append_row(sweep_dir / SWEEP_CSV, sweep_row)
     # The sweep plot so far (one point in a single run); the multirun callback redraws it at the end.

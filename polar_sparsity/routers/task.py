@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 import polar_sparsity
 from polar_sparsity.data.store import ActivationStore, StoreError
-from polar_sparsity.reporting import format_table
+from polar_sparsity.reporting import format_table, write_json_atomic
 from polar_sparsity.routers import summary
 from polar_sparsity.routers.bundle import router_path, save_router
 from polar_sparsity.routers.data import RouterDataModule, RouterTarget
@@ -319,8 +319,6 @@ def _failure(settings: TrainRunConfig, error: BaseException) -> dict[str, Any]:
 def _record(result: dict[str, Any], output_dir: Path, started: float) -> None:
     """router_result.json in the job dir; in a sweep, refresh the sweep's summary table too."""
     from lightning.pytorch.utilities import rank_zero_only
-
-    from polar_sparsity.data.store import write_json_atomic
 
     result["seconds"] = round(time.perf_counter() - started, 2)
     if getattr(rank_zero_only, "rank", 0) != 0:  # DDP: one record per job, from rank 0
