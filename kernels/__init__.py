@@ -13,11 +13,11 @@ Each op lives in its own module beside its torch reference (``<op>_reference``):
 See docs/kernels.md for layouts, tests and benchmarks.
 """
 
-from kernels.dense_decode_attention import dense_decode_attention, dense_decode_attention_reference
-from kernels.selective_group_attention import selective_group_attention, selective_group_attention_reference
-from kernels.selective_head_attention import selective_head_attention, selective_head_attention_reference
-from kernels.selective_mlp_down import prepare_down_weight, selective_down, selective_down_reference
-from kernels.selective_mlp_up import (
+from .dense_decode_attention import dense_decode_attention, dense_decode_attention_reference
+from .selective_group_attention import selective_group_attention, selective_group_attention_reference
+from .selective_head_attention import selective_head_attention, selective_head_attention_reference
+from .selective_mlp_down import prepare_down_weight, selective_down, selective_down_reference
+from .selective_mlp_up import (
     selective_gated_up,
     selective_gated_up_reference,
     selective_up,

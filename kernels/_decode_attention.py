@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _common as C
-from kernels import _tuning
-from kernels._tl import dot, upcast_dot
+from . import _common as C
+from . import _tuning
+from ._tl import dot, upcast_dot
 
 LOG2E = 1.4426950408889634
 # Finite "minus infinity" for running maxima (avoids inf - inf = NaN); constexpr so kernels may read it.

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import interpret_mode
+from ._common import interpret_mode
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from kernels._common import is_capturing
+from ._common import is_capturing
 
 Config = dict[str, int]
 TABLE_PATH = Path(__file__).with_name("tuned_h100.json")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._decode_attention import decode_attention, decode_attention_reference
+from ._decode_attention import decode_attention, decode_attention_reference
 
 
 def dense_decode_attention(

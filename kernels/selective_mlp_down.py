@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _common as C
-from kernels import _tuning
-from kernels._tl import dot, upcast_dot
+from . import _common as C
+from . import _tuning
+from ._tl import dot, upcast_dot
 
 
 @triton.jit

@@ -1,1 +1,4 @@
-"""Benchmarks for the kernels: ``python -m kernels.bench {attn,gqa,gemm,mlp,block,all} [--out DIR]``."""
+"""Benchmarks for the kernels.
+
+``python -m polar_sparsity.kernels.bench {attn,gqa,gemm,mlp,block,all} [--out DIR]``.
+"""

@@ -1,4 +1,6 @@
-"""CLI: ``python -m kernels.bench {attn,gqa,gemm,mlp,block,all} [--out DIR] [--tune] [--save-table F]``.
+"""CLI: ``python -m polar_sparsity.kernels.bench {attn,gqa,gemm,mlp,block,all}``.
+
+Options: ``[--out DIR] [--tune] [--save-table F]``.
 
 Writes ``<bench>.csv``, ``<bench>.png`` and ``<bench>_meta.json`` (GPU, versions, measured HBM
 bandwidth, shapes) per benchmark into ``--out`` (default ``artifacts/kernels_bench``).
@@ -13,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from kernels import _tuning
-from kernels.bench import _harness as h
+from .. import _tuning
+from . import _harness as h
 
 BENCHES = ("attn", "gqa", "gemm", "mlp", "block")
 TITLES = {
@@ -28,20 +30,20 @@ TITLES = {
 
 def _run_one(name: str, bw: float) -> list[dict]:
     if name in ("attn", "gqa"):
-        from kernels.bench import attention
+        from . import attention
 
         return attention.run(name, bw)
     if name == "gemm":
-        from kernels.bench import gemm
+        from . import gemm
 
         return gemm.run(bw, tune=_tuning._FORCE_TUNE)
-    from kernels.bench import model
+    from . import model
 
     return model.run_mlp() if name == "mlp" else model.run_block()
 
 
 def _shapes(name: str) -> dict:
-    from kernels.bench import attention, gemm, model
+    from . import attention, gemm, model
 
     return {
         "attn": attention.MHA_SHAPES,
@@ -53,7 +55,7 @@ def _shapes(name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m polar_sparsity.kernels.bench", description=__doc__)
     p.add_argument("bench", choices=(*BENCHES, "all"))
     p.add_argument("--out", type=Path, default=Path("artifacts/kernels_bench"))
     p.add_argument("--tune", action="store_true", help="tune every config key met (slow; fills a table)")
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         keys = _tuning.tuned_keys() if args.tune else set(_tuning.chosen())
         table = {
             "gpu": "H100",
-            "source": f"python -m kernels.bench {args.bench} --tune on {env['gpu']}",
+            "source": f"python -m polar_sparsity.kernels.bench {args.bench} --tune on {env['gpu']}",
             "env": env,
             "configs": {k: v for k, v in sorted(_tuning.chosen().items()) if k in keys},
         }

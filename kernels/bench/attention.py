@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import dense_decode_attention, selective_group_attention, selective_head_attention
-from kernels.bench._harness import rotations, time_graph, try_time
+from .. import dense_decode_attention, selective_group_attention, selective_head_attention
+from ._harness import rotations, time_graph, try_time
 
 MHA_SHAPES = {
     "opt-66b B=64 N=1920 72x128": dict(B=64, N=1920, H=72, Hkv=72, D=128),

@@ -1,7 +1,8 @@
 # ruff: noqa: B023  (the closures are called inside the iteration that defines them)
 """Graph-timed config sweep for the low-density decode-attention cases.
 
-``python -m kernels.bench.attn_sweep [--out FILE.csv] [--cases a,b]`` times, for each case, the shipped
+``python -m polar_sparsity.kernels.bench.attn_sweep [--out FILE.csv] [--cases a,b]`` times, for each
+case, the shipped
 config (with the in-kernel zero-fill, and with the old separate ``out.zero_()`` for comparison) and a
 list of forced launch configs, exactly as ``kernels.bench attn|gqa`` times the op (CUDA-graph replay
 of rotated index sets, median), then re-times the best few to separate them from run-to-run noise.
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from kernels import _tuning, selective_group_attention, selective_head_attention
-from kernels._decode_attention import config_key
-from kernels.bench._harness import env_info, read_bandwidth, rotations, time_graph
+from .. import _tuning, selective_group_attention, selective_head_attention
+from .._decode_attention import config_key
+from ._harness import env_info, read_bandwidth, rotations, time_graph
 
 SHAPES = {
     "opt": dict(B=64, N=1920, H=72, Hkv=72, D=128),
@@ -185,7 +186,7 @@ def main() -> None:
         env = env_info()
         table = {
             "gpu": "H100",
-            "source": f"python -m kernels.bench.attn_sweep (graph-timed) on {env['gpu']}",
+            "source": f"python -m polar_sparsity.kernels.bench.attn_sweep (graph-timed) on {env['gpu']}",
             "env": env,
             "configs": dict(sorted(tuned.items())),
         }

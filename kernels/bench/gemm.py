@@ -7,10 +7,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import _tuning, selective_down, selective_gated_up, selective_up
-from kernels import selective_mlp_down as _down_mod
-from kernels import selective_mlp_up as _up_mod
-from kernels.bench._harness import l2_bytes, rotations, time_graph
+from .. import _tuning, selective_down, selective_gated_up, selective_up
+from .. import selective_mlp_down as _down_mod
+from .. import selective_mlp_up as _up_mod
+from ._harness import l2_bytes, rotations, time_graph
 
 TUNE_MAX_M = 64  # with --tune, sweep the target batch sizes only; larger M keeps the shipped table
 

@@ -17,14 +17,14 @@ timeout "${TEST_S:-170}" python3 -m pytest tests/kernels -m gpu -q -p no:cachepr
 run_bench() {
   local b=$1; shift
   local t_var="T_$b"
-  timeout "${!t_var:-${BENCH_S:-170}}" python3 -m kernels.bench "$b" --out "$R" "$@" 2>&1 \
+  timeout "${!t_var:-${BENCH_S:-170}}" python3 -m polar_sparsity.kernels.bench "$b" --out "$R" "$@" 2>&1 \
     | grep -v -e "UserWarning" -e "return F.scaled" -e "^  " | tee "$R/bench_$b.log"
 }
 for b in attn gqa gemm; do
   if [ "$MODE" = tune ]; then run_bench "$b" --tune --save-table "$R/table_$b.json"; else run_bench "$b"; fi
 done
 if [ "$MODE" = tune ]; then
-  python3 -m kernels.bench.merge_tables kernels/tuned_h100.json kernels/tuned_h100.json "$R"/table_attn.json "$R"/table_gqa.json \
+  python3 -m polar_sparsity.kernels.bench.merge_tables kernels/tuned_h100.json kernels/tuned_h100.json "$R"/table_attn.json "$R"/table_gqa.json \
     "$R"/table_gemm.json && cp kernels/tuned_h100.json "$R/tuned_h100.json"
 fi
 for b in mlp block; do run_bench "$b"; done

@@ -1,4 +1,6 @@
-"""Merge tuning tables: ``python -m kernels.bench.merge_tables OUT.json IN.json [IN.json ...]``.
+"""Merge tuning tables.
+
+``python -m polar_sparsity.kernels.bench.merge_tables OUT.json IN.json [IN.json ...]``.
 
 Later inputs override earlier ones key by key; used to turn the ``--save-table`` files of a tuning
 session into the shipped ``kernels/tuned_h100.json``.

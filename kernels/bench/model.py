@@ -14,15 +14,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import (
+from .. import (
     dense_decode_attention,
     selective_down,
     selective_gated_up,
     selective_group_attention,
     selective_up,
 )
-from kernels.bench._harness import time_graph
-from kernels.bench.attention import BACKENDS, _sdpa
+from ._harness import time_graph
+from .attention import BACKENDS, _sdpa
 
 MLPS = {
     "opt-66b d=9216 n=36864 relu": dict(d=9216, n=36864, gated=False),

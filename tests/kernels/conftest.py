@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from kernels import _tuning
+from polar_sparsity.kernels import _tuning
 
 HERE = os.path.dirname(__file__)
 

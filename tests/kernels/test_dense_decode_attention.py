@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import dense_decode_attention, dense_decode_attention_reference
-from kernels.testing import assert_rel_close, poisoned
+from polar_sparsity.kernels import dense_decode_attention, dense_decode_attention_reference
+from polar_sparsity.kernels.testing import assert_rel_close, poisoned
 
 DTYPES = (torch.float16, torch.bfloat16)
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import selective_head_attention, selective_head_attention_reference
-from kernels.testing import assert_rel_close, poisoned, random_rows
+from polar_sparsity.kernels import selective_head_attention, selective_head_attention_reference
+from polar_sparsity.kernels.testing import assert_rel_close, poisoned, random_rows
 
 DTYPES = (torch.float16, torch.bfloat16)
 

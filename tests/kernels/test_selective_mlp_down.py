@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from kernels import prepare_down_weight, selective_down, selective_down_reference
-from kernels.testing import assert_rel_close, poisoned
+from polar_sparsity.kernels import prepare_down_weight, selective_down, selective_down_reference
+from polar_sparsity.kernels.testing import assert_rel_close, poisoned
 
 DTYPES = (torch.float16, torch.bfloat16)
 

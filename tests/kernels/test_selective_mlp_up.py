@@ -3,8 +3,13 @@
 import pytest
 import torch
 
-from kernels import selective_gated_up, selective_gated_up_reference, selective_up, selective_up_reference
-from kernels.testing import assert_rel_close, poisoned
+from polar_sparsity.kernels import (
+    selective_gated_up,
+    selective_gated_up_reference,
+    selective_up,
+    selective_up_reference,
+)
+from polar_sparsity.kernels.testing import assert_rel_close, poisoned
 
 DTYPES = (torch.float16, torch.bfloat16)
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kernels import _common, _tuning
+from polar_sparsity.kernels import _common, _tuning
 
 
 def test_bucket_is_next_power_of_two():
