@@ -49,15 +49,14 @@ def save_figure(fig: Any, path: str | Path, title: str) -> Path:
     """Title, lay out and write a figure through a temporary name, then close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 @contextmanager
@@ -73,14 +72,29 @@ def locked(path: str | Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> Path:
-    """JSON through a temporary name and a rename: a reader never sees half a file."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; renamed onto ``path`` when the block succeeds.
+
+    A reader never sees half a file, and a failed write leaves no temporary behind. The temporary
+    keeps the suffix (writers such as matplotlib pick the format from it) and the process id (parallel
+    sweep jobs never share one).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> Path:
+    """JSON through a temporary name and a rename: a reader never sees half a file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return Path(path)
 
 
 def _json_default(value: Any) -> Any:
@@ -90,13 +104,9 @@ def _json_default(value: Any) -> Any:
 
 
 def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """Write rows to CSV through a temporary name, so a reader never sees a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
+    """Write rows (the first row's keys are the columns) to CSV; a reader never sees a partial file."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    return Path(path)

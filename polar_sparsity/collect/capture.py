@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from polar_sparsity.models.families import FamilyAdapter, MlpKind, ModelGeometry
+from polar_sparsity.sparsity.selection import head_norms
 
 
 @dataclass
@@ -30,10 +31,6 @@ class Captured:
     def clear(self) -> None:
         for layer in self.layers:
             layer.router_input = layer.head_norms = layer.mlp_active = None
-
-
-def _attention_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
 @contextmanager
@@ -67,7 +64,7 @@ def capture_activations(
 
 def _router_input_hook(slot: LayerCapture):
     def hook(module, args, kwargs):
-        hidden = _attention_input(args, kwargs)
+        hidden = FamilyAdapter.attention_input(args, kwargs)
         slot.router_input = hidden.detach().reshape(-1, hidden.shape[-1])
 
     return hook
@@ -75,8 +72,8 @@ def _router_input_hook(slot: LayerCapture):
 
 def _head_norm_hook(slot: LayerCapture, geometry: ModelGeometry):
     def hook(module, args):
-        per_head = args[0].detach().reshape(-1, geometry.num_heads, geometry.head_dim)
-        slot.head_norms = torch.linalg.vector_norm(per_head.float(), dim=-1)
+        norms = head_norms(args[0].detach(), geometry.num_heads, geometry.head_dim)
+        slot.head_norms = norms.reshape(-1, geometry.num_heads)
 
     return hook
 

@@ -6,14 +6,13 @@ import csv
 import hashlib
 import json
 import math
-import os
 import platform
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from polar_sparsity.reporting import locked, write_json_atomic
+from polar_sparsity.reporting import locked, write_csv, write_json_atomic
 
 # Metrics shown in the comparison table, in this order; any other numeric metric follows them.
 _PREFERRED = ("acc", "acc_norm", "word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -159,12 +158,7 @@ def append_row(path: str | Path, row: dict[str, Any]) -> Path:
     with locked(path):
         rows = [*read_csv_rows(path), row]
         columns = list(dict.fromkeys(c for r in rows for c in r))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows({c: _cell(r.get(c)) for c in columns} for r in rows)
-        os.replace(tmp, path)
+        write_csv(path, [{c: _cell(r.get(c)) for c in columns} for r in rows])
     return path
 
 

@@ -83,6 +83,14 @@ class FamilyAdapter:
     def attention(self, model: PreTrainedModel, layer: int) -> torch.nn.Module:
         return self.layers(model)[layer].get_submodule(self.attention_path)
 
+    @staticmethod
+    def attention_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The router input from a with_kwargs pre-hook on the attention module.
+
+        Hugging Face decoder layers pass ``hidden_states`` by keyword, older ones positionally first.
+        """
+        return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
     def attn_out_proj(self, model: PreTrainedModel, layer: int) -> torch.nn.Module:
         return self.layers(model)[layer].get_submodule(self.attn_out_proj_path)
 

@@ -14,7 +14,6 @@ No Hydra, OmegaConf or Lightning imports: the GPU decode path imports this modul
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from polar_sparsity.reporting import atomic_path
 from polar_sparsity.routers.nets import build_net
 
 META_KEY = "polar_sparsity"
@@ -60,13 +60,10 @@ def router_path(bundle_dir: str | Path, kind: str, layer: int, topk: float | Non
 
 def save_router(path: str | Path, net: nn.Module, meta: dict[str, Any]) -> Path:
     """Write the net's weights and metadata atomically (temporary name + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in net.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    return Path(path)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -10,7 +10,6 @@ counts per rank), so the Trainer runs with ``use_distributed_sampler=False``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -19,29 +18,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from polar_sparsity.data.store import ActivationStore
-from polar_sparsity.routers.targets import unit_norms
+from polar_sparsity.routers.targets import RouterTarget
+from polar_sparsity.schema import RouterKind
 
 _CHUNK_ROWS = 65536  # rows per read when computing training-set statistics
 _MIN_EVAL_BATCH = 2048  # validation has no gradients: read bigger batches
-
-
-@dataclass(frozen=True)
-class RouterTarget:
-    """What one router predicts: its kind, layer, output units and (head routers) top-k count."""
-
-    kind: str  # mha | mlp
-    layer: int
-    units: int  # outputs: heads, KV groups, or neurons
-    k: int | None  # head routers: units labelled active per token
-    num_heads: int
-    num_kv_heads: int
-    group_reduce: str
-
-    @property
-    def unit_name(self) -> str:
-        if self.kind == "mlp":
-            return "neuron"
-        return "kv_group" if self.num_kv_heads < self.num_heads else "head"
 
 
 def split_by_sequence(
@@ -128,9 +109,9 @@ class RouterDataset(Dataset):
             if store.manifest["dtype"] == "bfloat16"
             else torch.from_numpy(x.astype(np.float32))
         )
-        if t.kind == "mha":
+        if t.kind == RouterKind.mha:
             norms = torch.from_numpy(np.asarray(self._array("norms")[rows], dtype=np.float32))
-            target = unit_norms(norms, t.num_kv_heads, t.group_reduce)
+            target = t.unit_scores(norms)
         else:
             target = torch.from_numpy(store.unpack_mlp(self._array("mlp")[rows]).astype(np.float32))
         return {"x": x, "target": target}

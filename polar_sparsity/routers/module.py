@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polar_sparsity.routers.data import RouterTarget
 from polar_sparsity.routers.metrics import HeadSelectionMetrics, MlpSelectionMetrics
-from polar_sparsity.routers.targets import topk_labels
+from polar_sparsity.routers.targets import RouterTarget, topk_labels
+from polar_sparsity.schema import RouterKind
 
 _MIN_NEG_WEIGHT = 1e-3  # a batch without positives would otherwise weigh every element 0
 
@@ -33,7 +33,7 @@ def make_metrics(
 
     ``mean_active``: MLP routers only, the layer's mean count of neurons that fire (top-k recall's k).
     """
-    if target.kind == "mha":
+    if target.kind == RouterKind.mha:
         return HeadSelectionMetrics(target.k, sync_on_compute=sync)  # type: ignore[arg-type]
     if mean_active is None:
         raise ValueError("MLP router metrics need the layer's mean active neuron count")
@@ -72,7 +72,9 @@ class RouterModule(L.LightningModule):
 
     def labels(self, target: torch.Tensor) -> torch.Tensor:
         """Head routers: each row's top-k units by norm; MLP routers: the stored 0/1 labels."""
-        return topk_labels(target, self.target.k) if self.target.kind == "mha" else target  # type: ignore[arg-type]
+        if self.target.kind == RouterKind.mha:
+            return topk_labels(target, self.target.k)  # type: ignore[arg-type]
+        return target
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch["x"])

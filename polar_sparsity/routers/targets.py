@@ -1,45 +1,59 @@
 """What a router is trained to predict: per-token labels from the store's head norms and MLP bits.
 
 Shared by training, the metrics and (through the bundle's metadata) evaluation, so that "top-k" and
-"KV group" mean the same everywhere. No Hydra or Lightning imports.
+"KV group" mean the same everywhere: the counts and group scores come from
+``polar_sparsity.sparsity.selection``. No Hydra or Lightning imports.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
-REDUCTIONS = ("max", "mean", "sum")
+from polar_sparsity.schema import GroupReduce, RouterKind
+from polar_sparsity.sparsity.selection import group_scores, num_kept
 
 
-def topk_count(fraction: float, units: int) -> int:
-    """Units kept for a top-k fraction: ceil(fraction * units), at least 1, at most ``units``."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"top-k fraction {fraction} must be in (0, 1]")
-    # The tolerance keeps e.g. 0.7 * 10 = 7.000000000000001 at 7, not 8.
-    return min(units, max(1, math.ceil(fraction * units - 1e-9)))
+@dataclass(frozen=True)
+class RouterTarget:
+    """What one router predicts: its kind, layer, output units and (head routers) top-k count."""
 
+    kind: RouterKind
+    layer: int
+    units: int  # outputs: heads, KV groups, or neurons
+    k: int | None  # head routers: units labelled active per token
+    num_heads: int
+    num_kv_heads: int
+    group_reduce: GroupReduce
 
-def unit_norms(head_norms: torch.Tensor, num_kv_heads: int, reduce: str = "max") -> torch.Tensor:
-    """(..., heads) query-head norms -> (..., units): heads for MHA, KV groups for GQA.
+    def __post_init__(self) -> None:
+        # Records and tests spell kinds as plain strings; the enums reject a bad one here.
+        object.__setattr__(self, "kind", RouterKind(self.kind))
+        object.__setattr__(self, "group_reduce", GroupReduce(self.group_reduce))
 
-    Query heads ``g * group_size .. (g + 1) * group_size - 1`` share KV head ``g`` (Hugging Face's
-    ``repeat_kv`` layout), so a group is a contiguous block of heads.
-    """
-    num_heads = head_norms.shape[-1]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads} heads do not split into {num_kv_heads} KV groups")
-    if num_kv_heads == num_heads:
-        return head_norms
-    grouped = head_norms.reshape(*head_norms.shape[:-1], num_kv_heads, num_heads // num_kv_heads)
-    if reduce == "max":
-        return grouped.amax(-1)
-    if reduce == "mean":
-        return grouped.mean(-1)
-    if reduce == "sum":
-        return grouped.sum(-1)
-    raise ValueError(f"group_reduce={reduce!r} is not one of {REDUCTIONS}")
+    @classmethod
+    def heads(
+        cls, layer: int, topk: float, num_heads: int, num_kv_heads: int, group_reduce: GroupReduce
+    ) -> RouterTarget:
+        """A head router: one unit per KV group (per head for MHA models), the top-k labelled active."""
+        k = num_kept(topk, num_kv_heads)
+        return cls(RouterKind.mha, layer, num_kv_heads, k, num_heads, num_kv_heads, group_reduce)
+
+    @classmethod
+    def neurons(cls, layer: int, ffn_dim: int, num_heads: int, num_kv_heads: int) -> RouterTarget:
+        """An MLP router: one unit per neuron, labelled by whether it fired."""
+        return cls(RouterKind.mlp, layer, ffn_dim, None, num_heads, num_kv_heads, GroupReduce.max)
+
+    @property
+    def unit_name(self) -> str:
+        if self.kind == RouterKind.mlp:
+            return "neuron"
+        return "kv_group" if self.num_kv_heads < self.num_heads else "head"
+
+    def unit_scores(self, head_norms: torch.Tensor) -> torch.Tensor:
+        """(..., heads) query-head norms -> (..., units) norms the head router's labels rank."""
+        return group_scores(head_norms, self.num_heads // self.num_kv_heads, self.group_reduce.value)
 
 
 def topk_labels(norms: torch.Tensor, k: int) -> torch.Tensor:

@@ -37,9 +37,16 @@ from polar_sparsity.sparsity.selection import (
 
 
 class Scorer(Protocol):
-    """A router: logits over its units for router inputs (``LoadedRouter`` from the bundle loader)."""
+    """A router (``LoadedRouter`` from the bundle loader): what the masking hooks use of it."""
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor: ...
+    @property
+    def num_outputs(self) -> int:
+        """Units it scores: heads, KV groups or neurons."""
+        ...
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) router inputs of any device and dtype -> (..., num_outputs) logits."""
+        ...
 
 
 @dataclass
@@ -59,11 +66,19 @@ class SparsityPlan:
         """Heads for MHA, KV groups for GQA: selection is per KV group, as in the paper."""
         return geometry.num_kv_heads
 
+    def attn_keep(self, geometry: ModelGeometry) -> int:
+        """Heads (KV groups) each token keeps in a masked layer."""
+        return num_kept(self.attn_topk, self.attn_units(geometry))
+
+    def mlp_keep(self, geometry: ModelGeometry) -> int:
+        """Neurons the MLP keeps per token (needs a fixed ``mlp_topk``)."""
+        if self.mlp_topk is None:
+            raise ValueError("sparsity.mlp_topk is null: no fixed MLP top-k to keep")
+        return num_kept(self.mlp_topk, geometry.ffn_dim)
+
     def attn_layers(self, geometry: ModelGeometry) -> list[int]:
         """Layers whose attention is masked (none when every unit is kept)."""
-        if self.mode == Mode.dense or num_kept(self.attn_topk, self.attn_units(geometry)) == self.attn_units(
-            geometry
-        ):
+        if self.mode == Mode.dense or self.attn_keep(geometry) == self.attn_units(geometry):
             return []
         return [layer for layer in range(geometry.num_layers) if layer not in self.dense_attn_layers]
 
@@ -71,7 +86,7 @@ class SparsityPlan:
         """Layers whose MLP is masked: mode=sparse with a fixed mlp_topk below 1 on a ReLU model."""
         if self.mode != Mode.sparse or self.mlp_topk is None:
             return []
-        if num_kept(self.mlp_topk, geometry.ffn_dim) == geometry.ffn_dim:
+        if self.mlp_keep(geometry) == geometry.ffn_dim:
             return []
         return list(range(geometry.num_layers))
 
@@ -106,8 +121,8 @@ def _check_routers(kind: str, routers: Mapping[int, Scorer], layers: list[int], 
             f"(it has {sorted(routers)}); train them with train.py, or keep those layers dense"
         )
     for layer in layers:
-        outputs = getattr(routers[layer], "meta", {}).get("num_outputs")
-        if outputs is not None and outputs != units:
+        outputs = routers[layer].num_outputs
+        if outputs != units:
             raise ValueError(
                 f"the {kind} router of layer {layer} scores {outputs} units; this model has {units}"
             )
@@ -184,18 +199,9 @@ def apply_sparsity(
 
 def _keep_input(controller: SparsityController, layer: int):
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        controller.router_inputs[layer] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        controller.router_inputs[layer] = FamilyAdapter.attention_input(args, kwargs)
 
     return hook
-
-
-def _router_logits(router: Scorer, x: torch.Tensor) -> torch.Tensor:
-    """Router scores on the router's own device and dtype (routers may be float32 beside a fp16 model)."""
-    net = getattr(router, "net", None)
-    param = next(net.parameters(), None) if isinstance(net, torch.nn.Module) else None
-    if param is not None:
-        x = x.to(device=param.device, dtype=param.dtype)
-    return router.scores(x)
 
 
 def _head_unit_scores(controller: SparsityController, layer: int, attn_output: torch.Tensor) -> torch.Tensor:
@@ -203,10 +209,10 @@ def _head_unit_scores(controller: SparsityController, layer: int, attn_output: t
     plan, geometry = controller.plan, controller.geometry
     units = plan.attn_units(geometry)
     if plan.mode == Mode.sparse:
-        return _router_logits(plan.head_routers[layer], controller.router_inputs[layer])
+        return plan.head_routers[layer].scores(controller.router_inputs[layer])
     if plan.mode == Mode.sparse_attn:
         norms = head_norms(attn_output, geometry.num_heads, geometry.head_dim)
-        return group_scores(norms, geometry.group_size)
+        return group_scores(norms, geometry.group_size, "max")
     if plan.mode == Mode.random_attn:
         shape = (*attn_output.shape[:-1], units)
         return random_scores(shape, controller.generator(attn_output.device), attn_output.device)
@@ -242,7 +248,7 @@ def _mask_heads(controller: SparsityController, layer: int):
     def hook(module: torch.nn.Module, args: tuple) -> tuple:
         attn_output = args[0]
         scores = _head_unit_scores(controller, layer, attn_output)
-        keep = num_kept(controller.plan.attn_topk, controller.plan.attn_units(geometry))
+        keep = controller.plan.attn_keep(geometry)
         masked, kept, total = _apply_mask(controller, attn_output, topk_mask(scores, keep), per_unit)
         controller.stats.attn_kept += kept
         controller.stats.attn_total += total
@@ -257,8 +263,8 @@ def _mask_neurons(controller: SparsityController, layer: int):
     def hook(module: torch.nn.Module, args: tuple) -> tuple:
         activations = args[0]
         router_input = controller.router_inputs[layer]
-        scores = _router_logits(controller.plan.mlp_routers[layer], router_input)
-        keep = num_kept(controller.plan.mlp_topk, geometry.ffn_dim)  # type: ignore[arg-type]
+        scores = controller.plan.mlp_routers[layer].scores(router_input)
+        keep = controller.plan.mlp_keep(geometry)
         masked, kept, total = _apply_mask(controller, activations, topk_mask(scores, keep), 1)
         controller.stats.mlp_kept += kept
         controller.stats.mlp_total += total

@@ -13,11 +13,19 @@ import torch
 
 
 def num_kept(fraction: float, units: int) -> int:
-    """Units kept at a top-k fraction: ceil(fraction * units), at least one and at most all."""
+    """Units a top-k fraction keeps: ceil(fraction * units), at least one and at most all.
+
+    The one rule for training labels, evaluation masks and the decoding engine. A fraction is a
+    decimal the user wrote (0.3, 0.7); its floating-point product with ``units`` can land a few ulps
+    above the exact value (0.7 * 10 is 7.000000000000001), so a product within 1e-9 above an integer
+    counts as that integer. Exact products of decimals with at most 8 places and unit counts below
+    10**6 are never that close to an integer without being one, so the tolerance changes nothing else.
+    """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"top-k fraction {fraction} must be in (0, 1]")
-    # round() first: 0.3 * 10 is 3.0000000000000004 in floating point, which must not become 4.
-    return min(units, max(1, math.ceil(round(fraction * units, 9))))
+    if units < 1:
+        raise ValueError(f"units={units} must be at least 1")
+    return min(units, max(1, math.ceil(fraction * units - 1e-9)))
 
 
 def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -30,16 +38,27 @@ def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return mask.scatter_(-1, index, True)
 
 
-def group_scores(head_scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per-KV-group score from per-query-head scores: the max over the group's heads.
+GROUP_REDUCTIONS = ("max", "mean", "sum")
+
+
+def group_scores(head_scores: torch.Tensor, group_size: int, reduce: str = "max") -> torch.Tensor:
+    """(..., heads) per-query-head scores -> (..., heads // group_size) per-KV-group scores.
 
     Query head h reads KV head h // group_size (Hugging Face's ``repeat_kv`` layout), so a group is a
-    run of ``group_size`` consecutive heads. The max follows the paper's released code.
+    run of ``group_size`` consecutive heads. ``reduce`` is max (the paper's released code, and what
+    the evaluation oracle uses), mean or sum; with one head per group the scores are returned as is.
     """
+    if reduce not in GROUP_REDUCTIONS:
+        raise ValueError(f"group reduction {reduce!r} is not one of {GROUP_REDUCTIONS}")
+    *lead, heads = head_scores.shape
+    if group_size < 1 or heads % group_size:
+        raise ValueError(f"{heads} heads do not split into KV groups of {group_size} heads")
     if group_size == 1:
         return head_scores
-    *lead, heads = head_scores.shape
-    return head_scores.reshape(*lead, heads // group_size, group_size).amax(dim=-1)
+    grouped = head_scores.reshape(*lead, heads // group_size, group_size)
+    if reduce == "max":
+        return grouped.amax(dim=-1)
+    return grouped.mean(dim=-1) if reduce == "mean" else grouped.sum(dim=-1)
 
 
 def expand_groups(group_mask: torch.Tensor, group_size: int) -> torch.Tensor:

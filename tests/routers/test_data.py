@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from polar_sparsity.data.store import ActivationStore
-from polar_sparsity.routers.data import RouterDataModule, RouterTarget, RowBatchSampler, split_by_sequence
-from polar_sparsity.routers.targets import unit_norms
+from polar_sparsity.routers.data import RouterDataModule, RowBatchSampler, split_by_sequence
+from polar_sparsity.routers.targets import RouterTarget
+from polar_sparsity.sparsity.selection import group_scores
 
 
 def test_split_holds_out_whole_sequences() -> None:
@@ -65,5 +66,5 @@ def test_gqa_targets_are_group_norms(llama_store: Path) -> None:
     target = RouterTarget("mha", 1, units=2, k=1, num_heads=8, num_kv_heads=2, group_reduce="max")
     data = RouterDataModule(llama_store, target, batch_size=16)
     rows = np.arange(16)
-    expected = unit_norms(torch.from_numpy(np.asarray(store.head_norms(1)[rows])), 2, "max")
+    expected = group_scores(torch.from_numpy(np.asarray(store.head_norms(1)[rows])), 4, "max")
     torch.testing.assert_close(data.dataset[rows]["target"], expected)

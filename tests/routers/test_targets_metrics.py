@@ -7,27 +7,28 @@ import torch
 
 from polar_sparsity.routers.metrics import HeadSelectionMetrics, MlpSelectionMetrics, neurons_for_recall
 from polar_sparsity.routers.module import weighted_bce
-from polar_sparsity.routers.targets import topk_count, topk_labels, unit_norms
+from polar_sparsity.routers.targets import topk_labels
+from polar_sparsity.sparsity.selection import group_scores, num_kept
 
 
 @pytest.mark.parametrize(
     ("fraction", "units", "k"), [(0.5, 8, 4), (0.7, 10, 7), (0.3, 8, 3), (0.01, 8, 1), (1.0, 2, 2)]
 )
-def test_topk_count_is_ceil_at_least_one(fraction: float, units: int, k: int) -> None:
-    assert topk_count(fraction, units) == k
+def test_num_kept_is_ceil_at_least_one(fraction: float, units: int, k: int) -> None:
+    assert num_kept(fraction, units) == k
 
 
-def test_topk_count_rejects_fractions_outside_unit_interval() -> None:
+def test_num_kept_rejects_fractions_outside_unit_interval() -> None:
     with pytest.raises(ValueError, match="top-k fraction 0 must be in"):
-        topk_count(0, 8)
+        num_kept(0, 8)
 
 
 def test_gqa_groups_are_contiguous_heads() -> None:
     norms = torch.tensor([[1.0, 5.0, 2.0, 2.0, 0.0, 1.0, 9.0, 3.0]])  # 8 heads, 2 KV groups of 4
-    assert unit_norms(norms, 2, "max").tolist() == [[5.0, 9.0]]
-    assert unit_norms(norms, 2, "sum").tolist() == [[10.0, 13.0]]
-    assert unit_norms(norms, 2, "mean").tolist() == [[2.5, 3.25]]
-    assert unit_norms(norms, 8, "max") is norms  # MHA: one unit per head
+    assert group_scores(norms, 4, "max").tolist() == [[5.0, 9.0]]
+    assert group_scores(norms, 4, "sum").tolist() == [[10.0, 13.0]]
+    assert group_scores(norms, 4, "mean").tolist() == [[2.5, 3.25]]
+    assert group_scores(norms, 1, "max") is norms  # MHA: one unit per head
 
 
 def test_topk_labels_mark_each_rows_largest() -> None:
@@ -78,7 +79,7 @@ def test_weighted_bce_weighs_negatives_by_the_positive_rate() -> None:
 def test_baseline_metrics_never_gather_over_ranks() -> None:
     # Baselines are computed on CPU by every rank over the whole validation set; gathering CPU
     # tensors over NCCL fails ("No backend type associated with device type cpu", seen on an H100).
-    from polar_sparsity.routers.data import RouterTarget
+    from polar_sparsity.routers.targets import RouterTarget
     from polar_sparsity.routers.module import make_metrics
 
     target = RouterTarget("mha", 0, units=8, k=4, num_heads=8, num_kv_heads=8, group_reduce="max")

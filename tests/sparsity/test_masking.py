@@ -21,7 +21,7 @@ class LinearRouter:
     def __init__(self, d: int, units: int, seed: int) -> None:
         torch.manual_seed(seed)
         self.net = torch.nn.Linear(d, units)
-        self.meta = {"num_outputs": units}
+        self.num_outputs = units
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
