@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import netrc
 import os
-from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
@@ -16,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from polar_sparsity.resources import asset_path
+from polar_sparsity.runs import run_group
 from polar_sparsity.schema import CollectRunConfig, EvaluateRunConfig, TrainRunConfig
 
 T = TypeVar("T")
@@ -31,17 +31,6 @@ def wandb_offline() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is None
     except (FileNotFoundError, netrc.NetrcParseError):
         return True
-
-
-def run_group() -> str:
-    """One name per launch: the sweep dir's name in a multirun (groups its jobs), else the run dir's."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        return Path(hydra_cfg.sweep.dir).name
-    return Path(hydra_cfg.run.dir).name
 
 
 def _register() -> None:

@@ -22,6 +22,13 @@ def make_logger(logger_cfg: Any) -> Logger | None:
     return instantiate(logger_cfg)
 
 
+def name_wandb_run(logger: Logger | None, name: str, tags: tuple[str, ...] = ()) -> None:
+    """Name a W&B run and add tags to it (other loggers name their runs from the config)."""
+    if isinstance(logger, WandbLogger):
+        logger.experiment.name = name
+        logger.experiment.tags = (*(logger.experiment.tags or ()), *tags)
+
+
 def log_rows(logger: Logger | None, key: str, rows: list[dict[str, Any]], step_key: str) -> None:
     """Log a summary table: a W&B table, plus one metrics row per entry (step = ``row[step_key]``)."""
     if logger is None or not rows:

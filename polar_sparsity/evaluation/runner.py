@@ -17,6 +17,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from polar_sparsity import runs
 from polar_sparsity.evaluation.harness import TaskSet, local_tasks_dir, resolve_tasks, run_harness
 from polar_sparsity.evaluation.perplexity import perplexity
 from polar_sparsity.evaluation.results import (
@@ -36,7 +37,7 @@ from polar_sparsity.evaluation.sweep import SWEEP_PNG, plot_sweep
 from polar_sparsity.models.families import ModelGeometry, family_for_config
 from polar_sparsity.models.loading import LoadedModel, load_hf_config, load_model, resolve_device
 from polar_sparsity.reporting import format_table, write_json_atomic
-from polar_sparsity.schema import EvaluateRunConfig, Mode, Weights, parse_positions
+from polar_sparsity.schema import EvaluateRunConfig, Mode, RouterKind, Weights, parse_positions
 from polar_sparsity.sparsity.masking import SparsityPlan, apply_sparsity, check_plan
 from polar_sparsity.tracking import log_image
 
@@ -94,16 +95,10 @@ def run_evaluate(settings: EvaluateRunConfig, resolved_config: dict[str, Any], l
 
 def run_dirs(settings: EvaluateRunConfig) -> tuple[Path, Path]:
     """(run dir, sweep dir): from the config when given, else Hydra's job and sweep dirs."""
-    out_dir, sweep_dir = settings.output_dir, settings.sweep_dir
-    if out_dir is None or sweep_dir is None:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hydra_cfg = HydraConfig.get()
-        out_dir = out_dir or hydra_cfg.runtime.output_dir
-        multirun = hydra_cfg.mode == RunMode.MULTIRUN
-        sweep_dir = sweep_dir or (hydra_cfg.sweep.dir if multirun else out_dir)
-    return Path(out_dir), Path(sweep_dir)
+    out_dir = settings.output_dir or runs.job_output_dir()
+    if out_dir is None:
+        raise ValueError("output_dir is not set and no Hydra run is active: set output_dir=<dir>")
+    return Path(out_dir), Path(settings.sweep_dir or runs.sweep_dir() or out_dir)
 
 
 # --- plan: routers and checks, before any model loads ---------------------------------------------
@@ -136,13 +131,15 @@ def _load_bundle(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: Mode
     router_topk = settings.sparsity.router_topk or settings.sparsity.attn_topk
     head_layers, mlp_layers = plan.attn_layers(geometry), plan.mlp_layers(geometry)
     common = {"device": device, "model": settings.model.name}
-    heads = load_routers(bundle_dir, "mha", router_topk, head_layers, **common) if head_layers else {}
-    mlps = load_routers(bundle_dir, "mlp", None, mlp_layers, **common) if mlp_layers else {}
+    heads = (
+        load_routers(bundle_dir, RouterKind.mha, router_topk, head_layers, **common) if head_layers else {}
+    )
+    mlps = load_routers(bundle_dir, RouterKind.mlp, None, mlp_layers, **common) if mlp_layers else {}
     if not heads and not mlps:
         log.info("mode=sparse keeps every head and neuron here: no routers needed")
         return heads, mlps, None
     files = {}
-    for kind, routers, topk in (("mha", heads, router_topk), ("mlp", mlps, None)):
+    for kind, routers, topk in ((RouterKind.mha, heads, router_topk), (RouterKind.mlp, mlps, None)):
         for layer, router in routers.items():
             path = router_path(bundle_dir, kind, layer, topk)
             files[str(path.relative_to(bundle_dir))] = {"sha256": file_digest(path), "meta": router.meta}

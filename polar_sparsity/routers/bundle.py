@@ -27,9 +27,10 @@ from torch import nn
 
 from polar_sparsity.reporting import atomic_path
 from polar_sparsity.routers.nets import build_net
+from polar_sparsity.schema import RouterKind
 
 META_KEY = "polar_sparsity"
-KINDS = ("mha", "mlp")
+KINDS = tuple(kind.value for kind in RouterKind)
 _LAYER_FILE = re.compile(r"^layer_(\d+)\.safetensors$")
 
 
@@ -42,19 +43,27 @@ def format_topk(topk: float) -> str:
     return repr(round(float(topk), 6))
 
 
-def kind_dir(bundle_dir: str | Path, kind: str, topk: float | None = None) -> Path:
+def _kind(kind: str | RouterKind) -> RouterKind:
+    try:
+        return RouterKind(kind)
+    except ValueError:
+        raise BundleError(f"router kind {kind!r} is not one of {KINDS}") from None
+
+
+def kind_dir(bundle_dir: str | Path, kind: str | RouterKind, topk: float | None = None) -> Path:
     """Directory holding one kind's routers (per top-k for head routers)."""
-    if kind not in KINDS:
-        raise BundleError(f"router kind {kind!r} is not one of {KINDS}")
-    root = Path(bundle_dir) / kind
-    if kind == "mha":
+    kind = _kind(kind)
+    root = Path(bundle_dir) / kind.value
+    if kind == RouterKind.mha:
         if topk is None:
             raise BundleError("head (mha) routers are stored per top-k: pass topk")
         return root / f"topk={format_topk(topk)}"
     return root
 
 
-def router_path(bundle_dir: str | Path, kind: str, layer: int, topk: float | None = None) -> Path:
+def router_path(
+    bundle_dir: str | Path, kind: str | RouterKind, layer: int, topk: float | None = None
+) -> Path:
     return kind_dir(bundle_dir, kind, topk) / f"layer_{layer:03d}.safetensors"
 
 
@@ -119,16 +128,14 @@ def _describe(layers: Iterable[int]) -> str:
     return ", ".join(str(layer) for layer in layers) or "none"
 
 
-def _resolve_kind_dir(bundle_dir: Path, kind: str, topk: float | None) -> Path:
+def _resolve_kind_dir(bundle_dir: Path, kind: RouterKind, topk: float | None) -> Path:
     if not bundle_dir.is_dir():
         raise BundleError(f"no router bundle at {bundle_dir}; train routers first (`python train.py ...`)")
     found = available(bundle_dir)
     listing = "; ".join(f"{k}: {', '.join(v)}" for k, v in found.items()) or "nothing"
-    if kind not in KINDS:
-        raise BundleError(f"router kind {kind!r} is not one of {KINDS}")
-    if kind not in found:
-        raise BundleError(f"the bundle at {bundle_dir} has no {kind} routers (it holds {listing})")
-    if kind == "mha" and topk is None:
+    if kind.value not in found:
+        raise BundleError(f"the bundle at {bundle_dir} has no {kind.value} routers (it holds {listing})")
+    if kind == RouterKind.mha and topk is None:
         if len(found["mha"]) != 1:
             raise BundleError(
                 f"the bundle at {bundle_dir} holds several head-router top-k: pass topk ({listing})"
@@ -145,7 +152,7 @@ def _resolve_kind_dir(bundle_dir: Path, kind: str, topk: float | None) -> Path:
 
 def load_routers(
     bundle_dir: str | Path,
-    kind: str,
+    kind: str | RouterKind,
     topk: float | None = None,
     layers: Iterable[int] | None = None,
     device: str | torch.device = "cpu",
@@ -158,7 +165,7 @@ def load_routers(
     loads every layer present; requested layers that are missing are named in the error. ``model``:
     the expected model name (a bundle trained for another model is refused). ``dtype`` casts the nets.
     """
-    directory = _resolve_kind_dir(Path(bundle_dir), kind, topk)
+    directory = _resolve_kind_dir(Path(bundle_dir), _kind(kind), topk)
     on_disk = _layers_in(directory)
     wanted = list(on_disk) if layers is None else sorted(set(layers))
     missing = [layer for layer in wanted if layer not in on_disk]

@@ -3,6 +3,7 @@
 Failure policy (documented in docs/training.md): a failing job records ``status: failed`` with its
 error in ``router_result.json`` and in the sweep's summary, then re-raises. Hydra's launchers run
 the other jobs of the sweep regardless and the multirun exits non-zero at the end, as usual for Hydra.
+Input checks live in ``checks``, the no-training baselines in ``baselines``, the records in ``records``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import logging
 import shutil
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,90 +19,20 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-import polar_sparsity
-from polar_sparsity.data.store import ActivationStore, StoreError
-from polar_sparsity.reporting import format_table, write_json_atomic
-from polar_sparsity.routers import summary
+from polar_sparsity import runs
+from polar_sparsity.reporting import format_table
+from polar_sparsity.routers import records, summary
+from polar_sparsity.routers.baselines import baseline_metrics, mean_active_count
 from polar_sparsity.routers.bundle import router_path, save_router
-from polar_sparsity.routers.data import RouterDataModule, RouterTarget
-from polar_sparsity.routers.metrics import HeadSelectionMetrics, MlpSelectionMetrics
-from polar_sparsity.routers.module import RouterModule, make_metrics
+from polar_sparsity.routers.checks import check_monitor, make_target, net_spec, open_store
+from polar_sparsity.routers.data import RouterDataModule
+from polar_sparsity.routers.module import RouterModule
 from polar_sparsity.routers.nets import build_net
-from polar_sparsity.routers.targets import topk_count
+from polar_sparsity.routers.targets import RouterTarget
 from polar_sparsity.schema import RouterKind, TrainRunConfig
+from polar_sparsity.tracking import name_wandb_run
 
 log = logging.getLogger(__name__)
-
-_METRICS = {
-    "mha": ("loss", "topk_recall", "norm_recall"),
-    "mlp": ("loss", "k99", "density", "topk_recall", "recall", "precision", "f1"),
-}
-
-
-# -- checks: everything that can be wrong with the inputs fails here, before any training ---------
-
-
-def open_store(settings: TrainRunConfig) -> ActivationStore:
-    """The store at ``paths.store``, checked against the configured model, data and layer."""
-    store = ActivationStore(settings.paths.store)
-    manifest = store.manifest
-    for key, expected in (("model", settings.model.name), ("data", settings.data.name)):
-        if manifest[key] != expected:
-            raise StoreError(
-                f"the store at {store.root} holds {key} {manifest[key]!r}, but this run is for "
-                f"{key}={expected!r}; point paths.store at the right store or change {key}="
-            )
-    layers = store.geometry.num_layers
-    if not 0 <= settings.layer < layers:
-        raise ValueError(
-            f"layer={settings.layer} is outside {settings.model.name}, which has layers 0..{layers - 1} "
-            f"(sweep them all with layer='range(0,{layers})' -m)"
-        )
-    if settings.router.kind == RouterKind.mlp and not store.has_mlp:
-        raise ValueError(
-            f"router=mlp needs a ReLU MLP, but {settings.model.name} has a {store.geometry.mlp_kind.value} "
-            f"MLP (no exact zeros, so no neuron labels are stored); train router=mha for this model"
-        )
-    return store
-
-
-def make_target(settings: TrainRunConfig, store: ActivationStore) -> RouterTarget:
-    g, router = store.geometry, settings.router
-    if router.kind == RouterKind.mha:
-        units = g.num_kv_heads  # one score per KV group (== per head for MHA models)
-        k = topk_count(router.topk, units)  # type: ignore[arg-type]
-    else:
-        units, k = g.ffn_dim, None
-    return RouterTarget(
-        kind=router.kind.value,
-        layer=settings.layer,
-        units=units,
-        k=k,
-        num_heads=g.num_heads,
-        num_kv_heads=g.num_kv_heads,
-        group_reduce=router.group_reduce.value,
-    )
-
-
-def net_spec(settings: TrainRunConfig, store: ActivationStore, target: RouterTarget) -> dict[str, Any]:
-    """{'class', 'kwargs'} of the router net: the configured ones plus the store's sizes."""
-    kwargs = {k: v for k, v in settings.router.net.items() if k != "_target_"}
-    sizes = {"in_features": store.geometry.hidden_size, "out_features": target.units}
-    clashes = {k: kwargs[k] for k in sizes if k in kwargs and kwargs[k] != sizes[k]}
-    if clashes:
-        raise ValueError(
-            f"router.net sets {clashes}, but the store fixes {sizes}; remove them from router.net"
-        )
-    return {"class": settings.router.net["_target_"], "kwargs": {**kwargs, **sizes}}
-
-
-def check_monitor(settings: TrainRunConfig) -> None:
-    valid = [f"val/{name}" for name in _METRICS[settings.router.kind.value]]
-    if settings.router.monitor not in valid:
-        raise ValueError(f"router.monitor={settings.router.monitor!r} is not one of {valid}")
-
-
-# -- the task --------------------------------------------------------------------------------------
 
 
 def run_train(
@@ -114,11 +44,11 @@ def run_train(
     try:
         result = _train(settings, output_dir, logger)
     except Exception as error:
-        result = _failure(settings, error)
-        _record(result, output_dir, started)
+        result = records.failure(settings, error)
+        records.record(result, output_dir, started)
         raise
-    _record(result, output_dir, started)
-    if _sweep_dir() is None:
+    records.record(result, output_dir, started)
+    if runs.sweep_dir() is None:
         print(format_table([summary.result_row(result)], title=f"Router ({summary.title_of(result)})"))
     return result
 
@@ -143,17 +73,17 @@ def _train(settings: TrainRunConfig, output_dir: Path, logger: Any) -> dict[str,
     )
     log.info(
         "%s router, layer %d: %d train / %d validation rows (held out by sequence)",
-        target.kind,
+        target.kind.value,
         target.layer,
         len(data.train_rows),
         len(data.val_rows),
     )
-    _name_wandb_run(logger, settings, target)
+    _name_run(logger, settings, target)
     unit_stats = data.unit_statistics()
     module, result = _fit(settings, net, target, data, unit_stats, output_dir, logger)
     if module.trainer.is_global_zero:
         path = router_path(settings.paths.routers, target.kind, target.layer, settings.router.topk)
-        meta = _bundle_meta(settings, store, target, spec, result)
+        meta = records.bundle_meta(settings, store, target, spec, result)
         result["router_file"] = str(save_router(path, module.net, meta))
         log.info("router written to %s", result["router_file"])
     if not settings.train.keep_checkpoints:
@@ -172,7 +102,7 @@ def _fit(
 ) -> tuple[RouterModule, dict[str, Any]]:
     """Train with early stopping, then test the best checkpoint (its weights are exported)."""
     cfg = settings.router
-    mean_active = mean_active_count(unit_stats) if target.kind == "mlp" else None
+    mean_active = mean_active_count(unit_stats) if target.kind == RouterKind.mlp else None
     module = RouterModule(
         net,
         target,
@@ -194,10 +124,10 @@ def _fit(
     last = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     best = trainer.test(module, datamodule=data, ckpt_path="best", verbose=False)[0]
     result = {
-        **_identity(settings, target),
+        **records.identity(settings, target),
         "status": "ok",
-        "metrics": _strip(best, "test/"),
-        "last_metrics": _strip(last, "val/"),
+        "metrics": records.strip_prefix(best, "test/"),
+        "last_metrics": records.strip_prefix(last, "val/"),
         "baselines": baseline_metrics(data, target, settings.seed, unit_stats, mean_active),
         "epochs": trainer.current_epoch,
         "train_rows": len(data.train_rows),
@@ -249,176 +179,16 @@ def _set_cpu_threads(settings: TrainRunConfig, net: torch.nn.Module) -> None:
         torch.set_num_threads(threads)
 
 
-def mean_active_count(firing_rates: torch.Tensor) -> int:
-    """The layer's mean number of neurons that fire per token (at least 1)."""
-    return max(1, round(float(firing_rates.sum())))
-
-
-@torch.no_grad()
-def baseline_metrics(
-    data: RouterDataModule,
-    target: RouterTarget,
-    seed: int,
-    unit_stats: torch.Tensor,
-    mean_active: int | None = None,
-) -> dict[str, dict[str, float]]:
-    """The same validation metrics for two routers that need no training.
-
-    static: every token gets the units that were most active on the training rows (highest mean
-    norm, or firing rate as a logit so that its threshold metrics mean "always-on neurons").
-    random: a fresh random ranking per token.
-    """
-    stats = unit_stats
-    if target.kind == "mlp":
-        stats = torch.logit(stats.clamp(1e-6, 1 - 1e-6))
-    # Every rank reads the whole validation set here: no gathering over DDP ranks.
-    static, rand = (make_metrics(target, mean_active, sync=False) for _ in range(2))
-    generator = torch.Generator().manual_seed(seed)
-    for batch in data.val_dataloader(partition=False):
-        rows = len(batch["x"])
-        static.update(stats.expand(rows, -1), batch["target"])
-        rand.update(torch.randn(rows, target.units, generator=generator), batch["target"])
-    return {"static": _values(static), "random": _values(rand)}
-
-
-def _values(metric: HeadSelectionMetrics | MlpSelectionMetrics) -> dict[str, float]:
-    return {name: float(value) for name, value in metric.compute().items()}
-
-
-def _strip(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
-    return {k.removeprefix(prefix): float(v) for k, v in metrics.items() if k.startswith(prefix)}
-
-
-# -- records ---------------------------------------------------------------------------------------
-
-
-def _identity(settings: TrainRunConfig, target: RouterTarget | None = None) -> dict[str, Any]:
-    router = settings.router
-    return {
-        "kind": router.kind.value,
-        "layer": settings.layer,
-        "topk": router.topk,
-        "model": settings.model.name,
-        "data": settings.data.name,
-        "unit": target.unit_name if target else None,
-        "units": target.units if target else None,
-        "k": target.k if target else None,
-        "job": _job_name(),
-    }
-
-
-def _failure(settings: TrainRunConfig, error: BaseException) -> dict[str, Any]:
-    return {
-        **_identity(settings),
-        "status": "failed",
-        "error": f"{type(error).__name__}: {error}",
-        "traceback": traceback.format_exc(),
-    }
-
-
-def _record(result: dict[str, Any], output_dir: Path, started: float) -> None:
-    """router_result.json in the job dir; in a sweep, refresh the sweep's summary table too."""
-    from lightning.pytorch.utilities import rank_zero_only
-
-    result["seconds"] = round(time.perf_counter() - started, 2)
-    if getattr(rank_zero_only, "rank", 0) != 0:  # DDP: one record per job, from rank 0
-        return
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output_dir / summary.RESULT_FILE, result)
-    sweep = _sweep_dir()
-    if sweep is not None:
-        summary.refresh(sweep)
-
-
-def _bundle_meta(
-    settings: TrainRunConfig,
-    store: ActivationStore,
-    target: RouterTarget,
-    spec: dict[str, Any],
-    result: dict[str, Any],
-) -> dict[str, Any]:
-    router, manifest = settings.router, store.manifest
-    return {
-        "kind": target.kind,
-        "layer": target.layer,
-        "topk": router.topk,
-        "k": target.k,
-        "model": manifest["model"],
-        "weights": manifest.get("weights"),
-        "data": manifest["data"],
-        "geometry": manifest["geometry"],
-        "net": spec,
-        "group_reduce": router.group_reduce.value if target.kind == "mha" else None,
-        "unit": target.unit_name,
-        "num_outputs": target.units,
-        "metrics": {
-            "best": result["metrics"],
-            "last": result["last_metrics"],
-            "baselines": result["baselines"],
-            "monitor": router.monitor,
-        },
-        "train": {
-            "epochs": result["epochs"],
-            "train_rows": result["train_rows"],
-            "val_rows": result["val_rows"],
-            "batch_size": router.batch_size,
-            "lr": router.lr,
-            "weight_decay": router.weight_decay,
-            "neg_weight": router.neg_weight,
-            "seed": settings.seed,
-            "split": "held out by sequence",
-        },
-        "store": {
-            "path": str(store.root.resolve()),
-            "model": manifest["model"],
-            "data": manifest["data"],
-            "rows": manifest["rows"],
-            "weights": manifest.get("weights"),
-            "dtype": manifest.get("dtype"),
-        },
-        "package_version": polar_sparsity.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-# -- Hydra context ---------------------------------------------------------------------------------
-
-
-def _hydra():
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.get() if HydraConfig.initialized() else None
-
-
-def _sweep_dir() -> Path | None:
-    """The multirun's sweep dir, or None in a single run (or outside Hydra)."""
-    from hydra.types import RunMode
-
-    hydra_cfg = _hydra()
-    if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    return Path(hydra_cfg.sweep.dir)
-
-
-def _job_name() -> str | None:
-    hydra_cfg = _hydra()
-    return hydra_cfg.job.override_dirname if hydra_cfg is not None else None
-
-
 def _output_dir(settings: TrainRunConfig) -> Path:
     if settings.output_dir:
         return Path(settings.output_dir)
-    hydra_cfg = _hydra()
-    if hydra_cfg is not None:
-        return Path(hydra_cfg.runtime.output_dir)
-    return Path(tempfile.mkdtemp(prefix="polar-sparsity-train-"))
+    return runs.job_output_dir() or Path(tempfile.mkdtemp(prefix="polar-sparsity-train-"))
 
 
-def _name_wandb_run(logger: Any, settings: TrainRunConfig, target: RouterTarget) -> None:
-    """One W&B run per router: name it by kind/k/layer (the group, from conf/logger, is the sweep)."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    if isinstance(logger, WandbLogger):
-        k = f"-k{settings.router.topk}" if target.kind == "mha" else ""
-        logger.experiment.name = f"train-{settings.model.name}-{target.kind}{k}-L{target.layer}"
-        logger.experiment.tags = (*(logger.experiment.tags or ()), target.kind, f"layer={target.layer}")
+def _name_run(logger: Any, settings: TrainRunConfig, target: RouterTarget) -> None:
+    """One W&B run per router: named by kind/k/layer (the group, from conf/logger, is the sweep)."""
+    kind = target.kind.value
+    k = f"-k{settings.router.topk}" if target.kind == RouterKind.mha else ""
+    name_wandb_run(
+        logger, f"train-{settings.model.name}-{kind}{k}-L{target.layer}", (kind, f"layer={target.layer}")
+    )

@@ -79,8 +79,8 @@ def test_weighted_bce_weighs_negatives_by_the_positive_rate() -> None:
 def test_baseline_metrics_never_gather_over_ranks() -> None:
     # Baselines are computed on CPU by every rank over the whole validation set; gathering CPU
     # tensors over NCCL fails ("No backend type associated with device type cpu", seen on an H100).
-    from polar_sparsity.routers.targets import RouterTarget
     from polar_sparsity.routers.module import make_metrics
+    from polar_sparsity.routers.targets import RouterTarget
 
     target = RouterTarget("mha", 0, units=8, k=4, num_heads=8, num_kv_heads=8, group_reduce="max")
     assert make_metrics(target).sync_on_compute and not make_metrics(target, sync=False).sync_on_compute

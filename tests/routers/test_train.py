@@ -15,9 +15,10 @@ from omegaconf.errors import ValidationError
 
 from polar_sparsity.data.store import StoreError
 from polar_sparsity.routers.bundle import load_routers
+from polar_sparsity.routers.checks import make_target, open_store
 from polar_sparsity.routers.data import RouterDataModule
 from polar_sparsity.routers.metrics import HeadSelectionMetrics
-from polar_sparsity.routers.task import make_target, open_store, run_train
+from polar_sparsity.routers.task import run_train
 from polar_sparsity.schema import TrainRunConfig
 
 from .conftest import ROOT, train_settings
