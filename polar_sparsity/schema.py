@@ -36,6 +36,8 @@ class DType(str, Enum):
 
 
 class Family(str, Enum):
+    """The model families; ``models.families.FAMILIES`` holds one adapter for each, keyed by these."""
+
     opt = "opt"
     llama = "llama"
     mistral = "mistral"

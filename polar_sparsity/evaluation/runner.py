@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import Logger
 
 from polar_sparsity import runs
 from polar_sparsity.evaluation.harness import TaskSet, local_tasks_dir, resolve_tasks, run_harness
@@ -39,7 +39,7 @@ from polar_sparsity.models.loading import LoadedModel, load_hf_config, load_mode
 from polar_sparsity.reporting import format_table, write_json_atomic
 from polar_sparsity.schema import EvaluateRunConfig, Mode, RouterKind, Weights, parse_positions
 from polar_sparsity.sparsity.masking import SparsityPlan, apply_sparsity, check_plan
-from polar_sparsity.tracking import log_image
+from polar_sparsity.tracking import log_image, log_table
 
 log = logging.getLogger(__name__)
 
@@ -319,10 +319,7 @@ def _log(logger: Logger | None, rows: list[dict[str, Any]], sweep_row: dict[str,
     if logger is None:
         return
     log_image(logger, "evaluate/plot", png)
-    if isinstance(logger, WandbLogger):
-        columns = list(rows[0]) if rows else []
-        data = [[r[c] for c in columns] for r in rows]
-        logger.log_table(key="evaluate/comparison", columns=columns, data=data)
+    log_table(logger, "evaluate/comparison", rows)
     numeric = {f"evaluate/{k}": v for k, v in sweep_row.items() if isinstance(v, (int, float))}
     logger.log_metrics(numeric)
     logger.save()

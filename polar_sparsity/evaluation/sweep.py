@@ -101,27 +101,12 @@ class SweepSummary(Callback):  # type: ignore[misc,valid-type]
 
 def _log_summary(config: Any, sweep_dir: Path, table: list[dict[str, Any]], png: Path) -> None:
     """One more run in the sweep's group: the table (W&B table / CSV metrics) and the plot."""
-    from lightning.pytorch.loggers import WandbLogger
-    from omegaconf import OmegaConf, open_dict
+    from polar_sparsity.tracking import close_logger, log_image, log_table, sweep_logger
 
-    from polar_sparsity.tracking import close_logger, log_image, make_logger
-
-    logger_cfg = config.get("logger")
-    if not logger_cfg:
+    logger = sweep_logger(config, sweep_dir, "evaluate-sweep")
+    if logger is None:
         return
-    logger_cfg = OmegaConf.create(OmegaConf.to_container(logger_cfg, resolve=False))
-    overrides = {"save_dir": str(sweep_dir), "name": f"evaluate-sweep-{config.model.name}",
-                 "job_type": "evaluate-sweep", "group": sweep_dir.name}  # fmt: skip
-    with open_dict(logger_cfg):
-        for key, value in overrides.items():
-            if key in logger_cfg and not (key == "name" and "CSVLogger" in str(logger_cfg.get("_target_"))):
-                logger_cfg[key] = value
-    root = OmegaConf.create({"logger": logger_cfg, **{k: config[k] for k in ("model", "data", "task_name")}})
-    logger = make_logger(root.logger)
-    if isinstance(logger, WandbLogger):
-        columns = list(table[0])
-        data = [[r.get(c) for c in columns] for r in table]
-        logger.log_table(key="evaluate/sweep", columns=columns, data=data)
+    log_table(logger, "evaluate/sweep", table)
     for step, row in enumerate(table):
         numeric = {f"sweep/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
         logger.log_metrics(numeric, step=step)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, MistralConfig, OPTConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
 
+from polar_sparsity.schema import Family
+
 
 class MlpKind(str, Enum):
     """How the MLP turns its input into the down projection's input."""
@@ -217,9 +219,10 @@ def _llama_style(
     )
 
 
-FAMILIES: dict[str, FamilyAdapter] = {
-    "opt": FamilyAdapter(
-        name="opt",
+# One adapter per ``schema.Family`` (the list of family names a config may give).
+FAMILIES: dict[Family, FamilyAdapter] = {
+    Family.opt: FamilyAdapter(
+        name=Family.opt.value,
         model_types=("opt",),
         layers_path="model.decoder.layers",
         attention_path="self_attn",
@@ -229,18 +232,20 @@ FAMILIES: dict[str, FamilyAdapter] = {
         to_hf_config=_opt_hf_config,
         geometry=_opt_geometry,
     ),
-    "llama": _llama_style("llama", ("llama",), LlamaConfig),
-    "mistral": _llama_style("mistral", ("mistral",), MistralConfig),
-    "qwen2": _llama_style("qwen2", ("qwen2",), Qwen2Config),
+    Family.llama: _llama_style(Family.llama.value, ("llama",), LlamaConfig),
+    Family.mistral: _llama_style(Family.mistral.value, ("mistral",), MistralConfig),
+    Family.qwen2: _llama_style(Family.qwen2.value, ("qwen2",), Qwen2Config),
 }
 
 
-def get_family(name: str) -> FamilyAdapter:
+def get_family(name: str | Family) -> FamilyAdapter:
     """The adapter for a family name, with the valid names in the error."""
     try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown model family {name!r}; valid: {sorted(FAMILIES)}") from None
+        return FAMILIES[Family(name)]
+    except ValueError:
+        raise ValueError(
+            f"unknown model family {name!r}; valid: {sorted(f.value for f in FAMILIES)}"
+        ) from None
 
 
 def family_for_config(config: PretrainedConfig) -> FamilyAdapter:

@@ -146,25 +146,11 @@ class SweepSummary(Callback):  # type: ignore[misc,valid-type]
 
 def _log_summary(config: Any, sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
     """Log the table and plot as one more run of the sweep's group (W&B) or a CSV in the sweep dir."""
-    from omegaconf import OmegaConf, open_dict
+    from polar_sparsity.tracking import close_logger, log_image, log_rows, sweep_logger
 
-    from polar_sparsity.tracking import close_logger, log_image, log_rows, make_logger
-
-    logger_cfg = config.get("logger")
-    if not logger_cfg:
+    logger = sweep_logger(config, sweep_dir, "train-summary")
+    if logger is None:
         return
-    logger_cfg = OmegaConf.create(OmegaConf.to_container(logger_cfg, resolve=False))
-    with open_dict(logger_cfg):
-        for key, value in (
-            ("save_dir", str(sweep_dir)),
-            ("name", f"train-summary-{config.model.name}"),
-            ("job_type", "train-summary"),
-            ("group", sweep_dir.name),
-        ):
-            if key in logger_cfg and not (key == "name" and "CSVLogger" in str(logger_cfg.get("_target_"))):
-                logger_cfg[key] = value
-    root = OmegaConf.create({"logger": logger_cfg, **{k: config[k] for k in ("model", "data", "task_name")}})
-    logger = make_logger(root.logger)
     numeric = [
         {k: (v if not (isinstance(v, float) and math.isnan(v)) else None) for k, v in r.items()} for r in rows
     ]

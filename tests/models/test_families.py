@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from polar_sparsity.collect.capture import capture_activations
 from polar_sparsity.models.families import FAMILIES, MlpKind, family_for_config, get_family
+from polar_sparsity.schema import Family
 from tests.helpers import TINY_ARCHITECTURES, tiny_model
 
 BATCH, SEQ = 2, 11
@@ -124,6 +125,11 @@ def test_unknown_family_names_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="unknown model family 'gpt2'.*llama"):
         get_family("gpt2")
     assert set(FAMILIES) == {"opt", "llama", "mistral", "qwen2"}
+
+
+def test_every_configurable_family_has_its_adapter() -> None:
+    assert list(FAMILIES) == list(Family)
+    assert all(get_family(family).name == family.value for family in Family)
 
 
 def test_norm_mismatch_is_rejected() -> None:
