@@ -1,11 +1,12 @@
 """Pretrain the project's tiny models (``tiny-opt``, ``tiny-llama``) on the offline corpus.
 
-    python -m polar_sparsity.models.pretrain_tiny --model tiny-opt --device cuda --out DIR
+    python tools/pretrain_tiny.py --model tiny-opt --device cuda --out DIR
 
 The architecture comes from ``conf/model/<model>.yaml`` (key ``architecture``); the data is the
 ``python-docs`` corpus tokenized with the shipped tokenizer. The output directory becomes a Hugging Face
 checkpoint (float16 safetensors, config, tokenizer, model card ``README.md`` and ``metrics.json``).
-Plain argparse, no Hydra: this runs on bare GPU images too.
+Plain argparse, no Hydra: this runs on bare GPU images too. A repository tool, not part of the
+installed package: it reads the repository's ``conf/``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from polar_sparsity.data.tokenizer import load_tokenizer, tokenizer_path
 from polar_sparsity.models.families import build_hf_config, family_for_config
 
 MAX_CHECKPOINT_BYTES = 8_000_000
-_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"  # tools/ sits beside conf/
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -363,7 +364,7 @@ def training_record(
 ) -> dict[str, Any]:
     """How the model was trained, for the card: exact command, data volume, device, software."""
     tokens_seen = args.steps * args.batch_size * args.seq_len
-    command = ["python -m polar_sparsity.models.pretrain_tiny", *(sys.argv[1:] if argv is None else argv)]
+    command = ["python tools/pretrain_tiny.py", *(sys.argv[1:] if argv is None else argv)]
     return {
         **{k: v for k, v in vars(args).items() if k not in ("out", "config", "set")},
         "command": " ".join(command),
