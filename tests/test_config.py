@@ -21,7 +21,7 @@ def _compose(*overrides: str):
         return compose("collect", overrides=["logger=none", *overrides])
 
 
-def test_every_issue_model_has_a_config() -> None:
+def test_every_supported_model_has_a_config() -> None:
     expected = {
         "tiny-opt",
         "tiny-llama",
