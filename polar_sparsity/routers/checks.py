@@ -48,10 +48,10 @@ def make_target(settings: TrainRunConfig, store: ActivationStore) -> RouterTarge
     g, router = store.geometry, settings.router
     if router.kind == RouterKind.mha:
         # One score per KV group (== per head for MHA models).
-        return RouterTarget.heads(
+        return RouterTarget.for_heads(
             settings.layer, router.topk, g.num_heads, g.num_kv_heads, router.group_reduce
         )  # type: ignore[arg-type]
-    return RouterTarget.neurons(settings.layer, g.ffn_dim, g.num_heads, g.num_kv_heads)
+    return RouterTarget.for_neurons(settings.layer, g.ffn_dim, g.num_heads, g.num_kv_heads)
 
 
 def net_spec(settings: TrainRunConfig, store: ActivationStore, target: RouterTarget) -> dict[str, Any]:

@@ -33,7 +33,7 @@ class RouterTarget:
         object.__setattr__(self, "group_reduce", GroupReduce(self.group_reduce))
 
     @classmethod
-    def heads(
+    def for_heads(
         cls, layer: int, topk: float, num_heads: int, num_kv_heads: int, group_reduce: GroupReduce
     ) -> RouterTarget:
         """A head router: one unit per KV group (per head for MHA models), the top-k labelled active."""
@@ -41,7 +41,7 @@ class RouterTarget:
         return cls(RouterKind.mha, layer, num_kv_heads, k, num_heads, num_kv_heads, group_reduce)
 
     @classmethod
-    def neurons(cls, layer: int, ffn_dim: int, num_heads: int, num_kv_heads: int) -> RouterTarget:
+    def for_neurons(cls, layer: int, ffn_dim: int, num_heads: int, num_kv_heads: int) -> RouterTarget:
         """An MLP router: one unit per neuron, labelled by whether it fired."""
         return cls(RouterKind.mlp, layer, ffn_dim, None, num_heads, num_kv_heads, GroupReduce.max)
 

@@ -18,8 +18,9 @@ def num_kept(fraction: float, units: int) -> int:
     The one rule for training labels, evaluation masks and the decoding engine. A fraction is a
     decimal the user wrote (0.3, 0.7); its floating-point product with ``units`` can land a few ulps
     above the exact value (0.7 * 10 is 7.000000000000001), so a product within 1e-9 above an integer
-    counts as that integer. Exact products of decimals with at most 8 places and unit counts below
-    10**6 are never that close to an integer without being one, so the tolerance changes nothing else.
+    counts as that integer. The exact product of a decimal with at most 8 places is a multiple of
+    1e-8, so it is an integer or at least 1e-8 away from one: below 10**6 units (rounding error under
+    1e-9) the tolerance moves no other count.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"top-k fraction {fraction} must be in (0, 1]")

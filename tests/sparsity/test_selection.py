@@ -25,7 +25,7 @@ def test_labels_and_masks_keep_the_same_count_for_every_thousandth() -> None:
     label_counts, mask_counts = [], []
     for units in range(1, MAX_UNITS + 1):
         geometry = _geometry(units)
-        label_counts.append([RouterTarget.heads(0, f, units, units, "max").k for f in FRACTIONS])
+        label_counts.append([RouterTarget.for_heads(0, f, units, units, "max").k for f in FRACTIONS])
         mask_counts.append([plan.attn_keep(geometry) for plan in plans])
     thousandths = torch.arange(1, 1001).unsqueeze(0)
     units = torch.arange(1, MAX_UNITS + 1).unsqueeze(1)
