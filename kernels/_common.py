@@ -46,6 +46,22 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def max_shared_memory(device: torch.device) -> int:
+    """Shared memory one program may use (bytes): bounds the pipeline stages a config may ask for."""
+    if device.type != "cuda":
+        return 228 * 1024  # interpreter: no limit that matters
+    from triton.runtime import driver
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def fit_stages(wanted: int, stage_bytes: int, smem: int) -> int:
+    """The most pipeline stages <= ``wanted`` whose buffers (``stage_bytes`` each) fit in ``smem``
+    (with 8 KB kept for the epilogue and scratch); at least 1."""
+    return max(1, min(wanted, (smem - 8192) // max(stage_bytes, 1)))
+
+
 def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; move it there")
@@ -89,6 +105,16 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     if t.stride(-1) != 1:
         raise ValueError(
             f"{name} must have unit stride in its last dim (got strides {t.stride()}); "
+            "call .contiguous() once when the tensor is created"
+        )
+
+
+def check_contiguous_vector(name: str, t: torch.Tensor) -> None:
+    # 1-D operands (biases, lengths, indices) are read at unit stride: a strided view such as b[::2]
+    # would silently read the wrong elements.
+    if t.dim() != 1 or t.stride(0) != 1:
+        raise ValueError(
+            f"{name} must be a contiguous 1-D tensor (got shape {tuple(t.shape)}, strides {t.stride()}); "
             "call .contiguous() once when the tensor is created"
         )
 
