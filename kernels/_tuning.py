@@ -203,43 +203,40 @@ def user_cache(device: torch.device) -> TuningCache:
 # ----------------------------------------------------------------------------------------------
 
 
-def _l2_clearing_buffer(device: torch.device) -> torch.Tensor:
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 * 2**20)
-    return torch.empty(2 * l2 // 2, dtype=torch.float16, device=device).fill_(1.0)
-
-
-def time_graph_us(
-    launch: Callable[[], object], device: torch.device, reps: int = 10, calls: int = 4
-) -> float:
-    """Microseconds per ``launch()`` call, each from a cold L2, timed like the benchmarks.
+class GraphTimer:
+    """Microseconds per launch, each from a cold L2, timed like the benchmarks.
 
     ``calls`` launches, each after a read of twice the L2 size (evicts without dirtying it), are
-    captured in one CUDA graph; the replay's median minus that of the reads alone, divided by
-    ``calls``, is the time of one launch. Graph replay removes the host launch overhead that would
-    dominate single launches of 10-100 us kernels and mis-rank their configs.
+    captured in one CUDA graph; the replay's median minus that of the reads alone (measured once per
+    timer), divided by ``calls``, is the time of one launch. Graph replay removes the host launch
+    overhead that would dominate single launches of 10-100 us kernels and mis-rank their configs.
     """
-    flush = _l2_clearing_buffer(device)
-    sink = torch.empty((), dtype=torch.float32, device=device)
 
-    def clear():
-        torch.sum(flush, dtype=torch.float32, out=sink)
+    def __init__(self, device: torch.device, reps: int = 8, calls: int = 3):
+        self.device, self.reps, self.calls = device, reps, calls
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 * 2**20)
+        self._flush = torch.ones(l2, dtype=torch.float16, device=device)  # 2 x L2 bytes
+        self._sink = torch.empty((), dtype=torch.float32, device=device)
+        self._reads_us: float | None = None
 
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        launch()  # compiles; raises here for a config that does not fit
-        clear()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    torch.cuda.synchronize(device)
+    def _clear(self) -> None:
+        torch.sum(self._flush, dtype=torch.float32, out=self._sink)
 
-    def replay_us(body: Callable[[], None]) -> float:
+    def _replay_us(self, body: Callable[[], object]) -> float:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            body()  # compiles; raises here for a config that does not fit
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            body()
+            for _ in range(self.calls):
+                body()
         graph.replay()
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(self.device)
         times = []
-        for _ in range(reps):
+        for _ in range(self.reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             graph.replay()
@@ -248,16 +245,20 @@ def time_graph_us(
             times.append(start.elapsed_time(end) * 1e3)
         return statistics.median(times)
 
-    def both():
-        for _ in range(calls):
-            clear()
+    def __call__(self, launch: Callable[[], object]) -> float:
+        if self._reads_us is None:
+            self._reads_us = self._replay_us(self._clear)
+
+        def cold():
+            self._clear()
             launch()
 
-    def reads():
-        for _ in range(calls):
-            clear()
+        return max(self._replay_us(cold) - self._reads_us, 0.0) / self.calls
 
-    return max(replay_us(both) - replay_us(reads), 0.0) / calls
+
+def time_graph_us(launch: Callable[[], object], device: torch.device) -> float:
+    """Microseconds per ``launch()`` from a cold L2 (see :class:`GraphTimer`)."""
+    return GraphTimer(device)(launch)
 
 
 def tune(
@@ -265,11 +266,12 @@ def tune(
 ) -> Config:
     """Time each candidate and return the fastest one that compiles and fits."""
     t0 = time.time()
+    timer = GraphTimer(device)
     best, best_us, errors, tried = None, float("inf"), [], 0
     for cfg in candidates:
         tried += 1
         try:
-            us = time_graph_us(lambda c=cfg: launch(c), device)
+            us = timer(lambda c=cfg: launch(c))
         except Exception as exc:  # noqa: BLE001 - a config that does not fit (registers, smem) is skipped
             torch.cuda.synchronize(device)
             first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
