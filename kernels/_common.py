@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 
@@ -50,9 +51,13 @@ def max_shared_memory(device: torch.device) -> int:
     """Shared memory one program may use (bytes): bounds the pipeline stages a config may ask for."""
     if device.type != "cuda":
         return 228 * 1024  # interpreter: no limit that matters
+    return _cuda_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@cache
+def _cuda_shared_memory(index: int) -> int:
     from triton.runtime import driver
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
     return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
 
 

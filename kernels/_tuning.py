@@ -29,7 +29,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
@@ -111,7 +111,14 @@ def set_cache_dir(path: str | Path | None) -> None:
 
 def gpu_name(device: torch.device) -> str:
     """Exact name tables and cache entries are keyed by ('' for the CPU interpreter)."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    if device.type != "cuda":
+        return ""
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@cache
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def triton_version() -> str:
@@ -313,9 +320,12 @@ def pick(
     """Return the launch config for ``key`` (memoised per process and GPU)."""
     if device.type != "cuda":  # the CPU interpreter: nothing to time
         return dict(heuristic())
+    gpu = gpu_name(device)
+    if (gpu, key) in _CHOSEN:  # the hot path of every op call: no cache object, no file access
+        return _CHOSEN[(gpu, key)]
     return resolve(
         key,
-        gpu_name(device),
+        gpu,
         user_cache(device),
         heuristic,
         lambda: tune(key, candidates(), launch, device),
