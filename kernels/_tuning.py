@@ -227,7 +227,7 @@ class GraphTimer:
         self._reads_us: float | None = None
 
     def _clear(self) -> None:
-        torch.sum(self._flush, dtype=torch.float32, out=self._sink)
+        torch.sum(self._flush, dim=0, dtype=torch.float32, out=self._sink)
 
     def _replay_us(self, body: Callable[[], object]) -> float:
         stream = torch.cuda.Stream(self.device)

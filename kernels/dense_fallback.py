@@ -59,11 +59,26 @@ def model_crossover_attention(group: int) -> float:
     return 1.0 / (ATTENTION_PENALTY["mha" if group == 1 else "gqa"] * MARGIN)
 
 
+# Crossovers read from the cache, by (cache file, key): the decoder asks per layer and step, the file
+# is read once per key and process.
+_SEEN: dict[tuple[str, str], float | None] = {}
+
+
 def _measured(key: str, device: torch.device) -> float | None:
     if _tuning.mode() == "heuristic":
         return None
-    value = _tuning.user_cache(device).get(key, section="crossovers")
-    return None if value is None else float(value)
+    cache = _tuning.user_cache(device)
+    memo = (str(cache.path), key)
+    if memo not in _SEEN:
+        value = cache.get(key, section="crossovers")
+        _SEEN[memo] = None if value is None else float(value)
+    return _SEEN[memo]
+
+
+def _store(key: str, crossover: float, device: torch.device) -> None:
+    cache = _tuning.user_cache(device)
+    cache.put({key: crossover}, section="crossovers")
+    _SEEN[(str(cache.path), key)] = crossover
 
 
 def mlp_crossover(M: int, n: int, d: int, gated: bool, device: torch.device) -> tuple[float, str]:
@@ -156,7 +171,7 @@ def measure_mlp_crossover(
         sparse(idx)  # eager: tunes (or looks up) the keys of this k before timing
         sparse_us.append(timer(lambda i=idx: sparse(i)))
     crossover = crossover_from_timings(densities, sparse_us, dense_us)
-    _tuning.user_cache(device).put({mlp_key(M, n, d, gated): crossover}, section="crossovers")
+    _store(mlp_key(M, n, d, gated), crossover, device)
     return {
         "key": mlp_key(M, n, d, gated),
         "dense_us": dense_us,
@@ -197,7 +212,7 @@ def measure_attention_crossover(
     fractions = [kk / n_kv for kk in counts]
     crossover = crossover_from_timings(fractions, sparse_us, dense_us)
     key = attention_key(batch, n_kv, group, head_dim, n_max)
-    _tuning.user_cache(device).put({key: crossover}, section="crossovers")
+    _store(key, crossover, device)
     return {"key": key, "dense_us": dense_us, "sparse_us": sparse_us, "crossover": crossover}
 
 

@@ -11,6 +11,7 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     monkeypatch.setattr(_tuning, "_SETTINGS", {"cache_dir": str(tmp_path), "mode": "tune"})
+    monkeypatch.setattr(dense_fallback, "_SEEN", {})
     return tmp_path
 
 
@@ -65,6 +66,7 @@ def test_counts_are_validated():
 def test_measured_crossovers_on_gpu(tmp_path, monkeypatch):
     """On a GPU: measuring stores a crossover the decision then uses."""
     monkeypatch.setattr(_tuning, "_SETTINGS", {"cache_dir": str(tmp_path), "mode": "cached"})
+    monkeypatch.setattr(dense_fallback, "_SEEN", {})
     dev = torch.device("cuda")
     res = dense_fallback.measure_mlp_crossover(16, 8192, 2048, False, dev, densities=(0.2, 0.6, 1.0))
     assert 0.0 <= res["crossover"] <= 1.0
