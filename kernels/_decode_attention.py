@@ -241,12 +241,13 @@ MIN_CHUNK = 256  # tokens: shorter chunks spend more on the merge than they win 
 
 
 def _split_options(programs: int, n_max: int, sms: int) -> list[int]:
-    """Power-of-two split counts worth trying: from 1 up to enough programs for ~8 waves."""
+    """Power-of-two split counts worth trying: from 1 up to enough programs for ~4 waves (more,
+    shorter chunks only lost in the H100 sweeps: each chunk pays the pipeline start-up)."""
     most = max(1, C.next_pow2(C.cdiv(n_max, MIN_CHUNK)))
     opts, s = [], 1
     while s <= most:
         opts.append(s)
-        if programs * s >= 8 * sms:
+        if programs * s >= 4 * sms:
             break
         s *= 2
     return opts
@@ -278,19 +279,24 @@ def _heuristic(group: int, programs: int, n_max: int, sms: int, head_dim: int, s
     }
 
 
+# (BLOCK_N, num_warps, num_stages) tried: every combination that won a tuning run at the benchmark
+# shapes on the H100 (2026-11-23/24) or the H200 (2026-11-29), plus one narrower GQA tile.
+_TILES = {
+    "mha": ((128, 8, 3), (128, 4, 3), (128, 4, 2), (64, 4, 2), (64, 8, 2), (64, 4, 3)),
+    "gqa": ((64, 4, 3), (64, 8, 2), (128, 8, 3), (64, 4, 2), (32, 4, 3)),
+}
+
+
 def _candidates(group: int, programs: int, n_max: int, sms: int) -> list[_tuning.Config]:
-    # Every split count up to ~8 waves: at low density one long chunk per program (one or two waves,
-    # few pipeline start-ups) can beat many short ones. The in-kernel merge is tried for <= 8 splits
-    # (its last-arriving program reads the partials one after another). Tensor-core products only:
-    # the register reduction (use_dot=0) never won a tuning run on H100 or H200.
-    splits = _split_options(programs, n_max, sms)
+    # Split counts up to ~4 waves: at low density one long chunk per program (one or two waves, few
+    # pipeline start-ups) can beat many short ones. The in-kernel merge is tried for <= 4 splits (its
+    # last-arriving program reads the partials one after another). Tensor-core products only: the
+    # register reduction (use_dot=0) never won a tuning run on H100 or H200.
     return [
         {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "splits": s, "use_dot": 1, "merge_here": mh}
-        for bn in ((32, 64, 128) if group > 1 else (64, 128))
-        for nw in (4, 8)
-        for ns in (2, 3)
-        for s in splits
-        for mh in ((0, 1) if 1 < s <= 8 else (0,))
+        for bn, nw, ns in _TILES["mha" if group == 1 else "gqa"]
+        for s in _split_options(programs, n_max, sms)
+        for mh in ((0, 1) if 1 < s <= 4 else (0,))
     ]
 
 

@@ -182,8 +182,8 @@ def _split_options(tiles: int, n_sel: int, block_k: int, sms: int, base: int) ->
 
 def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
     tiles_by_bm = [(_block_m(M), t) for t in _TILES[16 if M <= 16 else 64]]
-    if M > 64:
-        tiles_by_bm = [(64, t) for t in _TILES[64]] + [(128, t) for t in _TILES[128]]
+    if M > 64:  # the two best 64-row tiles of the H100 M=256 tuning, then the 128-row ones
+        tiles_by_bm = [(64, (256, 64, 4, 3)), (64, (128, 64, 4, 4))] + [(128, t) for t in _TILES[128]]
     out = []
     for bm, (bd, bk, nw, ns) in tiles_by_bm:
         tiles = C.cdiv(M, bm) * C.cdiv(d, bd)

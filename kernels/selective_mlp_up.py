@@ -179,18 +179,20 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
     M > 64: 128 x 128 tensor-core tiles, so the selected weight rows are re-read once per 128 batch
-    rows only. M <= 64: the widest ``BLOCK_N`` that still gives about half a wave (M <= 16: a quarter)
-    of programs, since wider tiles re-read the activation tile fewer times; narrow tiles take longer
-    K-steps. Split-d fills the GPU when the selection is small.
+    rows only. 16 < M <= 64: the widest ``BLOCK_N`` that still gives about half a wave of programs,
+    since wider tiles re-read the activation tile fewer times; narrow tiles take longer K-steps.
+    M <= 16: 32 x 128 tiles (within 8% of the tuned configs at M=16 on the H200; the tuned picks vary
+    between 32 and 64 columns and 1-6 splits without a pattern). Split-d fills the GPU when the
+    selection is small.
     """
     if M > 64:
         bm, bn, bk, nw, ns = 128, 128, 64, 8, 3
+    elif M <= 16:
+        bm, bn, bk, nw, ns = 16, 32, 128, 4, 4
     else:
         bm = _block_m(M)
-        enough = sms / 4 if bm <= 16 else sms / 2
-        widths = (64, 32) if bm <= 16 else (128, 64, 32, 16)
-        bn = next((w for w in widths if C.cdiv(n_sel, w) >= enough), widths[-1])
-        bk = 64 if bn == 128 else 128 if (bn == 64 or bm <= 16) else 256
+        bn = next((w for w in (128, 64, 32, 16) if C.cdiv(n_sel, w) >= sms / 2), 16)
+        bk = 64 if bn == 128 else 128 if bn == 64 else 256
         nw, ns = (8 if bn == 128 else 4), 4
     programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
     return {
@@ -223,13 +225,13 @@ _TILES = {
 
 def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
     tiles = [(_block_m(M), *t) for t in _TILES[16 if M <= 16 else 64]]
-    if M > 64:
-        tiles = [(64, *t) for t in _TILES[64]] + [(128, *t) for t in _TILES[128]]
+    if M > 64:  # the two best 64-row tiles of the H100 M=256 tuning, then the 128-row ones
+        tiles = [(64, 64, 128, 4, 4), (64, 16, 256, 4, 4)] + [(128, *t) for t in _TILES[128]]
     out = []
     for bm, bn, bk, nw, ns in tiles:
         programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
         s = _splits_for(programs, d, bk, 2 * sms if bm <= 16 else sms)
-        for split in sorted({1, 2, 3, 4, 6, s, s * 2}):
+        for split in sorted({1, 2, 4, s} if M > 64 else {1, 2, 3, 4, 6, s, s * 2}):
             if split > 1 and d // split < 2 * bk:
                 continue
             out.append(
