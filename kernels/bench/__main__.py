@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             "gpu": env["gpu"],
             "triton": env["triton"],
             "tuning": _tuning.mode(),
-            "source": f"python -m polar_sparsity.kernels.bench {args.bench} --tune on {env['gpu']}",
+            "source": f"python -m polar_sparsity.kernels.bench {args.bench} on {env['gpu']}",
             "env": env,
             "configs": {k: v for k, v in sorted(_tuning.chosen().items()) if k in keys},
         }
