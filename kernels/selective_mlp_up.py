@@ -179,16 +179,16 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
     M > 64: 128 x 128 tensor-core tiles, so the selected weight rows are re-read once per 128 batch
-    rows only. 16 < M <= 64: the widest ``BLOCK_N`` that still gives about half a wave of programs,
-    since wider tiles re-read the activation tile fewer times; narrow tiles take longer K-steps.
-    M <= 16: 32 x 128 tiles (within 8% of the tuned configs at M=16 on the H200; the tuned picks vary
-    between 32 and 64 columns and 1-6 splits without a pattern). Split-d fills the GPU when the
-    selection is small.
+    rows only; split-d up to one wave. 16 < M <= 64: the widest ``BLOCK_N`` that still gives about
+    half a wave of programs (wider tiles re-read the activation tile fewer times; narrow tiles take
+    longer K-steps), no split then (tuning split only one of 20 such keys). M <= 16: 64 neurons x 128
+    per step when that gives a quarter wave of programs, else 32; split-d to one wave.
     """
     if M > 64:
         bm, bn, bk, nw, ns = 128, 128, 64, 8, 3
     elif M <= 16:
-        bm, bn, bk, nw, ns = 16, 32, 128, 4, 4
+        bm, bk, nw, ns = 16, 128, 4, 4
+        bn = 64 if C.cdiv(n_sel, 64) >= sms / 4 else 32
     else:
         bm = _block_m(M)
         bn = next((w for w in (128, 64, 32, 16) if C.cdiv(n_sel, w) >= sms / 2), 16)
@@ -201,7 +201,7 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
         "BLOCK_K": bk,
         "num_warps": nw,
         "num_stages": C.fit_stages(ns, _stage_bytes(bm, bn, bk, gated), smem),
-        "splits": _splits_for(programs, d, bk, 2 * sms if bm <= 16 else sms),
+        "splits": _splits_for(programs, d, bk, sms if bm in (16, 128) else sms // 2),
     }
 
 
