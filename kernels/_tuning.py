@@ -7,7 +7,8 @@ wins:
 1. a shipped table (``kernels/tuned_*.json``) whose ``gpu`` field equals the GPU's exact name
    (``torch.cuda.get_device_name``); a table for another GPU never applies;
 2. the user cache: one JSON file per (GPU name, Triton version) in :func:`cache_dir`
-   (``$POLAR_SPARSITY_KERNEL_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/polar_sparsity/kernels``);
+   (``$POLAR_SPARSITY_KERNEL_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/polar_sparsity/kernels``,
+   file ``<gpu>-triton<version>-v<layout>.json``);
 3. tuning, the first time the key is met outside CUDA-graph capture: every candidate is timed by
    CUDA-graph replay with L2 cleared before each launch (as the benchmarks time the ops), the fastest
    is stored in the cache (file lock + merge + atomic rename: concurrent processes keep each other's
@@ -43,6 +44,8 @@ CACHE_ENV = "POLAR_SPARSITY_KERNEL_CACHE"
 MODE_ENV = "POLAR_SPARSITY_KERNEL_TUNING"
 SHIPPED_ENV = "POLAR_SPARSITY_KERNEL_SHIPPED_TABLES"
 MODES = ("tune", "cached", "heuristic")
+# Bumped when a kernel's meaning of a config changes: caches written for another layout are not read.
+CACHE_LAYOUT = 1
 
 # Configs picked in this process, by (gpu, key); what `chosen()` reports.
 _CHOSEN: dict[tuple[str, str], Config] = {}
@@ -165,7 +168,7 @@ class TuningCache:
 
     def __init__(self, directory: Path, gpu: str, triton: str):
         self.gpu, self.triton = gpu, triton
-        self.path = Path(directory) / f"{_safe(gpu)}-triton{_safe(triton)}.json"
+        self.path = Path(directory) / f"{_safe(gpu)}-triton{_safe(triton)}-v{CACHE_LAYOUT}.json"
 
     def _read(self) -> dict:
         if not self.path.exists():
