@@ -1,6 +1,6 @@
 """One GPU session for the kernels: tests, tuning, benchmarks in three config modes, a summary.
 
-``python -m polar_sparsity.kernels.bench.session --out DIR [--budget-s 500]`` runs, each step a
+``python -m polar_sparsity.kernels.bench.session --out DIR [--budget-s 570]`` runs, each step a
 subprocess with its own time limit, stopped when the session budget is spent:
 
 1. ``pytest -m gpu tests/kernels`` (the shipped table of this GPU, else the heuristic; no tuning);
@@ -33,7 +33,7 @@ from pathlib import Path
 
 BENCH = [sys.executable, "-m", "polar_sparsity.kernels.bench"]
 KERNEL_TESTS = Path(__file__).resolve().parents[2] / "tests" / "kernels"  # the checkout's, not a copy
-# (name, argv, wanted seconds); the heuristic and tuned steps share the order of the benchmarks.
+# Benchmark options per config mode (first-use tuning adds its own, initially empty, cache).
 MODES = {
     "heuristic": ["--tuning", "heuristic"],
     "tuned": ["--tuning", "tune", "--no-shipped-tables"],
