@@ -35,7 +35,10 @@ from pathlib import Path
 
 import torch
 
-from ..reporting import locked, write_json_atomic
+# Absolute import: the folder is also importable as a top-level `kernels` from a checkout root (e.g.
+# when a library probes for the PyPI `kernels` package), where a relative `..` would fail.
+from polar_sparsity.reporting import locked, write_json_atomic
+
 from ._common import is_capturing
 
 Config = dict[str, int]

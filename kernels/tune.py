@@ -178,7 +178,7 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, Shapes]:
 def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
-    from ..reporting import format_table
+    from polar_sparsity.reporting import format_table
 
     args, shapes = _parse(argv)
     keys = enumerate_keys(shapes, args.batch, args.context, args.density)
