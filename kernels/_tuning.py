@@ -269,11 +269,6 @@ class GraphTimer:
         return max(self._replay_us(cold) - self._reads_us, 0.0) / self.calls
 
 
-def time_graph_us(launch: Callable[[], object], device: torch.device) -> float:
-    """Microseconds per ``launch()`` from a cold L2 (see :class:`GraphTimer`)."""
-    return GraphTimer(device)(launch)
-
-
 def tune(
     key: str, candidates: Iterable[Config], launch: Callable[[Config], None], device: torch.device
 ) -> Config:
