@@ -10,10 +10,15 @@ Each op lives in its own module beside its torch reference (``<op>_reference``):
   :func:`dense_decode_attention`: decode attention over a static ``(B, H_kv, N_max, D)`` KV cache with
   per-sequence lengths on the device (CUDA-graph safe) and split-K for long contexts.
 
-See docs/kernels.md for layouts, tests and benchmarks.
+Launch configs come per GPU from a shipped table, the user tuning cache, first-use tuning or a
+heuristic (``_tuning``; :func:`warm_up` resolves every key before CUDA-graph capture);
+:func:`use_sparse_mlp` / :func:`use_sparse_attention` (``dense_fallback``) say where the dense path is
+faster. See docs/kernels.md for layouts, tuning, tests and benchmarks.
 """
 
+from ._tuning import warm_up
 from .dense_decode_attention import dense_decode_attention, dense_decode_attention_reference
+from .dense_fallback import use_sparse_attention, use_sparse_mlp
 from .selective_group_attention import selective_group_attention, selective_group_attention_reference
 from .selective_head_attention import selective_head_attention, selective_head_attention_reference
 from .selective_mlp_down import prepare_down_weight, selective_down, selective_down_reference
@@ -38,4 +43,7 @@ __all__ = [
     "selective_head_attention_reference",
     "selective_up",
     "selective_up_reference",
+    "use_sparse_attention",
+    "use_sparse_mlp",
+    "warm_up",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 
@@ -44,6 +45,26 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # interpreter: any small number keeps the launch grids tiny
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def max_shared_memory(device: torch.device) -> int:
+    """Shared memory one program may use (bytes): bounds the pipeline stages a config may ask for."""
+    if device.type != "cuda":
+        return 228 * 1024  # interpreter: no limit that matters
+    return _cuda_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@cache
+def _cuda_shared_memory(index: int) -> int:
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def fit_stages(wanted: int, stage_bytes: int, smem: int) -> int:
+    """The most pipeline stages <= ``wanted`` whose buffers (``stage_bytes`` each) fit in ``smem``
+    (with 8 KB kept for the epilogue and scratch); at least 1."""
+    return max(1, min(wanted, (smem - 8192) // max(stage_bytes, 1)))
 
 
 def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -89,6 +110,16 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     if t.stride(-1) != 1:
         raise ValueError(
             f"{name} must have unit stride in its last dim (got strides {t.stride()}); "
+            "call .contiguous() once when the tensor is created"
+        )
+
+
+def check_contiguous_vector(name: str, t: torch.Tensor) -> None:
+    # 1-D operands (biases, lengths, indices) are read at unit stride: a strided view such as b[::2]
+    # would silently read the wrong elements.
+    if t.dim() != 1 or t.stride(0) != 1:
+        raise ValueError(
+            f"{name} must be a contiguous 1-D tensor (got shape {tuple(t.shape)}, strides {t.stride()}); "
             "call .contiguous() once when the tensor is created"
         )
 

@@ -241,42 +241,62 @@ MIN_CHUNK = 256  # tokens: shorter chunks spend more on the merge than they win 
 
 
 def _split_options(programs: int, n_max: int, sms: int) -> list[int]:
-    """Power-of-two split counts worth trying: from 1 up to enough programs for ~8 waves."""
+    """Power-of-two split counts worth trying: from 1 up to enough programs for ~4 waves (more,
+    shorter chunks only lost in the H100 sweeps: each chunk pays the pipeline start-up)."""
     most = max(1, C.next_pow2(C.cdiv(n_max, MIN_CHUNK)))
     opts, s = [], 1
     while s <= most:
         opts.append(s)
-        if programs * s >= 8 * sms:
+        if programs * s >= 4 * sms:
             break
         s *= 2
     return opts
 
 
-def _heuristic(group: int, programs: int, n_max: int, sms: int) -> _tuning.Config:
+def _heuristic(group: int, programs: int, n_max: int, sms: int, head_dim: int, smem: int) -> _tuning.Config:
+    """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
+
+    Tensor-core products for every group size (tuning never picked the register reduction, even for
+    one query head). MHA: 128-token K/V tiles, 8 warps, 3 stages where shared memory allows (else
+    64-token tiles, 4 warps, 2 stages: three programs per SM keep as many bytes in flight). GQA:
+    64-token tiles, 4 warps, 3 stages. Splits: the fewest that fill one wave, since long chunks pay
+    the pipeline start-up (index -> K/V load chain) once per program and many short chunks pay it per
+    chunk (H100, Llama-3-70B one group of 8: 103.6 us with 2 splits vs 127.6 us with 32).
+    """
     splits = _split_options(programs, n_max, sms)
-    # The fewest splits that fill one wave: long chunks pay the pipeline start-up (index -> K/V load
-    # chain) once per program; many short chunks pay it per chunk (measured on the H100 at low
-    # density: Llama-3-70B one group of 8, 103.6 us with 2 splits vs 127.6 us with 32).
     target = next((s for s in splits if programs * s >= sms), splits[-1])
-    return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "splits": target, "use_dot": int(group > 1)}
+    tile_bytes = 2 * C.next_pow2(head_dim) * 2  # one K row and one V row, fp16 / bf16
+    bn, nw, ns = (128, 8, 3) if group == 1 else (64, 4, 3)
+    if group == 1 and C.fit_stages(ns, bn * tile_bytes, smem) < ns:
+        bn, nw, ns = 64, 4, 2
+    return {
+        "BLOCK_N": bn,
+        "num_warps": nw,
+        "num_stages": C.fit_stages(ns, bn * tile_bytes, smem),
+        "splits": target,
+        "use_dot": 1,
+        "merge_here": 0,
+    }
+
+
+# (BLOCK_N, num_warps, num_stages) tried: every combination that won a tuning run at the benchmark
+# shapes on the H100 (2026-11-23/24) or the H200 (2026-11-29), plus one narrower GQA tile.
+_TILES = {
+    "mha": ((128, 8, 3), (128, 4, 3), (128, 4, 2), (64, 4, 2), (64, 8, 2), (64, 4, 3)),
+    "gqa": ((64, 4, 3), (64, 8, 2), (128, 8, 3), (64, 4, 2), (32, 4, 3)),
+}
 
 
 def _candidates(group: int, programs: int, n_max: int, sms: int) -> list[_tuning.Config]:
-    dots = (0, 1) if group == 1 else (1,)
-    # Every split count up to ~8 waves: at low density one long chunk per program (one or two waves,
-    # few pipeline start-ups) can beat many short ones. The in-kernel merge is tried for <= 8 splits
-    # (its last-arriving program reads the partials one split after another).
-    splits = _split_options(programs, n_max, sms)
+    # Split counts up to ~4 waves: at low density one long chunk per program (one or two waves, few
+    # pipeline start-ups) can beat many short ones. The in-kernel merge is tried for <= 4 splits (its
+    # last-arriving program reads the partials one after another). Tensor-core products only: the
+    # register reduction (use_dot=0) never won a tuning run on H100 or H200.
     return [
-        {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "splits": s, "use_dot": d, "merge_here": mh}
-        for bn in ((32, 64, 128) if group > 1 else (64, 128))
-        for nw in (4, 8)
-        for ns in ((2, 3, 4) if group > 1 else (2, 3))
-        for s in splits
-        for d in dots
-        for mh in ((0, 1) if 1 < s <= 8 else (0,))
-        if not (bn == 128 and nw == 4 and d == 0)  # 128x128 fp32 products spill at 4 warps
-        if not (bn == 128 and ns == 4)  # 4 x 64 KB K/V stages exceed shared memory
+        {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "splits": s, "use_dot": 1, "merge_here": mh}
+        for bn, nw, ns in _TILES["mha" if group == 1 else "gqa"]
+        for s in _split_options(programs, n_max, sms)
+        for mh in ((0, 1) if 1 < s <= 4 else (0,))
     ]
 
 
@@ -313,6 +333,7 @@ def _check_inputs(q, k_cache, v_cache, seqlens, kv_idx, out) -> None:
     C.check_last_dim_contiguous("q", q)
     C.check_shape("seqlens", seqlens, (B,), "(batch,)")
     C.check_index_tensor("seqlens", seqlens, device)
+    C.check_contiguous_vector("seqlens", seqlens)
     if kv_idx is not None:
         C.check_ndim("head/group indices", kv_idx, 2, "(batch, k)")
         C.check_index_tensor("head/group indices", kv_idx, device)
@@ -363,7 +384,7 @@ def decode_attention(
     scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * LOG2E
     group = Hq // Hkv
     programs = B * n_sel
-    sms = C.num_sms(q.device)
+    sms, smem = C.num_sms(q.device), C.max_shared_memory(q.device)
     key = config_key(D, group, programs, n_max)
 
     zero_fill = kv_idx is not None and zero_unselected
@@ -374,7 +395,7 @@ def decode_attention(
     cfg = _tuning.pick(
         key,
         q.device,
-        lambda: _heuristic(group, programs, n_max, sms),
+        lambda: _heuristic(group, programs, n_max, sms, D, smem),
         lambda: _candidates(group, programs, n_max, sms),
         launch,
     )

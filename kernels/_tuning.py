@@ -1,86 +1,314 @@
-"""Launch-config selection: shipped table -> optional runtime tune -> heuristic.
+"""Launch-config selection, per GPU: shipped table -> user cache -> first-use tuning -> heuristic.
 
 Keys are strings built from *bucketed* sizes (powers of two of k, batch x k, context), never the exact
-k, so a new k reuses the bucket's config instead of re-tuning. The shipped table
-(``tuned_h100.json``, written by ``python -m kernels.tune``) covers the decode shapes of the benchmarks
-on an H100 so first calls are fast; it is used only on a GPU whose name contains the table's ``gpu``
-field. Runtime tuning is opt-in (``KERNELS_AUTOTUNE=1``) and never runs while a CUDA graph is being
-captured (a capture must not launch timing runs); during capture the heuristic is used instead.
+k, so a new k reuses the bucket's config instead of re-tuning. For a key, the first source that has it
+wins:
+
+1. a shipped table (``kernels/tuned_*.json``) whose ``gpu`` field equals the GPU's exact name
+   (``torch.cuda.get_device_name``); a table for another GPU never applies;
+2. the user cache: one JSON file per (GPU name, Triton version) in :func:`cache_dir`
+   (``$POLAR_SPARSITY_KERNEL_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/polar_sparsity/kernels``,
+   file ``<gpu>-triton<version>-v<layout>.json``);
+3. tuning, the first time the key is met outside CUDA-graph capture: every candidate is timed by
+   CUDA-graph replay with L2 cleared before each launch (as the benchmarks time the ops), the fastest
+   is stored in the cache (file lock + merge + atomic rename: concurrent processes keep each other's
+   entries) and reused by later processes;
+4. the op's heuristic (a function of shape and SM count, never of the GPU name): always during graph
+   capture when nothing above has the key, and whenever tuning is switched off.
+
+The mode (``$POLAR_SPARSITY_KERNEL_TUNING`` or :func:`set_mode`): ``tune`` (default, all four steps),
+``cached`` (steps 1, 2, 4: never tune) or ``heuristic`` (step 4 only). The same cache holds the
+measured sparse-vs-dense crossovers of :mod:`kernels.dense_fallback`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import statistics
 import time
-from collections.abc import Callable
-from functools import lru_cache
+import warnings
+from collections.abc import Callable, Iterable
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
 
+# Absolute import: the folder is also importable as a top-level `kernels` from a checkout root (e.g.
+# when a library probes for the PyPI `kernels` package), where a relative `..` would fail.
+from polar_sparsity.reporting import locked, write_json_atomic
+
 from ._common import is_capturing
 
 Config = dict[str, int]
-TABLE_PATH = Path(__file__).with_name("tuned_h100.json")
+TABLES_DIR = Path(__file__).parent  # shipped tables: tuned_<gpu>.json, each naming its exact GPU
+CACHE_ENV = "POLAR_SPARSITY_KERNEL_CACHE"
+MODE_ENV = "POLAR_SPARSITY_KERNEL_TUNING"
+SHIPPED_ENV = "POLAR_SPARSITY_KERNEL_SHIPPED_TABLES"
+MODES = ("tune", "cached", "heuristic")
+# Bumped when a kernel's meaning of a config changes: caches written for another layout are not read.
+CACHE_LAYOUT = 1
 
-# Chosen configs, by key; filled lazily. `kernels.tune` reads it to write a new table.
-_CHOSEN: dict[str, Config] = {}
-_FORCE_TUNE = False  # set by kernels.tune to tune every key it meets
+# Configs picked in this process, by (gpu, key); what `chosen()` reports.
+_CHOSEN: dict[tuple[str, str], Config] = {}
+_TUNED: set[str] = set()  # keys tuned (timed) in this process
+_SETTINGS: dict[str, object] = {}  # overrides of the environment, set by set_mode / use_shipped_tables / ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------
+
+
+def mode() -> str:
+    """The tuning mode in force: 'tune', 'cached' or 'heuristic' (see the module docstring)."""
+    value = str(_SETTINGS.get("mode") or os.environ.get(MODE_ENV) or "tune").strip().lower()
+    if value not in MODES:
+        raise ValueError(f"{MODE_ENV}={value!r} is not a tuning mode; use one of {list(MODES)}")
+    return value
+
+
+def set_mode(value: str | None) -> None:
+    """Set the tuning mode for this process ('tune', 'cached', 'heuristic'; None: back to the env)."""
+    if value is not None and value not in MODES:
+        raise ValueError(f"tuning mode {value!r} is not one of {list(MODES)}")
+    _SETTINGS["mode"] = value
+    _CHOSEN.clear()
+
+
+def shipped_tables_enabled() -> bool:
+    flag = _SETTINGS.get("shipped")
+    if flag is None:
+        return os.environ.get(SHIPPED_ENV, "1").strip() not in ("0", "false", "no")
+    return bool(flag)
+
+
+def use_shipped_tables(flag: bool | None) -> None:
+    """Whether shipped tables are consulted (False: e.g. to measure first-use tuning on their GPU)."""
+    _SETTINGS["shipped"] = flag
+    _CHOSEN.clear()
+
+
+def set_force_tune(flag: bool) -> None:
+    """Tune every key met, even one a table or the cache already has (``kernels.tune --retune``)."""
+    _SETTINGS["force"] = flag
+    _CHOSEN.clear()
+
+
+def _force_tune() -> bool:
+    return bool(_SETTINGS.get("force"))
+
+
+def cache_dir() -> Path:
+    """The user tuning cache: ``$POLAR_SPARSITY_KERNEL_CACHE`` or the XDG cache directory."""
+    override = _SETTINGS.get("cache_dir") or os.environ.get(CACHE_ENV)
+    if override:
+        return Path(str(override)).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "polar_sparsity" / "kernels"
+
+
+def set_cache_dir(path: str | Path | None) -> None:
+    """Use ``path`` as the tuning cache of this process (None: back to the environment / default)."""
+    _SETTINGS["cache_dir"] = None if path is None else str(path)
+    _CHOSEN.clear()
+
+
+def gpu_name(device: torch.device) -> str:
+    """Exact name tables and cache entries are keyed by ('' for the CPU interpreter)."""
+    if device.type != "cuda":
+        return ""
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@cache
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+# ----------------------------------------------------------------------------------------------
+# Shipped tables and the user cache
+# ----------------------------------------------------------------------------------------------
 
 
 @lru_cache(maxsize=1)
-def _table() -> dict:
-    if not TABLE_PATH.exists():
-        return {"gpu": "", "configs": {}}
-    return json.loads(TABLE_PATH.read_text())
+def shipped_tables() -> dict[str, dict]:
+    """Shipped tables by the exact GPU name in their ``gpu`` field."""
+    tables = {}
+    for path in sorted(TABLES_DIR.glob("tuned_*.json")):
+        table = json.loads(path.read_text())
+        tables[table["gpu"]] = table
+    return tables
 
 
-def _table_applies(device: torch.device) -> bool:
-    gpu = _table().get("gpu", "")
-    return bool(gpu) and device.type == "cuda" and gpu in torch.cuda.get_device_name(device)
+def shipped_config(key: str, gpu: str) -> Config | None:
+    """The shipped table's config for ``key`` on the GPU named exactly ``gpu``, if any."""
+    if not shipped_tables_enabled():
+        return None
+    cfg = shipped_tables().get(gpu, {}).get("configs", {}).get(key)
+    return None if cfg is None else dict(cfg)
 
 
-def _autotune_enabled() -> bool:
-    return _FORCE_TUNE or os.environ.get("KERNELS_AUTOTUNE", "0") not in ("", "0")
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "unknown"
 
 
-def _time_ms(launch: Callable[[], None], flush: torch.Tensor, reps: int = 7) -> float:
-    """Median of ``reps`` timed launches, each after overwriting L2 (cold-cache, like decode)."""
-    launch()  # compile / warm up
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        launch()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2]
+class TuningCache:
+    """The user cache file of one GPU and Triton version: ``{"configs": {...}, "crossovers": {...}}``.
+
+    Reads tolerate a corrupt file (a warning, then it counts as empty, so its keys are tuned again and
+    the next write replaces it); entries recorded for another GPU or Triton version are ignored. Writes
+    take a file lock, re-read the file, merge the new entries in and rename a temporary file over it,
+    so two processes tuning at once keep both their entries.
+    """
+
+    def __init__(self, directory: Path, gpu: str, triton: str):
+        self.gpu, self.triton = gpu, triton
+        self.path = Path(directory) / f"{_safe(gpu)}-triton{_safe(triton)}-v{CACHE_LAYOUT}.json"
+
+    def _read(self) -> dict:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"top level is {type(data).__name__}, not an object")
+        except (OSError, ValueError) as exc:
+            warnings.warn(
+                f"kernel tuning cache {self.path} is unreadable ({exc}); "
+                "ignoring it, its keys are tuned again",
+                stacklevel=3,
+            )
+            return {}
+        if data.get("gpu") != self.gpu or data.get("triton") != self.triton:
+            return {}  # another GPU's or Triton version's entries (e.g. a copied file): never used
+        return data
+
+    def section(self, name: str) -> dict:
+        return dict(self._read().get(name, {}))
+
+    def get(self, key: str, section: str = "configs"):
+        return self._read().get(section, {}).get(key)
+
+    def put(self, entries: dict, section: str = "configs") -> None:
+        with locked(self.path):
+            data = self._read()
+            merged = {"gpu": self.gpu, "triton": self.triton, "configs": {}, "crossovers": {}}
+            for name in ("configs", "crossovers"):
+                merged[name].update(data.get(name, {}))
+            merged[section].update(entries)
+            write_json_atomic(self.path, merged)
 
 
-def _tune(key: str, candidates: list[Config], launch: Callable[[Config], None]) -> Config:
+def user_cache(device: torch.device) -> TuningCache:
+    return TuningCache(cache_dir(), gpu_name(device), triton_version())
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing (as the benchmarks time the ops: CUDA-graph replay, L2 cleared before each launch)
+# ----------------------------------------------------------------------------------------------
+
+
+class GraphTimer:
+    """Microseconds per launch, each from a cold L2, timed like the benchmarks.
+
+    ``calls`` launches, each after a read of twice the L2 size (evicts without dirtying it), are
+    captured in one CUDA graph; the replay's median minus that of the reads alone (measured once per
+    timer), divided by ``calls``, is the time of one launch. Graph replay removes the host launch
+    overhead that would dominate single launches of 10-100 us kernels and mis-rank their configs.
+    """
+
+    def __init__(self, device: torch.device, reps: int = 8, calls: int = 3):
+        self.device, self.reps, self.calls = device, reps, calls
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 * 2**20)
+        self._flush = torch.ones(l2, dtype=torch.float16, device=device)  # 2 x L2 bytes
+        self._sink = torch.empty((), dtype=torch.float32, device=device)
+        self._reads_us: float | None = None
+
+    def _clear(self) -> None:
+        torch.sum(self._flush, dim=0, dtype=torch.float32, out=self._sink)
+
+    def _replay_us(self, body: Callable[[], object]) -> float:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            body()  # compiles; raises here for a config that does not fit
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(self.calls):
+                body()
+        graph.replay()
+        torch.cuda.synchronize(self.device)
+        times = []
+        for _ in range(self.reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        return statistics.median(times)
+
+    def __call__(self, launch: Callable[[], object]) -> float:
+        if self._reads_us is None:
+            self._reads_us = self._replay_us(self._clear)
+
+        def cold():
+            self._clear()
+            launch()
+
+        return max(self._replay_us(cold) - self._reads_us, 0.0) / self.calls
+
+
+def tune(
+    key: str, candidates: Iterable[Config], launch: Callable[[Config], None], device: torch.device
+) -> Config:
     """Time each candidate and return the fastest one that compiles and fits."""
     t0 = time.time()
-    flush = torch.empty(128 * 2**20, dtype=torch.uint8, device="cuda")
-    best, best_ms, errors = None, float("inf"), []
+    timer = GraphTimer(device)
+    best, best_us, errors, tried = None, float("inf"), [], 0
     for cfg in candidates:
+        tried += 1
         try:
-            ms = _time_ms(lambda c=cfg: launch(c), flush)
+            us = timer(lambda c=cfg: launch(c))
         except Exception as exc:  # noqa: BLE001 - a config that does not fit (registers, smem) is skipped
+            torch.cuda.synchronize(device)
             first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
             errors.append(f"{cfg}: {type(exc).__name__}: {first_line}")
             continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
+        if us < best_us:
+            best, best_us = cfg, us
     if best is None:
         raise RuntimeError(f"no candidate config could be launched for {key}; first errors: {errors[:3]}")
-    print(
-        f"[tune] {key}: {best} {best_ms * 1e3:.1f} us ({len(candidates)} tried, {time.time() - t0:.1f} s)",
-        flush=True,
-    )
-    return best
+    print(f"[tune] {key}: {best} {best_us:.1f} us ({tried} tried, {time.time() - t0:.1f} s)", flush=True)
+    return dict(best)
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection
+# ----------------------------------------------------------------------------------------------
+
+
+def known_config(key: str, device: torch.device) -> Config | None:
+    """The config a shipped table or the user cache holds for ``key`` on this GPU (None if neither)."""
+    return _known(key, gpu_name(device), user_cache(device))
+
+
+def _known(key: str, gpu: str, cache: TuningCache) -> Config | None:
+    cfg = shipped_config(key, gpu)
+    if cfg is None:
+        cached = cache.get(key)
+        cfg = dict(cached) if cached is not None else None
+    return cfg
 
 
 def pick(
@@ -90,63 +318,90 @@ def pick(
     candidates: Callable[[], list[Config]],
     launch: Callable[[Config], None],
 ) -> Config:
-    """Return the launch config for ``key`` (memoised per process)."""
-    if key in _CHOSEN and not (_FORCE_TUNE and key not in _TUNED):
-        return _CHOSEN[key]
-    cfg: Config | None = None
-    if not _FORCE_TUNE and _table_applies(device):
-        cfg = _table()["configs"].get(key)
-    if cfg is None and device.type == "cuda" and _autotune_enabled() and not is_capturing():
-        cfg = _tune(key, candidates(), launch)
+    """Return the launch config for ``key`` (memoised per process and GPU)."""
+    if device.type != "cuda":  # the CPU interpreter: nothing to time
+        return dict(heuristic())
+    gpu = gpu_name(device)
+    if (gpu, key) in _CHOSEN:  # the hot path of every op call: no cache object, no file access
+        return _CHOSEN[(gpu, key)]
+    return resolve(
+        key,
+        gpu,
+        user_cache(device),
+        heuristic,
+        lambda: tune(key, candidates(), launch, device),
+        capturing=is_capturing(),
+    )
+
+
+def resolve(
+    key: str,
+    gpu: str,
+    cache: TuningCache,
+    heuristic: Callable[[], Config],
+    run_tuning: Callable[[], Config],
+    capturing: bool = False,
+) -> Config:
+    """The selection order of the module docstring for one key, given how to tune it."""
+    memo = (gpu, key)
+    if memo in _CHOSEN:
+        return _CHOSEN[memo]
+    current = mode()
+    if current == "heuristic":
+        _CHOSEN[memo] = dict(heuristic())
+        return _CHOSEN[memo]
+    cfg = None if _force_tune() else _known(key, gpu, cache)
+    if cfg is None and current == "tune":
+        if capturing:
+            # A capture must not launch timing runs: use the heuristic for this graph, but do not
+            # memoise it, so the next eager call still tunes the key.
+            return dict(heuristic())
+        cfg = run_tuning()
+        cache.put({key: dict(cfg)})
         _TUNED.add(key)
-        _CHOSEN[key] = dict(cfg)
-        _save()
-    if cfg is None:
-        cfg = heuristic()
-    _CHOSEN[key] = dict(cfg)
-    return _CHOSEN[key]
+    _CHOSEN[memo] = dict(cfg if cfg is not None else heuristic())
+    return _CHOSEN[memo]
 
 
-_TUNED: set[str] = set()
-
-
-def record(key: str, cfg: Config) -> None:
-    """Store a config tuned elsewhere (e.g. the graph-timed sweep of ``kernels.bench gemm --tune``)."""
-    _CHOSEN[key] = dict(cfg)
+def record(key: str, cfg: Config, device: torch.device) -> None:
+    """Store a config tuned elsewhere (e.g. a benchmark's sweep) in the user cache and this process."""
+    user_cache(device).put({key: dict(cfg)})
+    _CHOSEN[(gpu_name(device), key)] = dict(cfg)
     _TUNED.add(key)
-    _save()
 
 
 def chosen() -> dict[str, Config]:
-    """Configs picked so far in this process (what `kernels.tune` saves)."""
-    return dict(_CHOSEN)
+    """Configs picked so far in this process, by key."""
+    return {key: dict(cfg) for (_, key), cfg in _CHOSEN.items()}
 
 
 def tuned_keys() -> set[str]:
+    """Keys timed (tuned) in this process."""
     return set(_TUNED)
 
 
-_SAVE_PATH: Path | None = None
+def warm_up(calls: Iterable[Callable[[], object]]) -> None:
+    """Run each op call once eagerly, outside graph capture, so every key it meets is resolved.
+
+    The decoder calls this with the exact calls its CUDA graph will capture (same shapes, and so the
+    same keys): tuning, compilation and cache reads then happen here, never during capture.
+    """
+    if is_capturing():
+        raise RuntimeError("warm_up must run before CUDA-graph capture, not inside it")
+    for call in calls:
+        call()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-def set_save_path(path: Path | None) -> None:
-    """After every tuned key, write the tuned configs so far to ``path`` (survives a killed run)."""
-    global _SAVE_PATH
-    _SAVE_PATH = path
-
-
-def _save() -> None:
-    if _SAVE_PATH is None:
-        return
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+def export_table(path: Path, device: torch.device, source: str) -> dict:
+    """Write this GPU's cached configs as a shippable table (``kernels/tuned_<gpu>.json`` format)."""
+    cache = user_cache(device)
     table = {
-        "gpu": "H100",
-        "source": f"kernels tuning run on {gpu}",
-        "configs": {k: v for k, v in sorted(_CHOSEN.items()) if k in _TUNED},
+        "gpu": cache.gpu,
+        "triton": cache.triton,
+        "source": source,
+        "configs": dict(sorted(cache.section("configs").items())),
     }
-    _SAVE_PATH.write_text(json.dumps(table, indent=1))
-
-
-def set_force_tune(flag: bool) -> None:
-    global _FORCE_TUNE
-    _FORCE_TUNE = flag
+    write_json_atomic(path, table)
+    return table

@@ -118,6 +118,7 @@ def config_key(M: int, n_sel: int, d: int) -> str:
 
 
 def _block_m(M: int) -> int:
+    """Batch-tile rows of the key and of the small-batch configs (M <= 64)."""
     return min(64, max(16, C.next_pow2(M)))
 
 
@@ -129,21 +130,30 @@ def _splits_for(programs: int, n_sel: int, block_k: int, target: int) -> int:
     return split
 
 
-def _heuristic(M: int, n_sel: int, d: int, sms: int) -> _tuning.Config:
-    # Wide BLOCK_D: each selected row is read in long contiguous pieces (1 KB at M <= 16) and the
-    # activation tile is re-read d / BLOCK_D times only. Split-K partials cost 8 bytes per (split,
-    # row, column) of L2 traffic, so M=64 aims at one wave of programs, small M at two.
-    bm = _block_m(M)
-    bd, bk, nw = (512, 32, 8) if bm <= 16 else (256, 32, 8)
-    programs = C.cdiv(M, bm) * C.cdiv(d, bd)
-    target = 2 * sms if bm <= 16 else sms
+def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Config:
+    """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
+
+    M <= 64: 128-column tiles (64 when d / 128 gives less than half a wave at M > 16), 64 neurons per
+    step, and split-K so that tiles x splits fills about 4 waves (M <= 16) or 3 (M <= 64): more,
+    shorter programs hide the index -> weight-row load chain better than a few long ones. M > 64:
+    128 x 128 tensor-core tiles and split-K up to one wave (fp32 partials cost 8 bytes per row and
+    column of each split).
+    """
+    if M > 64:
+        bm, bd, bk, nw, ns, waves = 128, 128, 64, 8, 3, 1
+    else:
+        bm = _block_m(M)
+        bd = 128 if bm <= 16 or C.cdiv(d, 128) >= sms / 2 else 64
+        bk, nw, ns, waves = 64, 4, 4, (4 if bm <= 16 else 3)
+    tiles = C.cdiv(M, bm) * C.cdiv(d, bd)
+    splits = max(1, min(waves * sms // tiles, n_sel // (2 * bk)))
     return {
         "BLOCK_M": bm,
         "BLOCK_D": bd,
         "BLOCK_K": bk,
         "num_warps": nw,
-        "num_stages": 4,
-        "splits": _splits_for(programs, n_sel, bk, target),
+        "num_stages": C.fit_stages(ns, (bm * bk + bk * bd) * 2, smem),
+        "splits": splits,
     }
 
 
@@ -151,13 +161,14 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int) -> _tuning.Config:
 _TILES = {
     16: (
         (128, 64, 4, 4),
+        (128, 64, 4, 3),
         (256, 64, 4, 4),
         (512, 32, 8, 4),
         (512, 64, 8, 3),
-        (1024, 16, 8, 4),
         (1024, 32, 8, 3),
     ),
     64: ((64, 64, 4, 4), (128, 64, 4, 4), (128, 32, 4, 4), (256, 32, 8, 4), (256, 64, 8, 3)),
+    128: ((128, 64, 8, 3), (64, 64, 4, 3), (256, 64, 8, 3), (128, 32, 8, 4)),
 }
 
 
@@ -170,9 +181,11 @@ def _split_options(tiles: int, n_sel: int, block_k: int, sms: int, base: int) ->
 
 
 def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
-    bm = _block_m(M)
+    tiles_by_bm = [(_block_m(M), t) for t in _TILES[16 if M <= 16 else 64]]
+    if M > 64:  # the two best 64-row tiles of the H100 M=256 tuning, then the 128-row ones
+        tiles_by_bm = [(64, (256, 64, 4, 3)), (64, (128, 64, 4, 4))] + [(128, t) for t in _TILES[128]]
     out = []
-    for bd, bk, nw, ns in _TILES.get(bm, _TILES[64]):
+    for bm, (bd, bk, nw, ns) in tiles_by_bm:
         tiles = C.cdiv(M, bm) * C.cdiv(d, bd)
         s = _splits_for(tiles, n_sel, bk, 2 * sms if bm <= 16 else sms)
         for split in _split_options(tiles, n_sel, bk, sms, s):
@@ -205,10 +218,10 @@ def _check(a, w_down_t, idx, bias, out) -> None:
         raise ValueError(f"idx has {idx.shape[0]} entries but a has k={a.shape[1]} columns; they must match")
     if not 1 <= idx.shape[0] <= n:
         raise ValueError(f"idx has {idx.shape[0]} entries; expected 1..{n} (one per selected neuron)")
-    if idx.stride(0) != 1:
-        raise ValueError("idx must be contiguous; call .contiguous()")
+    C.check_contiguous_vector("idx", idx)
     if bias is not None:
         C.check_shape("bias", bias, (d,), "(d,)")
+        C.check_contiguous_vector("bias", bias)
         C.check_same_dtype("bias", bias, a.dtype)
         C.check_device("bias", bias, a.device)
     if out is not None:
@@ -240,14 +253,18 @@ def selective_down(
     C.check_index_range("idx", idx, n_rows, validate)
     if out is None:
         out = torch.empty((M, d), device=a.device, dtype=a.dtype)
-    sms = C.num_sms(a.device)
+    sms, smem = C.num_sms(a.device), C.max_shared_memory(a.device)
     key = config_key(M, n_sel, d)
 
     def launch(cfg: _tuning.Config) -> None:
         _launch(a, w_down_t, idx, bias, out, cfg)
 
     cfg = _tuning.pick(
-        key, a.device, lambda: _heuristic(M, n_sel, d, sms), lambda: _candidates(M, n_sel, d, sms), launch
+        key,
+        a.device,
+        lambda: _heuristic(M, n_sel, d, sms, smem),
+        lambda: _candidates(M, n_sel, d, sms),
+        launch,
     )
     launch(cfg)
     return out

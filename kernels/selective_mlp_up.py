@@ -159,6 +159,7 @@ def config_key(M: int, n_sel: int, d: int, gated: bool) -> str:
 
 
 def _block_m(M: int) -> int:
+    """Batch-tile rows of the key and of the small-batch configs (M <= 64)."""
     return min(64, max(16, C.next_pow2(M)))
 
 
@@ -170,35 +171,67 @@ def _splits_for(programs: int, d: int, block_k: int, target: int) -> int:
     return split
 
 
-def _heuristic(M: int, n_sel: int, d: int, sms: int) -> _tuning.Config:
-    bm, bn, bk = _block_m(M), 32, 128
+def _stage_bytes(bm: int, bn: int, bk: int, gated: bool) -> int:
+    return (bm + bn * (2 if gated else 1)) * bk * 2  # fp16 / bf16 x tile + weight tile(s) per stage
+
+
+def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> _tuning.Config:
+    """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
+
+    M > 64: 128 x 128 tensor-core tiles, so the selected weight rows are re-read once per 128 batch
+    rows only; split-d up to one wave. 16 < M <= 64: the widest ``BLOCK_N`` that still gives about
+    half a wave of programs (wider tiles re-read the activation tile fewer times; narrow tiles take
+    longer K-steps), no split then (tuning split only one of 20 such keys). M <= 16: 64 neurons x 128
+    per step when that gives a quarter wave of programs, else 32; split-d to one wave.
+    """
+    if M > 64:
+        bm, bn, bk, nw, ns = 128, 128, 64, 8, 3
+    elif M <= 16:
+        bm, bk, nw, ns = 16, 128, 4, 4
+        bn = 64 if C.cdiv(n_sel, 64) >= sms / 4 else 32
+    else:
+        bm = _block_m(M)
+        bn = next((w for w in (128, 64, 32, 16) if C.cdiv(n_sel, w) >= sms / 2), 16)
+        bk = 64 if bn == 128 else 128 if bn == 64 else 256
+        nw, ns = (8 if bn == 128 else 4), 4
     programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
     return {
         "BLOCK_M": bm,
         "BLOCK_N": bn,
         "BLOCK_K": bk,
-        "num_warps": 4,
-        "num_stages": 4,
-        "splits": _splits_for(programs, d, bk, 2 * sms),
+        "num_warps": nw,
+        "num_stages": C.fit_stages(ns, _stage_bytes(bm, bn, bk, gated), smem),
+        "splits": _splits_for(programs, d, bk, sms if bm in (16, 128) else sms // 2),
     }
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) tried per batch-tile size (kept small: each compiles).
-# At M=64 the activation tile (M x BLOCK_K) is re-read per program step, as many bytes as a
-# BLOCK_N=64 weight tile: wider BLOCK_N (with split-d to keep enough programs) halves that traffic.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried per batch-tile size (kept small: each
+# compiles). At M=64 the activation tile (M x BLOCK_K) is re-read per program step, as many bytes as
+# a BLOCK_N=64 weight tile: wider BLOCK_N (with split-d to keep enough programs) halves that traffic.
+# M > 64 adds 128-row tensor-core tiles.
 _TILES = {
     16: ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 8, 3)),
-    64: ((16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (64, 128, 8, 4), (128, 64, 8, 4)),
+    64: (
+        (16, 256, 4, 4),
+        (32, 256, 4, 4),
+        (32, 128, 4, 4),
+        (64, 128, 4, 4),
+        (64, 128, 8, 4),
+        (128, 64, 8, 4),
+    ),
+    128: ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4), (64, 128, 8, 3), (256, 64, 8, 3)),
 }
 
 
 def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
-    bm = _block_m(M)
+    tiles = [(_block_m(M), *t) for t in _TILES[16 if M <= 16 else 64]]
+    if M > 64:  # the two best 64-row tiles of the H100 M=256 tuning, then the 128-row ones
+        tiles = [(64, 64, 128, 4, 4), (64, 16, 256, 4, 4)] + [(128, *t) for t in _TILES[128]]
     out = []
-    for bn, bk, nw, ns in _TILES.get(bm, _TILES[64]):
+    for bm, bn, bk, nw, ns in tiles:
         programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
-        s = _splits_for(programs, d, bk, 2 * sms)
-        for split in sorted({1, 2, 3, 4, 6, s, s * 2}):
+        s = _splits_for(programs, d, bk, 2 * sms if bm <= 16 else sms)
+        for split in sorted({1, 2, 4, s} if M > 64 else {1, 2, 3, 4, 6, s, s * 2}):
             if split > 1 and d // split < 2 * bk:
                 continue
             out.append(
@@ -233,14 +266,14 @@ def _check(x, weights, bias, idx, out) -> None:
         C.check_last_dim_contiguous(name, w)
     if bias is not None:
         C.check_shape("bias", bias, (n,), "(n_neurons,)")
+        C.check_contiguous_vector("bias", bias)
         C.check_same_dtype("bias", bias, x.dtype)
         C.check_device("bias", bias, x.device)
     C.check_ndim("idx", idx, 1, "(k,) neuron indices")
     C.check_index_tensor("idx", idx, x.device)
     if not 1 <= idx.shape[0] <= n:
         raise ValueError(f"idx has {idx.shape[0]} entries; expected 1..{n} (one per selected neuron)")
-    if idx.stride(0) != 1:
-        raise ValueError("idx must be contiguous; call .contiguous()")
+    C.check_contiguous_vector("idx", idx)
     if out is not None:
         C.check_shape("out", out, (x.shape[0], idx.shape[0]), "(tokens, k)")
         C.check_same_dtype("out", out, x.dtype)
@@ -255,14 +288,18 @@ def _run(x, w_gate, w_up, bias, idx, out, relu: bool, validate: bool) -> torch.T
     if out is None:
         out = torch.empty((M, n_sel), device=x.device, dtype=x.dtype)
     gated = w_gate is not None
-    sms = C.num_sms(x.device)
+    sms, smem = C.num_sms(x.device), C.max_shared_memory(x.device)
     key = config_key(M, n_sel, d, gated)
 
     def launch(cfg: _tuning.Config) -> None:
         _launch(x, w_gate, w_up, bias, idx, out, relu, cfg)
 
     cfg = _tuning.pick(
-        key, x.device, lambda: _heuristic(M, n_sel, d, sms), lambda: _candidates(M, n_sel, d, sms), launch
+        key,
+        x.device,
+        lambda: _heuristic(M, n_sel, d, sms, gated, smem),
+        lambda: _candidates(M, n_sel, d, sms),
+        launch,
     )
     launch(cfg)
     return out

@@ -1,6 +1,9 @@
 """CLI: ``python -m polar_sparsity.kernels.bench {attn,gqa,gemm,mlp,block,all}``.
 
-Options: ``[--out DIR] [--tune] [--save-table F]``.
+Options: ``[--out DIR] [--tuning tune|cached|heuristic] [--no-shipped-tables] [--cache-dir D] [--tune]
+[--save-table F]``. Launch configs come from the shipped table of this GPU, the user tuning cache,
+first-use tuning and the heuristic, in that order (``--tuning`` and ``--no-shipped-tables`` narrow it;
+``--tune`` re-tunes every key met).
 
 Writes ``<bench>.csv``, ``<bench>.png`` and ``<bench>_meta.json`` (GPU, versions, measured HBM
 bandwidth, shapes) per benchmark into ``--out`` (default ``artifacts/kernels_bench``).
@@ -28,7 +31,7 @@ TITLES = {
 }
 
 
-def _run_one(name: str, bw: float) -> list[dict]:
+def _run_one(name: str, bw: float, tune: bool) -> list[dict]:
     if name in ("attn", "gqa"):
         from . import attention
 
@@ -36,7 +39,7 @@ def _run_one(name: str, bw: float) -> list[dict]:
     if name == "gemm":
         from . import gemm
 
-        return gemm.run(bw, tune=_tuning._FORCE_TUNE)
+        return gemm.run(bw, tune=tune)
     from . import model
 
     return model.run_mlp() if name == "mlp" else model.run_block()
@@ -58,16 +61,28 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m polar_sparsity.kernels.bench", description=__doc__)
     p.add_argument("bench", choices=(*BENCHES, "all"))
     p.add_argument("--out", type=Path, default=Path("artifacts/kernels_bench"))
-    p.add_argument("--tune", action="store_true", help="tune every config key met (slow; fills a table)")
-    p.add_argument("--tune-budget-s", type=float, default=1e9, help="stop tuning new keys after this")
+    p.add_argument(
+        "--tuning",
+        choices=_tuning.MODES,
+        help="config sources (default: $POLAR_SPARSITY_KERNEL_TUNING or tune)",
+    )
+    p.add_argument("--no-shipped-tables", action="store_true", help="ignore the shipped table of this GPU")
+    p.add_argument("--cache-dir", type=Path, help="tuning cache directory (default: the user cache)")
+    p.add_argument("--tune", action="store_true", help="re-tune every config key met (slow; fills the cache)")
+    p.add_argument("--tune-budget-s", type=float, default=1e9, help="stop re-tuning keys after this")
     p.add_argument("--save-table", type=Path, help="write the configs used to this JSON (table format)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    _tuning.set_mode("tune" if args.tune else args.tuning)
+    if args.no_shipped_tables:
+        _tuning.use_shipped_tables(False)
+    if args.cache_dir is not None:
+        _tuning.set_cache_dir(args.cache_dir)
     _tuning.set_force_tune(args.tune)
-    _tuning.set_save_path(args.save_table if args.tune else None)
+    tune = args.tune
     env = h.env_info()
     copy_bw, read_bw = h.hbm_bandwidth(), h.read_bandwidth()
     # The limit line: the faster of the two measured streams (our ops mostly read), so that
@@ -81,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for name in BENCHES if args.bench == "all" else (args.bench,):
         tb = time.time()
-        rows = _run_one(name, bw)
+        rows = _run_one(name, bw, tune)
         h.write_csv(args.out / f"{name}.csv", rows)
         h.write_meta(
             args.out / f"{name}_meta.json",
@@ -100,17 +115,20 @@ def main(argv: list[str] | None = None) -> None:
         h.plot(args.out / f"{name}.png", rows, title)
         print(f"[{name}] {len(rows)} rows in {time.time() - tb:.0f}s", flush=True)
         _print_summary(rows)
-        if args.tune and time.time() - t0 > args.tune_budget_s:
+        if tune and time.time() - t0 > args.tune_budget_s:
             _tuning.set_force_tune(False)
+            tune = False
     if args.save_table:
         keys = _tuning.tuned_keys() if args.tune else set(_tuning.chosen())
         table = {
-            "gpu": "H100",
-            "source": f"python -m polar_sparsity.kernels.bench {args.bench} --tune on {env['gpu']}",
+            "gpu": env["gpu"],
+            "triton": env["triton"],
+            "tuning": _tuning.mode(),
+            "source": f"python -m polar_sparsity.kernels.bench {args.bench} on {env['gpu']}",
             "env": env,
             "configs": {k: v for k, v in sorted(_tuning.chosen().items()) if k in keys},
         }
-        args.save_table.write_text(json.dumps(table, indent=1))
+        args.save_table.write_text(json.dumps(table, indent=1) + "\n")
 
 
 def _print_summary(rows: list[dict]) -> None:

@@ -144,7 +144,7 @@ def main() -> None:
             return f
 
         key = config_key(D, s["H"] // Hkv, B * kk, N)
-        shipped = _tuning._table()["configs"].get(key) if _tuning._table_applies(q.device) else None
+        shipped = _tuning.known_config(key, q.device)
         variants = [("shipped", shipped, zeroed), ("shipped+memset", shipped, memset)]
         variants += [(f"cfg{n}", c, zeroed) for n, c in enumerate(cfgs) if c != shipped]
         results = []
@@ -185,7 +185,7 @@ def main() -> None:
     if args.save_table:
         env = env_info()
         table = {
-            "gpu": "H100",
+            "gpu": env["gpu"],
             "source": f"python -m polar_sparsity.kernels.bench.attn_sweep (graph-timed) on {env['gpu']}",
             "env": env,
             "configs": dict(sorted(tuned.items())),

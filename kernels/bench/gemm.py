@@ -51,7 +51,7 @@ def _sweep(key: str, candidates: list[dict], make_fns) -> None:
     generic tuner) mis-ranks configs of these 10-300 us kernels."""
     if key in _tuning.tuned_keys():
         return
-    shipped = _tuning._table()["configs"].get(key)
+    shipped = _tuning.known_config(key, torch.device("cuda"))
     if shipped is not None and shipped not in candidates:
         candidates = [shipped, *candidates]  # never pick worse than the shipped config
     best = None
@@ -67,7 +67,7 @@ def _sweep(key: str, candidates: list[dict], make_fns) -> None:
     if best is None:
         raise RuntimeError(f"no candidate config ran for {key}")
     print(f"[sweep] {key}: {best[1]} {best[0]:.1f} us ({len(candidates)} tried)", flush=True)
-    _tuning.record(key, best[1])
+    _tuning.record(key, best[1], torch.device("cuda"))
 
 
 def _tune_case(M, d, n_rows, k, gated, ws, copies, x, a, idx) -> None:

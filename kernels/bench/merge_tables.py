@@ -3,7 +3,8 @@
 ``python -m polar_sparsity.kernels.bench.merge_tables OUT.json IN.json [IN.json ...]``.
 
 Later inputs override earlier ones key by key; used to turn the ``--save-table`` files of a tuning
-session into the shipped ``kernels/tuned_h100.json``.
+session into a shipped ``kernels/tuned_<gpu>.json``. All inputs must name the same GPU (their ``gpu``
+field, or the GPU of their ``env``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from pathlib import Path
 
 
 def merge(out: Path, inputs: list[Path]) -> dict:
-    table: dict = {"gpu": "H100", "sources": [], "configs": {}}
+    table: dict = {"gpu": "", "sources": [], "configs": {}}
     for path in inputs:
         part = json.loads(path.read_text())
+        gpu = part.get("env", {}).get("gpu") or part.get("gpu", "")
+        if table["gpu"] and gpu != table["gpu"]:
+            raise SystemExit(f"{path} is for GPU {gpu!r} but earlier inputs are for {table['gpu']!r}")
+        table["gpu"] = gpu
         table["configs"].update(part.get("configs", {}))
         if "sources" in part:  # an already merged table: keep its provenance
             table["sources"] += [src for src in part["sources"] if src not in table["sources"]]

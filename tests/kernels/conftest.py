@@ -11,6 +11,17 @@ import torch
 from polar_sparsity.kernels import _tuning
 
 HERE = os.path.dirname(__file__)
+# Tests never tune by default (GPU tests at real shapes would spend minutes timing candidates): they
+# use the shipped table of the GPU, else the heuristic. Tuning tests switch it on for themselves.
+os.environ.setdefault(_tuning.MODE_ENV, "cached")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_tuning_cache(tmp_path_factory):
+    """Keep the user's tuning cache out of the tests (and the tests out of it)."""
+    _tuning.set_cache_dir(tmp_path_factory.mktemp("kernel_cache"))
+    yield
+    _tuning.set_cache_dir(None)
 
 
 def pytest_collection_modifyitems(config, items):

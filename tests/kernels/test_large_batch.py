@@ -1,0 +1,68 @@
+"""Large batches (M > 64): the 128-row tensor-core configs of the selective GEMMs, against the reference."""
+
+import pytest
+import torch
+
+from polar_sparsity.kernels import (
+    selective_down,
+    selective_down_reference,
+    selective_gated_up,
+    selective_gated_up_reference,
+    selective_mlp_down,
+    selective_mlp_up,
+    selective_up,
+    selective_up_reference,
+)
+from polar_sparsity.kernels.testing import assert_rel_close, poisoned
+
+F16 = torch.float16
+
+
+def _inputs(M, d, n, k, device, gen):
+    x = torch.randn(M, d, generator=gen).to(F16).to(device)
+    w_gate = (torch.randn(n, d, generator=gen) / d**0.5).to(F16).to(device)
+    w_up = (torch.randn(n, d, generator=gen) / d**0.5).to(F16).to(device)
+    b = torch.randn(n, generator=gen).to(F16).to(device)
+    idx = torch.randperm(n, generator=gen)[:k].int().to(device)
+    return x, w_gate, w_up, b, idx
+
+
+def test_heuristic_uses_128_row_tiles_above_64_rows():
+    assert selective_mlp_up._heuristic(256, 4096, 4096, 132, False, 228 * 1024)["BLOCK_M"] == 128
+    assert selective_mlp_down._heuristic(256, 4096, 4096, 132, 228 * 1024)["BLOCK_M"] == 128
+    assert any(c["BLOCK_M"] == 128 for c in selective_mlp_up._candidates(256, 4096, 4096, 132))
+    assert any(c["BLOCK_M"] == 128 for c in selective_mlp_down._candidates(256, 4096, 4096, 132))
+
+
+@pytest.mark.parametrize("M", [130])
+def test_up_and_down_with_the_large_batch_heuristic(M, device, gen):
+    d, n, k = 160, 300, 150
+    x, w_gate, w_up, b, idx = _inputs(M, d, n, k, device, gen)
+    out = poisoned((M, k), F16, device)
+    selective_up(x, w_up, idx, b, out=out)
+    ref = selective_up_reference(x.cpu(), w_up.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
+    assert_rel_close(out.cpu(), ref, F16, "up M>64")
+    gated = selective_gated_up(x, w_gate, w_up, idx)
+    ref_g = selective_gated_up_reference(x.cpu(), w_gate.cpu(), w_up.cpu(), idx.cpu(), dtype=torch.float64)
+    assert_rel_close(gated.cpu(), ref_g, F16, "gated up M>64")
+    a = gated
+    down = poisoned((M, d), F16, device)
+    selective_down(a, w_up, idx, b[:d].contiguous(), out=down)
+    ref_d = selective_down_reference(a.cpu(), w_up.cpu(), idx.cpu(), b[:d].cpu(), dtype=torch.float64)
+    assert_rel_close(down.cpu(), ref_d, F16, "down M>64")
+
+
+def test_split_paths_with_128_row_tiles(force_config, device, gen):
+    M, d, n, k = 140, 256, 200, 160
+    x, _, w_up, b, idx = _inputs(M, d, n, k, device, gen)
+    force_config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "splits": 2})
+    out = selective_up(x, w_up, idx, b)
+    ref = selective_up_reference(x.cpu(), w_up.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
+    assert_rel_close(out.cpu(), ref, F16, "up BM128 split 2")
+    force_config(
+        {"BLOCK_M": 128, "BLOCK_D": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3, "splits": 3}
+    )
+    a = torch.randn(M, k, generator=gen).to(F16).to(device)
+    down = selective_down(a, w_up, idx)
+    ref_d = selective_down_reference(a.cpu(), w_up.cpu(), idx.cpu(), dtype=torch.float64)
+    assert_rel_close(down.cpu(), ref_d, F16, "down BM128 split 3")
