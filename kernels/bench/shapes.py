@@ -202,27 +202,10 @@ def check_density(density: float) -> None:
         raise ShapeError(f"density {density} is outside (0, 1]; give the kept fraction, e.g. 0.25")
 
 
-def density_points(
-    bench: str,
-    model: ModelShape,
-    densities: Sequence[float] | None = None,
-    kept_heads: Sequence[int] | None = None,
-    active_neurons: Sequence[int] | None = None,
-) -> tuple[Point, ...]:
-    """The density points of one benchmark and model, from fractions or from unit counts.
-
-    At most one of ``densities`` and the counts may be given; none gives :func:`default_densities`.
-    In the block, head and neuron counts given together pair up point by point; either alone sets the
-    other to the same fraction (a SwiGLU block keeps its MLP dense, so it takes no neuron counts).
-    """
-    if densities is not None and (kept_heads is not None or active_neurons is not None):
-        raise ShapeError("give densities either as fractions (--density) or as counts, not both")
-    sparse_mlp = bench in ("gemm", "mlp") or (bench == "block" and model.mlp == "relu")
-    if bench == "block" and model.mlp == "gated" and active_neurons is not None:
-        raise ShapeError(
-            f"{model.name!r} has a gated (SwiGLU) MLP, which the block keeps dense (the paper's "
-            "attention-only sparsity); drop --active-neurons"
-        )
+def _check_counts(
+    model: ModelShape, kept_heads: Sequence[int] | None, active_neurons: Sequence[int] | None
+) -> None:
+    """Counts lie within the model's units; the block's paired head and neuron counts are equally many."""
     if kept_heads is not None:
         units = model.attention_units
         for k in kept_heads:
@@ -245,6 +228,30 @@ def density_points(
             f"the block pairs --kept-heads ({len(kept_heads)} values) with --active-neurons "
             f"({len(active_neurons)} values) point by point; give the same number of each"
         )
+
+
+def density_points(
+    bench: str,
+    model: ModelShape,
+    densities: Sequence[float] | None = None,
+    kept_heads: Sequence[int] | None = None,
+    active_neurons: Sequence[int] | None = None,
+) -> tuple[Point, ...]:
+    """The density points of one benchmark and model, from fractions or from unit counts.
+
+    At most one of ``densities`` and the counts may be given; none gives :func:`default_densities`.
+    In the block, head and neuron counts given together pair up point by point; either alone sets the
+    other to the same fraction (a SwiGLU block keeps its MLP dense, so it takes no neuron counts).
+    """
+    if densities is not None and (kept_heads is not None or active_neurons is not None):
+        raise ShapeError("give densities either as fractions (--density) or as counts, not both")
+    sparse_mlp = bench in ("gemm", "mlp") or (bench == "block" and model.mlp == "relu")
+    if bench == "block" and model.mlp == "gated" and active_neurons is not None:
+        raise ShapeError(
+            f"{model.name!r} has a gated (SwiGLU) MLP, which the block keeps dense (the paper's "
+            "attention-only sparsity); drop --active-neurons"
+        )
+    _check_counts(model, kept_heads, active_neurons)
 
     attention = bench in ATTENTION_BENCHES
     if kept_heads is not None:
