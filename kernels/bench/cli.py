@@ -72,19 +72,30 @@ def add_shape_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--head-dim", type=int, help="head dim (default: hidden / heads)")
     g.add_argument("--ffn", type=int, help="FFN width (MLP neurons)")
     g.add_argument("--mlp", choices=MLP_KINDS, help="relu (sparse neurons) or gated (SwiGLU)")
-    g.add_argument("--batch", type=_list_of(int, "integers"), help="batch sizes, e.g. 1,16,64")
-    g.add_argument("--context", type=_list_of(int, "integers"), help="context lengths, e.g. 512,4096")
+    g.add_argument(
+        "--batch", type=_list_of(int, "integers"), metavar="LIST", help="batch sizes, e.g. 1,16,64"
+    )
+    g.add_argument(
+        "--context", type=_list_of(int, "integers"), metavar="LIST", help="context lengths, e.g. 512,4096"
+    )
     d = g.add_mutually_exclusive_group()
     d.add_argument(
-        "--density", type=_list_of(float, "fractions"), help="kept fractions in (0, 1], e.g. 0.25,0.5"
+        "--density",
+        type=_list_of(float, "fractions"),
+        metavar="LIST",
+        help="kept fractions in (0, 1], e.g. 0.25,0.5",
     )
     d.add_argument(
         "--kept-heads",
         type=_list_of(int, "integers"),
+        metavar="LIST",
         help="kept heads (KV groups for GQA models), e.g. 8,16",
     )
-    parser.add_argument(
-        "--active-neurons", type=_list_of(int, "integers"), help="active MLP neurons, e.g. 2048,4096"
+    g.add_argument(
+        "--active-neurons",
+        type=_list_of(int, "integers"),
+        metavar="LIST",
+        help="active MLP neurons, e.g. 2048,4096 (in the block: paired with --kept-heads)",
     )
     m = parser.add_argument_group("memory")
     m.add_argument(
@@ -93,6 +104,7 @@ def add_shape_options(parser: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--memory-limit",
         type=parse_bytes,
+        metavar="SIZE",
         help="check the cases against this many free bytes instead of the GPU's (e.g. 24GiB)",
     )
 

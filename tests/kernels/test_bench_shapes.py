@@ -230,3 +230,29 @@ def test_dry_run_all_picks_the_matching_attention_benchmark(capsys):
         line.split(" | ")[0] for line in out.splitlines() if " | " in line and not line.startswith("bench")
     }
     assert benches == {"gqa", "gemm", "mlp", "block"}
+
+
+# --- On a GPU: every benchmark end to end at a small user shape ---------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("bench", "kv_heads"), [("all", "2"), ("attn", "8")], ids=["all-gqa-relu", "attn-mha"]
+)
+def test_benchmarks_run_at_a_user_shape(tmp_path, bench, kv_heads):
+    import csv
+    import math
+
+    dims = ["--hidden", "1024", "--heads", "8", "--kv-heads", kv_heads, "--head-dim", "128"]
+    dims += ["--ffn", "4096", "--mlp", "relu", "--batch", "4", "--density", "0.5,1"]
+    if bench != "attn":
+        dims += ["--context", "256"]
+    bench_main.main([bench, *dims, "--out", str(tmp_path)])
+    ran = ["attn"] if bench == "attn" else ["gqa", "gemm", "mlp", "block"]
+    for name in ran:
+        rows = list(csv.DictReader((tmp_path / f"{name}.csv").open()))
+        assert rows and (tmp_path / f"{name}.png").is_file(), name
+        ours = [r for r in rows if "ours" in r["method"] or "sparse" in r["method"]]
+        assert ours and all(math.isfinite(float(r["latency_us"])) for r in ours), name
+        meta = json.loads((tmp_path / f"{name}_meta.json").read_text())
+        assert meta["shapes"][0]["hidden"] == 1024 and meta["shapes"][0]["batch"] == 4
