@@ -140,9 +140,16 @@ def plan(bench: str, args: argparse.Namespace) -> dict[str, list[Case]]:
             args,
             contexts=args.context if name in ATTENTION_BENCHES else None,
             kept_heads=args.kept_heads if name in ATTENTION_BENCHES else None,
-            active_neurons=args.active_neurons if name in MLP_BENCHES else None,
+            active_neurons=args.active_neurons if _takes_neuron_counts(name, model) else None,
         )
     return plans
+
+
+def _takes_neuron_counts(bench: str, model: ModelShape | None) -> bool:
+    """In ``all``: the MLP benchmarks, and the block only for a ReLU model (it keeps SwiGLU dense)."""
+    if bench == "block":
+        return model is not None and model.mlp == "relu"
+    return bench in MLP_BENCHES
 
 
 def _cases(bench: str, model: ModelShape | None, args: argparse.Namespace, **lists) -> list[Case]:

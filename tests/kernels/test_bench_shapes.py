@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,19 @@ def test_default_cases_are_the_papers_tables():
     assert [c.batch for c in build_cases("mlp")] == [16, 64] * 2
     # The MLP benchmarks share one model list (it used to be written twice).
     assert {c.model for c in build_cases("gemm")} == {c.model for c in build_cases("mlp")}
+
+
+@pytest.mark.parametrize(
+    ("paper", "config"),
+    [
+        ("opt-66b", "opt-66b"),
+        ("llama-2-7b", "llama-2-7b"),
+        ("llama-3-8b", "llama-3.1-8b"),
+        ("llama-3-70b", "llama-3.1-70b"),
+    ],
+)
+def test_paper_models_have_the_project_configs_dimensions(paper, config):
+    assert shapes.PAPER_MODELS[paper] == replace(load_model(config, cwd=REPO), name=paper)
 
 
 def test_default_densities_and_kept_units():
@@ -256,3 +270,10 @@ def test_benchmarks_run_at_a_user_shape(tmp_path, bench, kv_heads):
         assert ours and all(math.isfinite(float(r["latency_us"])) for r in ours), name
         meta = json.loads((tmp_path / f"{name}_meta.json").read_text())
         assert meta["shapes"][0]["hidden"] == 1024 and meta["shapes"][0]["batch"] == 4
+
+
+def test_all_passes_each_option_where_it_applies(capsys):
+    out = _dry_run(capsys, "all", "--model", "llama-3.1-8b", "--active-neurons", "2048")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("gemm |", "block |"))]
+    assert {r[6] for r in rows if r[0] == "gemm"} == {"2048"}
+    assert [r[6] for r in rows if r[0] == "block"] == ["-"]  # the SwiGLU block keeps its MLP dense
