@@ -246,6 +246,13 @@ def test_dry_run_all_picks_the_matching_attention_benchmark(capsys):
     assert benches == {"gqa", "gemm", "mlp", "block"}
 
 
+def test_all_passes_each_option_where_it_applies(capsys):
+    out = _dry_run(capsys, "all", "--model", "llama-3.1-8b", "--active-neurons", "2048")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("gemm |", "block |"))]
+    assert {r[6] for r in rows if r[0] == "gemm"} == {"2048"}
+    assert [r[6] for r in rows if r[0] == "block"] == ["-"]  # the SwiGLU block keeps its MLP dense
+
+
 # --- On a GPU: every benchmark end to end at a small user shape ---------------------------------------
 
 
@@ -270,10 +277,3 @@ def test_benchmarks_run_at_a_user_shape(tmp_path, bench, kv_heads):
         assert ours and all(math.isfinite(float(r["latency_us"])) for r in ours), name
         meta = json.loads((tmp_path / f"{name}_meta.json").read_text())
         assert meta["shapes"][0]["hidden"] == 1024 and meta["shapes"][0]["batch"] == 4
-
-
-def test_all_passes_each_option_where_it_applies(capsys):
-    out = _dry_run(capsys, "all", "--model", "llama-3.1-8b", "--active-neurons", "2048")
-    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("gemm |", "block |"))]
-    assert {r[6] for r in rows if r[0] == "gemm"} == {"2048"}
-    assert [r[6] for r in rows if r[0] == "block"] == ["-"]  # the SwiGLU block keeps its MLP dense
