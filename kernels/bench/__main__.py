@@ -1,9 +1,11 @@
 """CLI: ``python -m polar_sparsity.kernels.bench {attn,gqa,gemm,mlp,block,all}``.
 
 Options: ``[--out DIR] [--tuning tune|cached|heuristic] [--no-shipped-tables] [--cache-dir D] [--tune]
-[--save-table F]``. Launch configs come from the shipped table of this GPU, the user tuning cache,
-first-use tuning and the heuristic, in that order (``--tuning`` and ``--no-shipped-tables`` narrow it;
-``--tune`` re-tunes every key met).
+[--save-table F]`` and the shape options (``--model``, dimensions, ``--batch --context
+--density|--kept-heads --active-neurons``, ``--dry-run``, ``--memory-limit``; see ``cli.py`` and
+docs/kernels.md); without shape options the paper's tables run. Launch configs come from the
+shipped table of this GPU, the user tuning cache, first-use tuning and the heuristic, in that
+order (``--tuning`` and ``--no-shipped-tables`` narrow it; ``--tune`` re-tunes every key met).
 
 Writes ``<bench>.csv``, ``<bench>.png`` and ``<bench>_meta.json`` (GPU, versions, measured HBM
 bandwidth, shapes) per benchmark into ``--out`` (default ``artifacts/kernels_bench``).
@@ -20,8 +22,9 @@ import torch
 
 from .. import _tuning
 from . import _harness as h
+from . import cli
+from .shapes import BENCHES, Case, ShapeError
 
-BENCHES = ("attn", "gqa", "gemm", "mlp", "block")
 TITLES = {
     "attn": "MHA selective head decode attention vs dense (fp16)",
     "gqa": "GQA selective KV-group decode attention vs dense (fp16)",
@@ -31,30 +34,32 @@ TITLES = {
 }
 
 
-def _run_one(name: str, bw: float, tune: bool) -> list[dict]:
+def _run_one(name: str, bw: float, cases: list[Case], tune: bool) -> list[dict]:
     if name in ("attn", "gqa"):
         from . import attention
 
-        return attention.run(name, bw)
+        return attention.run(name, bw, cases)
     if name == "gemm":
         from . import gemm
 
-        return gemm.run(bw, tune=tune)
+        return gemm.run(bw, cases, tune=tune)
     from . import model
 
-    return model.run_mlp() if name == "mlp" else model.run_block()
+    return model.run_mlp(cases) if name == "mlp" else model.run_block(cases)
 
 
-def _shapes(name: str) -> dict:
-    from . import attention, gemm, model
-
-    return {
-        "attn": attention.MHA_SHAPES,
-        "gqa": attention.GQA_SHAPES,
-        "gemm": gemm.MODELS,
-        "mlp": model.MLPS,
-        "block": model.BLOCKS,
-    }[name]
+def _shapes(cases: list[Case]) -> list[dict]:
+    """What the meta file records per case: the model's dimensions, batch, context, density points."""
+    return [
+        {
+            "shape": c.label,
+            **vars(c.model),
+            "batch": c.batch,
+            "context": c.context,
+            "points": [vars(p) for p in c.points],
+        }
+        for c in cases
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,9 +76,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tune", action="store_true", help="re-tune every config key met (slow; fills the cache)")
     p.add_argument("--tune-budget-s", type=float, default=1e9, help="stop re-tuning keys after this")
     p.add_argument("--save-table", type=Path, help="write the configs used to this JSON (table format)")
+    cli.add_shape_options(p)
     args = p.parse_args(argv)
+    try:
+        plans = cli.plan(args.bench, args)
+    except ShapeError as exc:
+        p.error(str(exc))
+    free = cli.free_bytes(args.memory_limit)
+    l2 = h.l2_bytes() if torch.cuda.is_available() else cli.ASSUMED_L2_BYTES
+    if args.dry_run:
+        cli.print_plan(plans, l2, free)
+        cli.check_memory(plans, l2, free)
+        return
     if not torch.cuda.is_available():
-        raise SystemExit("kernels.bench needs a CUDA GPU")
+        raise SystemExit("kernels.bench needs a CUDA GPU (--dry-run lists the cases without one)")
+    cli.check_memory(plans, l2, free)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     _tuning.set_mode("tune" if args.tune else args.tuning)
@@ -94,9 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{bw / 1e12:.3f} TB/s",
         flush=True,
     )
-    for name in BENCHES if args.bench == "all" else (args.bench,):
+    for name, cases in plans.items():
         tb = time.time()
-        rows = _run_one(name, bw, tune)
+        rows = _run_one(name, bw, cases, tune)
         h.write_csv(args.out / f"{name}.csv", rows)
         h.write_meta(
             args.out / f"{name}_meta.json",
@@ -106,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                 hbm_copy_bandwidth_Bps=copy_bw,
                 hbm_read_bandwidth_Bps=read_bw,
                 limit_bandwidth_Bps=bw,
-                shapes=_shapes(name),
+                shapes=_shapes(cases),
                 dtype="float16",
                 timing="CUDA-graph replay, median of 25, rotated inputs (>= 4x L2 per cycle)",
             ),

@@ -10,13 +10,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import dense_decode_attention, selective_group_attention, selective_head_attention
 from ._harness import rotations, time_graph, try_time
+from .shapes import ELEMENT_BYTES, Case
 
-MHA_SHAPES = {
-    "opt-66b B=64 N=1920 72x128": dict(B=64, N=1920, H=72, Hkv=72, D=128),
-    "llama-2-7b B=256 N=4096 32x128": dict(B=256, N=4096, H=32, Hkv=32, D=128),
-}
-GQA_SHAPES = {"llama-3-70b B=64 N=8192 64q/8kv x128": dict(B=64, N=8192, H=64, Hkv=8, D=128)}
-MHA_DENSITIES = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+MAX_ROTATIONS = 16  # ``rotations()``'s cap: index sets (and graph-pool outputs) per timed call
 BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -62,7 +58,24 @@ def _dense_baselines(name: str, s: dict, q, k, v, seqlens, gqa: bool) -> list[di
     return rows
 
 
-def bench_shape(name: str, s: dict, densities, bw: float, gqa: bool, dtype=torch.float16) -> list[dict]:
+def _dims(case: Case) -> dict:
+    m = case.model
+    return dict(B=case.batch, N=case.context, H=m.heads, Hkv=m.kv_heads, D=m.head_dim)
+
+
+def bytes_needed(case: Case) -> int:
+    """Device bytes the case allocates: the KV cache, queries, one output per baseline and per rotated
+    call (CUDA-graph pool), and the rotated index sets (random keys, argsort's int64, int32 copy)."""
+    s = _dims(case)
+    B, H, Hkv, N, D = s["B"], s["H"], s["Hkv"], s["N"], s["D"]
+    kv_cache = 2 * B * Hkv * N * D * ELEMENT_BYTES
+    queries_and_outputs = (1 + len(BACKENDS) + 3 + MAX_ROTATIONS) * B * H * D * ELEMENT_BYTES
+    index_sets = MAX_ROTATIONS * B * Hkv * (4 + 8 + 4)
+    return kv_cache + queries_and_outputs + index_sets
+
+
+def bench_shape(case: Case, bw: float, dtype=torch.float16) -> list[dict]:
+    s, name, gqa = _dims(case), case.label, case.model.gqa
     B, H, Hkv, N, D = s["B"], s["H"], s["Hkv"], s["N"], s["D"]
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(B, H, D, device="cuda", dtype=dtype, generator=g)
@@ -71,8 +84,8 @@ def bench_shape(name: str, s: dict, densities, bw: float, gqa: bool, dtype=torch
     seqlens = torch.full((B,), N, device="cuda", dtype=torch.int32)
     rows = _dense_baselines(name, s, q, k, v, seqlens, gqa)
     op = selective_group_attention if gqa else selective_head_attention
-    for dens in densities:
-        kk = max(1, round(dens * Hkv))
+    for point in case.points:
+        kk = point.heads
         nbytes = B * kk * N * D * 2 * q.element_size()
         R = rotations(nbytes)
         idx = torch.rand(R, B, Hkv, device="cuda").argsort(-1)[..., :kk].int().contiguous()
@@ -101,15 +114,11 @@ def bench_shape(name: str, s: dict, densities, bw: float, gqa: bool, dtype=torch
     return rows
 
 
-def run(kind: str, bw: float) -> list[dict]:
+def run(kind: str, bw: float, cases: list[Case]) -> list[dict]:
     rows = []
-    if kind == "attn":
-        for name, s in MHA_SHAPES.items():
-            rows += bench_shape(name, s, MHA_DENSITIES, bw, gqa=False)
-    else:
-        for name, s in GQA_SHAPES.items():
-            dens = [g / s["Hkv"] for g in range(1, s["Hkv"] + 1)]
-            rows += bench_shape(name, s, dens, bw, gqa=True)
+    for i, case in enumerate(cases, 1):
+        print(f"[{kind}] case {i}/{len(cases)}: {case.label}", flush=True)
+        rows += bench_shape(case, bw)
     for r in rows:
         r["bench"] = kind
     return rows

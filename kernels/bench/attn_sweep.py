@@ -22,11 +22,19 @@ import torch
 from .. import _tuning, selective_group_attention, selective_head_attention
 from .._decode_attention import config_key
 from ._harness import env_info, read_bandwidth, rotations, time_graph
+from .shapes import PAPER_MODELS
 
+
+def _attention_shape(model: str, batch: int, context: int) -> dict:
+    m = PAPER_MODELS[model]
+    return dict(B=batch, N=context, H=m.heads, Hkv=m.kv_heads, D=m.head_dim)
+
+
+# The attn / gqa benchmarks' paper shapes (shapes.PAPER_CASES).
 SHAPES = {
-    "opt": dict(B=64, N=1920, H=72, Hkv=72, D=128),
-    "llama2": dict(B=256, N=4096, H=32, Hkv=32, D=128),
-    "l3-70b": dict(B=64, N=8192, H=64, Hkv=8, D=128),
+    "opt": _attention_shape("opt-66b", 64, 1920),
+    "llama2": _attention_shape("llama-2-7b", 256, 4096),
+    "l3-70b": _attention_shape("llama-3-70b", 64, 8192),
 }
 
 

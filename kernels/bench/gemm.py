@@ -11,15 +11,10 @@ from .. import _tuning, selective_down, selective_gated_up, selective_up
 from .. import selective_mlp_down as _down_mod
 from .. import selective_mlp_up as _up_mod
 from ._harness import l2_bytes, rotations, time_graph
+from .shapes import ELEMENT_BYTES, Case
 
 TUNE_MAX_M = 64  # with --tune, sweep the target batch sizes only; larger M keeps the shipped table
-
-MODELS = {
-    "opt-66b d=9216 n=36864 relu": dict(d=9216, n=36864, gated=False),
-    "llama-3-8b d=4096 n=14336 gated": dict(d=4096, n=14336, gated=True),
-}
-BATCHES = (1, 16, 64, 256)
-DENSITIES = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+MAX_ROTATIONS = 16  # ``rotations()``'s cap
 
 
 def _weights(d: int, n: int, gated: bool, copies: int, dtype) -> list[dict]:
@@ -37,6 +32,25 @@ def _weights(d: int, n: int, gated: bool, copies: int, dtype) -> list[dict]:
             )
         )
     return out
+
+
+def weight_copies(d: int, n: int, l2: int) -> int:
+    """Weight sets one timed cycle rotates through so that >= 4x L2 is read per cycle."""
+    return max(1, math.ceil(4 * l2 / (n * d * ELEMENT_BYTES)))
+
+
+def bytes_needed(case: Case, l2: int) -> int:
+    """Device bytes the case allocates: the rotated weight copies (up or gate+up, down, biases) and, at
+    the densest point, the activations, index sets and one output per rotated call (graph pool)."""
+    d, n, gated = case.model.hidden, case.model.ffn, case.model.mlp == "gated"
+    copies = weight_copies(d, n, l2)
+    weights = copies * ((3 if gated else 2) * n * d + n + d) * ELEMENT_BYTES
+    M, k = case.batch, max(p.neurons for p in case.points)
+    calls = max(copies, MAX_ROTATIONS)
+    inputs = (M * d + M * n + M * k) * ELEMENT_BYTES
+    outputs = calls * M * ((2 if gated else 1) * n + d + k + d) * ELEMENT_BYTES
+    index_sets = calls * (n * 8 + k * 4)  # randperm's int64, then the int32 prefix
+    return weights + inputs + outputs + index_sets
 
 
 def _up(w: dict, x, idx):
@@ -115,23 +129,27 @@ def _row(model, op, M, method, dens, k, us, nbytes, bw, dense_us=math.nan) -> di
     )
 
 
-def bench_model(model: str, cfg: dict, bw: float, dtype=torch.float16, tune: bool = False) -> list[dict]:
-    d, n, gated = cfg["d"], cfg["n"], cfg["gated"]
+def bench_model(cases: list[Case], bw: float, dtype=torch.float16, tune: bool = False) -> list[dict]:
+    """The cases of one model (one batch size each), sharing its weights."""
+    shape = cases[0].model
+    model, d, n, gated = shape.mlp_label(), shape.hidden, shape.ffn, shape.mlp == "gated"
     esz = torch.finfo(dtype).bits // 8
     up_full = (2 if gated else 1) * n * d * esz
-    copies = max(1, math.ceil(4 * l2_bytes() / (n * d * esz)))
+    copies = weight_copies(d, n, l2_bytes())
     ws = _weights(d, n, gated, copies, dtype)
     up_name = "gated up" if gated else "up"
     rows = []
-    for M in BATCHES:
+    for case in cases:
+        M = case.batch
+        print(f"[gemm] {case.label}", flush=True)
         x = torch.randn(M, d, device="cuda", dtype=dtype)
         a_full = torch.randn(M, n, device="cuda", dtype=dtype)
         dense_up = time_graph([lambda w=w, x=x: F.linear(x, w["w_gu"], w["b_up"]) for w in ws])
         dense_down = time_graph([lambda w=w, a=a_full: torch.mm(a, w["w_down_t"]) for w in ws])
         rows.append(_row(model, up_name, M, "cublas dense", 1.0, n, dense_up, up_full, bw, dense_up))
         rows.append(_row(model, "down", M, "cublas dense", 1.0, n, dense_down, n * d * esz, bw, dense_down))
-        for dens in DENSITIES:
-            k = max(1, round(dens * n))
+        for point in case.points:
+            k = point.neurons
             up_bytes = up_full * k // n + (M * d + M * k) * esz
             down_bytes = n * d * esz * k // n + (M * d + M * k) * esz
             R = max(copies, rotations(min(up_bytes, down_bytes)))
@@ -156,7 +174,7 @@ def bench_model(model: str, cfg: dict, bw: float, dtype=torch.float16, tune: boo
     return rows
 
 
-def run(bw: float, tune: bool = False) -> list[dict]:
+def run(bw: float, cases: list[Case], tune: bool = False) -> list[dict]:
     """``tune``: graph-timed sweep of every config key met at M <= TUNE_MAX_M (fills the table);
     larger M then uses the shipped table (the generic cold-launch tuner is switched off here)."""
     rows = []
@@ -164,8 +182,8 @@ def run(bw: float, tune: bool = False) -> list[dict]:
     if tune:
         _tuning.set_force_tune(False)
     try:
-        for model, cfg in MODELS.items():
-            rows += bench_model(model, cfg, bw, tune=tune)
+        for model in dict.fromkeys(c.model for c in cases):
+            rows += bench_model([c for c in cases if c.model == model], bw, tune=tune)
     finally:
         _tuning.set_force_tune(forced)
     return rows

@@ -23,20 +23,12 @@ from .. import (
 )
 from ._harness import time_graph
 from .attention import BACKENDS, _sdpa
+from .shapes import ELEMENT_BYTES, Case, ModelShape, Point
 
-MLPS = {
-    "opt-66b d=9216 n=36864 relu": dict(d=9216, n=36864, gated=False),
-    "llama-3-8b d=4096 n=14336 gated": dict(d=4096, n=14336, gated=True),
-}
-MLP_BATCHES = (16, 64)
-DENSITIES = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-BLOCKS = {
-    # OPT: ReLU MLP, so heads and MLP neurons are both sparse (same density on the x axis).
-    "opt-66b B=64 N=1920": dict(d=9216, H=72, Hkv=72, D=128, n=36864, gated=False, B=64, N=1920),
-    # Llama-3-70B: SwiGLU MLP stays dense (paper: attention sparsity only); KV groups are sparse.
-    "llama-3-70b B=64 N=8192": dict(d=8192, H=64, Hkv=8, D=128, n=28672, gated=True, B=64, N=8192),
-}
 ROUTER_RANK = 1024
+# Activations of one decode step are small next to the weights; this many (batch x widest layer)
+# buffers bounds them (inputs, norms, QKV, attention output, up/gate activations, outputs).
+ACTIVATION_BUFFERS = 16
 
 
 def _randn(*shape, scale=1.0, dtype=torch.float16):
@@ -74,19 +66,44 @@ class _Mlp:
         return selective_down(h, self.w_down_t, idx, self.b_down, validate=False)
 
 
-def run_mlp() -> list[dict]:
+def mlp_weight_bytes(model: ModelShape) -> int:
+    """The MLP's weights and biases plus its low-rank router."""
+    d, n, gated = model.hidden, model.ffn, model.mlp == "gated"
+    weights = (3 if gated else 2) * n * d + (0 if gated else n + d)
+    return (weights + ROUTER_RANK * (d + n)) * ELEMENT_BYTES
+
+
+def mlp_bytes_needed(case: Case) -> int:
+    """Device bytes an ``mlp`` case allocates: the weights and the batch's activations."""
+    m = case.model
+    return mlp_weight_bytes(m) + ACTIVATION_BUFFERS * case.batch * 2 * m.ffn * ELEMENT_BYTES
+
+
+def block_bytes_needed(case: Case) -> int:
+    """Device bytes a ``block`` case allocates: the layer's weights, the KV cache, the activations."""
+    m, B, N = case.model, case.batch, case.context
+    attention = ((m.heads + 2 * m.kv_heads) * m.head_dim + m.heads * m.head_dim + m.kv_heads) * m.hidden
+    kv_cache = 2 * B * m.kv_heads * N * m.head_dim
+    widest = max(2 * m.ffn, (m.heads + 2 * m.kv_heads) * m.head_dim, m.hidden)
+    return mlp_weight_bytes(m) + (attention + kv_cache + ACTIVATION_BUFFERS * B * widest) * ELEMENT_BYTES
+
+
+def run_mlp(cases: list[Case]) -> list[dict]:
     rows = []
-    for name, c in MLPS.items():
-        mlp = _Mlp(c["d"], c["n"], c["gated"])
-        for M in MLP_BATCHES:
-            x = _randn(M, c["d"])
+    for shape in dict.fromkeys(c.model for c in cases):
+        name = shape.mlp_label()
+        mlp = _Mlp(shape.hidden, shape.ffn, shape.mlp == "gated")
+        for case in (c for c in cases if c.model == shape):
+            M = case.batch
+            print(f"[mlp] {case.label}", flush=True)
+            x = _randn(M, shape.hidden)
             dense = time_graph([lambda mlp=mlp, x=x: mlp.dense(x)])
             rows.append(
                 dict(shape=f"{name} M={M}", method="dense MLP (cuBLAS)", density=1.0, latency_us=dense)
             )
-            for dens in DENSITIES:
-                k = max(1, round(dens * c["n"]))
-                idx = torch.randperm(c["n"], device="cuda")[:k].int()
+            for point in case.points:
+                k = point.neurons
+                idx = torch.randperm(shape.ffn, device="cuda")[:k].int()
                 t = time_graph([lambda mlp=mlp, x=x, k=k: mlp.sparse(x, k)])
                 t_kern = time_graph([lambda mlp=mlp, x=x, k=k, idx=idx: mlp.sparse(x, k, idx)])
                 t_router = time_graph([lambda mlp=mlp, x=x, k=k: mlp.route(x, k)])
@@ -99,7 +116,7 @@ def run_mlp() -> list[dict]:
                         dict(
                             shape=f"{name} M={M}",
                             method=method,
-                            density=k / c["n"],
+                            density=k / shape.ffn,
                             k=k,
                             latency_us=us,
                             speedup_vs_dense=dense / us,
@@ -115,8 +132,18 @@ def run_mlp() -> list[dict]:
 class _Block:
     """One pre-norm decode block: norm, QKV, cache write, attention, out proj, norm, MLP."""
 
-    def __init__(self, c: dict):
-        self.c = c
+    def __init__(self, case: Case):
+        m = case.model
+        self.c = c = {
+            "d": m.hidden,
+            "H": m.heads,
+            "Hkv": m.kv_heads,
+            "D": m.head_dim,
+            "n": m.ffn,
+            "gated": m.mlp == "gated",
+            "B": case.batch,
+            "N": case.context,
+        }
         d, H, Hkv, D, B, N = c["d"], c["H"], c["Hkv"], c["D"], c["B"], c["N"]
         self.w_qkv = _randn((H + 2 * Hkv) * D, d, scale=d**-0.5)
         self.w_o = _randn(d, H * D, scale=(H * D) ** -0.5)
@@ -140,43 +167,46 @@ class _Block:
         self.v_cache[:, :, c["N"] - 1].copy_(v_new)
         return q
 
-    def forward(self, x, density: float | None, attn: str = "ours"):
+    def forward(self, x, point: Point | None, attn: str = "ours"):
+        """One decode step; ``point`` None is the dense block (attention by ``attn``)."""
         c = self.c
         h = self._norm(x)
         q = self._qkv(h)
-        if density is None and attn == "sdpa":
+        if point is None and attn == "sdpa":
             # GQA through the packed-query form (a group's query heads as a short query sequence).
             qs = q.view(c["B"], c["Hkv"], c["H"] // c["Hkv"], c["D"])
             o = _sdpa(BACKENDS["cudnn"], qs, self.k_cache, self.v_cache, False)[0]()
-        elif density is None:
+        elif point is None:
             o = dense_decode_attention(q, self.k_cache, self.v_cache, self.seqlens, validate=False)
         else:
-            kk = max(1, round(density * c["Hkv"]))
-            idx = torch.topk(F.linear(h, self.w_router), kk, dim=1, sorted=False).indices.int()
+            idx = torch.topk(F.linear(h, self.w_router), point.heads, dim=1, sorted=False).indices.int()
             o = selective_group_attention(q, self.k_cache, self.v_cache, self.seqlens, idx, validate=False)
         x = x + F.linear(o.reshape(c["B"], -1), self.w_o)
         h2 = self._norm(x)
-        if density is None or c["gated"]:
+        if point is None or point.neurons is None:  # dense, or a SwiGLU MLP (kept dense)
             return x + self.mlp.dense(h2)
-        return x + self.mlp.sparse(h2, max(1, round(density * c["n"])))
+        return x + self.mlp.sparse(h2, point.neurons)
 
 
-def run_block() -> list[dict]:
+def run_block(cases: list[Case]) -> list[dict]:
     rows = []
-    for name, c in BLOCKS.items():
-        blk = _Block(c)
-        x = _randn(c["B"], c["d"])
+    for i, case in enumerate(cases, 1):
+        name = case.label
+        print(f"[block] case {i}/{len(cases)}: {name}", flush=True)
+        blk = _Block(case)
+        x = _randn(case.batch, case.model.hidden)
         dense = {m: time_graph([lambda m=m, blk=blk, x=x: blk.forward(x, None, m)]) for m in ("sdpa", "ours")}
         for m, label in (("sdpa", "dense block (SDPA cuDNN attn)"), ("ours", "dense block (our dense attn)")):
             rows.append(dict(shape=name, method=label, density=1.0, latency_us=dense[m]))
-        dens_list = [g / c["Hkv"] for g in range(1, c["Hkv"] + 1)] if c["gated"] else DENSITIES
-        for dens in dens_list:
-            us = time_graph([lambda dens=dens, blk=blk, x=x: blk.forward(x, dens)])
+        for point in case.points:
+            us = time_graph([lambda point=point, blk=blk, x=x: blk.forward(x, point)])
             rows.append(
                 dict(
                     shape=name,
                     method="sparse block incl. routers",
-                    density=dens,
+                    density=point.density,
+                    k=point.heads,
+                    active_neurons=point.neurons if point.neurons is not None else math.nan,
                     latency_us=us,
                     speedup_vs_dense_sdpa=dense["sdpa"] / us,
                     speedup_vs_dense_ours=dense["ours"] / us,
