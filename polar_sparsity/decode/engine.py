@@ -115,6 +115,10 @@ class DecodeEngine:
         """Right-padded prompts (B, T) and their lengths (B,) -> (B, vocab) logits of the last real token."""
         batch, length = input_ids.shape
         self.cache.check_room(batch, length)
+        if lengths.shape != (batch,) or int(lengths.min()) < 1 or int(lengths.max()) > length:
+            raise ValueError(
+                f"lengths {lengths.tolist()} must hold one length in 1..{length} per row of input_ids"
+            )
         return prefill(self.model, self.cache, input_ids.to(self.device), lengths.to(self.device))
 
     def decode_one_token(self, tokens: torch.Tensor) -> torch.Tensor:

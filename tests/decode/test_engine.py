@@ -102,6 +102,14 @@ def test_dense_needs_no_bundle_and_other_modes_are_refused(tiny_opt) -> None:
         _plan(loaded, None)
 
 
+def test_fractions_keeping_everything_need_no_routers(tiny_opt) -> None:
+    loaded, _ = tiny_opt
+    plan = _plan(loaded, None, attn_topk=1.0, mlp_topk=1.0)
+    assert plan.sparse_attn_layers(loaded.geometry) == [] and plan.sparse_mlp_layers(loaded.geometry) == []
+    with pytest.raises(ValueError, match=r"layers \[7\] outside this model's 0..3"):
+        _plan(loaded, None, attn_topk=1.0, dense_attn_layers=[0, 7])
+
+
 def test_gated_mlp_sparsity_is_refused_before_loading() -> None:
     _, model = tiny_model("llama-gqa")
     geometry = family_for_config(model.config).geometry(model.config)
