@@ -15,10 +15,13 @@ RELU = [name for name in FAMILIES if TINY_ARCHITECTURES[name][0] == "opt"]
 ATOL = 1e-4
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_topk_one_decodes_like_dense(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "mlp_topk"), [(name, None) for name in FAMILIES] + [(name, 1.0) for name in RELU]
+)
+def test_topk_one_decodes_like_dense(name: str, mlp_topk: float | None) -> None:
+    """Routers and selective ops run, keep every unit, and change nothing."""
     _, model = tiny_model(name)
-    plan, _ = sparse_plans(model, attn_topk=1.0, mlp_topk=None)
+    plan, _ = sparse_plans(model, attn_topk=1.0, mlp_topk=mlp_topk)
     dense = engine_for(model).generate(PROMPTS, max_new_tokens=8)
     sparse = engine_for(model, plan).generate(PROMPTS, max_new_tokens=8)
     assert sparse.new_tokens == dense.new_tokens
