@@ -22,7 +22,7 @@ from polar_sparsity.models.decoder_weights import DecoderSpec, rope_frequencies
 
 
 class Norm(nn.Module):
-    """LayerNorm (with bias) or RMSNorm (Hugging Face's: normalised in fp32, scaled in the input dtype)."""
+    """LayerNorm (with bias) or RMSNorm (one fused op: statistics in fp32, one rounding at the end)."""
 
     def __init__(self, kind: str, eps: float, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -33,8 +33,7 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class DecoderLayer(nn.Module):
@@ -152,24 +151,30 @@ class CompactDecoder(nn.Module):
             h = F.linear(h, self.project_out)
         return F.linear(h, self.lm_head)
 
-    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """RoPE on (..., heads, D) with positions broadcasting over the heads' leading dims."""
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos / sin at ``positions`` as (..., 1, D): gathered once per forward, shared by every layer."""
         if self.rope_cos is None:
+            return None
+        return self.rope_cos[positions].unsqueeze(-2), self.rope_sin[positions].unsqueeze(-2)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """RoPE on (..., heads, D) (no-op for learned positions)."""
+        if rope is None:
             return x
-        cos = self.rope_cos[positions].unsqueeze(-2)
-        sin = self.rope_sin[positions].unsqueeze(-2)
+        cos, sin = rope
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def _qkv(self, layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor):
+    def _qkv(self, layer: DecoderLayer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
         g = self.geometry
         qkv = F.linear(x, layer.w_qkv, layer.b_qkv)
-        q, k, v = qkv.split([self.spec.q_dim, self.spec.kv_dim, self.spec.kv_dim], dim=-1)
-        q = q.unflatten(-1, (g.num_heads, g.head_dim))
-        k = k.unflatten(-1, (g.num_kv_heads, g.head_dim))
-        v = v.unflatten(-1, (g.num_kv_heads, g.head_dim))
-        return self._rotate(q, positions), self._rotate(k, positions), v
+        qk, v = qkv.split([self.spec.q_dim + self.spec.kv_dim, self.spec.kv_dim], dim=-1)
+        # Q and K share their positions: one rotation over both heads' sets instead of two.
+        qk = self._rotate(qk.unflatten(-1, (g.num_heads + g.num_kv_heads, g.head_dim)), rope)
+        q, k = qk.split([g.num_heads, g.num_kv_heads], dim=-2)
+        return q, k, v.unflatten(-1, (g.num_kv_heads, g.head_dim))
 
     # --- prefill ---------------------------------------------------------------------------------
 
@@ -183,18 +188,23 @@ class CompactDecoder(nn.Module):
         batch, length = input_ids.shape
         positions = torch.arange(length, device=input_ids.device).expand(batch, length)
         h = self._embed(input_ids, positions)
+        rope = self._rope(positions)
         for layer in self.layers:
-            h = self._prefill_layer(layer, h, positions, cache)
+            h = self._prefill_layer(layer, h, rope, cache)
         last = (lengths.to(torch.long) - 1).clamp(min=0)
         h_last = h[torch.arange(batch, device=h.device), last]
         cache.lengths[:batch].copy_(lengths.to(torch.int32))
         return self._logits(h_last)
 
     def _prefill_layer(
-        self, layer: DecoderLayer, h: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache
+        self,
+        layer: DecoderLayer,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: StaticKVCache,
     ):
         x = layer.attn_norm(h) if self.spec.pre_norm else h
-        q, k, v = self._qkv(layer, x, positions)
+        q, k, v = self._qkv(layer, x, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
         cache.write_prompt(layer.layer, k, v)
         attn = F.scaled_dot_product_attention(
@@ -221,8 +231,9 @@ class CompactDecoder(nn.Module):
         slots = cache.lengths[:batch].to(torch.long).clamp(max=cache.max_seq_len - 1)
         seqlens = (slots + 1).to(torch.int32)
         h = self._embed(tokens, slots)
+        rope = self._rope(slots)
         for layer in self.layers:
-            h = self._decode_layer(layer, h, slots, seqlens, cache)
+            h = self._decode_layer(layer, h, rope, slots, seqlens, cache)
         cache.lengths[:batch].copy_(seqlens)
         return self._logits(h)
 
@@ -230,6 +241,7 @@ class CompactDecoder(nn.Module):
         self,
         layer: DecoderLayer,
         h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
         slots: torch.Tensor,
         seqlens: torch.Tensor,
         cache: StaticKVCache,
@@ -237,7 +249,7 @@ class CompactDecoder(nn.Module):
         # The router input is the attention's input: the attention-norm output in pre-norm models, the
         # layer input in post-norm OPT (what the evaluation hooks hand the routers).
         x = layer.attn_norm(h) if self.spec.pre_norm else h
-        q, k, v = self._qkv(layer, x, slots)
+        q, k, v = self._qkv(layer, x, rope)
         cache.write_step(layer.layer, k, v, slots)
         k_cache, v_cache = cache.layer(layer.layer, h.shape[0])
         kv_idx = None
