@@ -394,3 +394,72 @@ class TrainRunConfig:
     logger: Any = None
     seed: int = 0
     output_dir: Optional[str] = None  # null: the Hydra job dir (checkpoints, router_result.json)
+
+
+# --- MLP top-k calibration (calibrate.py) ---------------------------------------------------------
+
+
+class CalibrateObjective(str, Enum):
+    recall = "recall"  # the smallest k (per layer and batch size) meeting target_recall (paper)
+
+
+PAPER_CALIBRATION_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 48, 64, 128, 256]
+
+
+def check_calibration(
+    batch_sizes: list[int],
+    target_recall: float,
+    granularity: int,
+    batches: int,
+    check_fraction: float,
+    weight_bytes: int,
+) -> None:
+    """Range checks of the calibration settings, shared by the Hydra schema and the library."""
+    if not batch_sizes or any(b <= 0 for b in batch_sizes) or len(set(batch_sizes)) != len(batch_sizes):
+        raise ValueError(
+            f"calibrate.batch_sizes={list(batch_sizes)} must be distinct positive integers "
+            f"(paper: {PAPER_CALIBRATION_BATCH_SIZES})"
+        )
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"calibrate.target_recall={target_recall} must be in (0, 1] (paper: 0.99)")
+    for name, value in (("granularity", granularity), ("batches", batches), ("weight_bytes", weight_bytes)):
+        if value <= 0:
+            raise ValueError(f"calibrate.{name}={value} must be a positive integer")
+    if not 0.0 < check_fraction < 1.0:
+        raise ValueError(f"calibrate.check_fraction={check_fraction} must be in (0, 1)")
+
+
+@dataclass
+class CalibrateConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: list(PAPER_CALIBRATION_BATCH_SIZES))
+    target_recall: float = 0.99  # share of the batch's union of active neurons the top-k must keep
+    granularity: int = 128  # k is a multiple of this (kernel tile), or the full width
+    objective: CalibrateObjective = CalibrateObjective.recall
+    batches: int = 128  # random decode batches per batch size (fit), and as many again (check)
+    check_fraction: float = 0.25  # share of the routers' held-out sequences kept back to check the k
+    weight_bytes: int = 2  # bytes per MLP weight for the reported bytes per step (fp16/bf16: 2)
+    layers: Optional[list[int]] = None  # null: every MLP router in the bundle
+
+    def __post_init__(self) -> None:
+        check_calibration(
+            self.batch_sizes,
+            self.target_recall,
+            self.granularity,
+            self.batches,
+            self.check_fraction,
+            self.weight_bytes,
+        )
+
+
+@dataclass
+class CalibrateRunConfig:
+    """Primary config of ``calibrate.py``: per-layer MLP top-k per batch size, stored with the bundle."""
+
+    task_name: str = "calibrate"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    logger: Any = None
+    device: str = "auto"  # where the routers score the held-out rows
+    seed: int = 0  # which held-out sequences check the fit, and the random batches
