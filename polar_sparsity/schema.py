@@ -181,6 +181,9 @@ def _check_fraction(name: str, value: Optional[float]) -> None:
 class SparsityConfig:
     attn_topk: float = 0.5  # fraction of heads (KV groups for GQA) kept per token
     mlp_topk: Optional[float] = None  # fraction of MLP neurons kept per token (ReLU models); null = MLP dense
+    # mode=sparse, ReLU models: per layer, the k calibrated for this decode batch size (calibrate.py)
+    # instead of a fixed mlp_topk; null = not used.
+    mlp_batch_size: Optional[int] = None
     dense_attn_layers: list[int] = field(default_factory=lambda: [0])  # attention stays dense here
     positions: str = "all"  # all | last:N (only the last N positions of each sequence are sparse)
     # mode=sparse: which trained head routers (bundle mha/topk=<k>) rank the heads; null: attn_topk's own.
@@ -190,6 +193,15 @@ class SparsityConfig:
         _check_fraction("sparsity.attn_topk", self.attn_topk)
         _check_fraction("sparsity.router_topk", self.router_topk)
         _check_fraction("sparsity.mlp_topk", self.mlp_topk)
+        if self.mlp_batch_size is not None and self.mlp_batch_size <= 0:
+            raise ValueError(
+                f"sparsity.mlp_batch_size={self.mlp_batch_size} must be a positive integer (or null)"
+            )
+        if self.mlp_batch_size is not None and self.mlp_topk is not None:
+            raise ValueError(
+                f"sparsity.mlp_topk={self.mlp_topk} and sparsity.mlp_batch_size={self.mlp_batch_size} both "
+                f"set the MLP's k: keep one (mlp_batch_size uses the calibrated per-layer k)"
+            )
         parse_positions(self.positions)
         negative = [layer for layer in self.dense_attn_layers if layer < 0]
         if negative:

@@ -96,8 +96,9 @@ def _check_store(settings: CalibrateRunConfig) -> None:
 def plot_calibration(table: CalibrationTable, path: Path, model: str) -> Path:
     """Density vs layer, one colour per batch size: the router's k (solid), the true union (dashed)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, grid = subplots(1, 1, figsize=(8, 4.8))
+    fig, grid = subplots(1, 1, figsize=(9.5, 4.8))
     axes = grid[0][0]
     colours = plt.get_cmap("viridis")
     k_density, union_density = entries_by_batch(table, "density"), entries_by_batch(table, "union_density")
@@ -109,7 +110,8 @@ def plot_calibration(table: CalibrationTable, path: Path, model: str) -> Path:
     axes.plot([], [], "k-", label="router top-k (calibrated)")
     axes.plot([], [], "k--", label="union of truly active")
     axes.set(xlabel="layer", ylabel="MLP density (fraction of neurons)", ylim=(0, 1.02))
-    axes.legend(fontsize=7, ncol=2, loc="lower right")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     title = f"{model}: MLP density per batch size (target recall {table.target_recall})"
     return save_figure(fig, path, title)
 
