@@ -447,7 +447,7 @@ class CalibrateConfig:
     target_recall: float = 0.99  # share of the batch's union of active neurons the top-k must keep
     granularity: int = 128  # k is a multiple of this (kernel tile), or the full width
     objective: CalibrateObjective = CalibrateObjective.recall
-    batches: int = 128  # random decode batches per batch size (fit), and as many again (check)
+    batches: int = 128  # decode batches per batch size, at least (more to draw each held-out row ~once)
     check_fraction: float = 0.25  # share of the routers' held-out sequences kept back to check the k
     weight_bytes: int = 2  # bytes per MLP weight for the reported bytes per step (fp16/bf16: 2)
     layers: Optional[list[int]] = None  # null: every MLP router in the bundle

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ FORMAT = 1
 
 _SCORE_CHUNK_ROWS = 8192  # router inputs scored per forward pass
 _GATHER_ELEMENTS = 1 << 26  # (batches x batch size x neurons) logits gathered at once
+_SORT_ROWS = 4096  # batches sorted at once (each a row of F scores)
 
 
 class CalibrationError(RuntimeError):
@@ -59,7 +61,9 @@ class CalibrationSettings:
     batch_sizes: tuple[int, ...] = tuple(PAPER_CALIBRATION_BATCH_SIZES)
     target_recall: float = 0.99
     granularity: int = 128  # k is a multiple of this (or the full width)
-    batches: int = 128  # random batches drawn per batch size (for fitting, and again for checking)
+    # Random batches per batch size, at least (for fitting, and again for checking): more when the
+    # held-out rows need more to be drawn about once each (small batch sizes).
+    batches: int = 128
     check_fraction: float = 0.25  # share of the held-out sequences kept back to check the fitted k
     seed: int = 0
     weight_bytes: int = 2  # bytes per MLP weight when reporting bytes read per step (fp16/bf16: 2)
@@ -382,58 +386,66 @@ class LayerBatches:
     def _local(self, batches: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.rows, batches)
 
-    def union(self, batches: np.ndarray) -> torch.Tensor:
-        """(count, F) bool: neurons active for at least one token of each batch."""
-        local = self._local(batches)
-        ored = np.bitwise_or.reduce(self.packed[local], axis=1)
-        return torch.from_numpy(self._unpack(ored)).to(self.logits.device)
+    def chunks(self, batches: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(batch scores, union) per bounded chunk of batches: both (chunk, F).
 
-    def scores(self, batches: np.ndarray) -> torch.Tensor:
-        """(count, F) batch scores (``batch_neuron_scores``), gathered a bounded chunk at a time."""
-        local = torch.from_numpy(self._local(batches)).to(self.logits.device)
-        per_chunk = max(1, _GATHER_ELEMENTS // (batches.shape[1] * self.ffn_dim))
-        return torch.cat(
-            [
-                batch_neuron_scores(self.logits[local[i : i + per_chunk]])
-                for i in range(0, len(local), per_chunk)
-            ]
-        )
+        Scores are ``batch_neuron_scores`` of the batch's router logits; the union marks neurons
+        active for at least one token of the batch (bits OR-ed before unpacking).
+        """
+        per_chunk = max(1, min(_GATHER_ELEMENTS // (batches.shape[1] * self.ffn_dim), _SORT_ROWS))
+        for start in range(0, len(batches), per_chunk):
+            local = self._local(batches[start : start + per_chunk])
+            ored = np.bitwise_or.reduce(self.packed[local], axis=1)
+            union = torch.from_numpy(self._unpack(ored)).to(self.logits.device)
+            scores = batch_neuron_scores(self.logits[torch.from_numpy(local).to(self.logits.device)])
+            yield scores, union
+
+
+Chunks = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _per_batch_recall(hits: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """|kept & union| / |union|; a batch whose union is empty has recall 1 (nothing to miss)."""
+    return torch.where(size > 0, hits / size.clamp(min=1), torch.ones_like(hits))
 
 
 def recall_curve(scores: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
     """Mean over batches of the union recall of the top-k scores, for every k = 1..F at once.
 
     One sort per batch: the running count of union neurons down the ranking is |top-k & union|.
-    A batch whose union is empty has recall 1 (nothing to miss).
     """
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     hits = union.gather(-1, order).cumsum(-1, dtype=torch.float64)
-    size = union.sum(-1, keepdim=True, dtype=torch.float64)
-    recall = torch.where(size > 0, hits / size.clamp(min=1), torch.ones_like(hits))
-    return recall.mean(0)
+    return _per_batch_recall(hits, union.sum(-1, keepdim=True, dtype=torch.float64)).mean(0)
 
 
 def union_recall(scores: torch.Tensor, union: torch.Tensor, keep: int) -> float:
     """Mean over batches of |top-k & union| / |union| with the deployed rule (``topk_mask``)."""
-    kept = topk_mask(scores, keep)
-    size = union.sum(-1, dtype=torch.float64)
-    hits = (kept & union).sum(-1, dtype=torch.float64)
-    return float(torch.where(size > 0, hits / size.clamp(min=1), torch.ones_like(hits)).mean())
+    hits = (topk_mask(scores, keep) & union).sum(-1, dtype=torch.float64)
+    return float(_per_batch_recall(hits, union.sum(-1, dtype=torch.float64)).mean())
 
 
-def fit_k(scores: torch.Tensor, union: torch.Tensor, target: float, granularity: int) -> tuple[int, float]:
-    """The smallest candidate k whose union recall (deployed rule) meets ``target``, and that recall.
+def _mean(chunks: Chunks, measure: Callable[[torch.Tensor, torch.Tensor], Any]) -> Any:
+    """Mean of a per-chunk mean over all batches (chunks weighted by their batch counts)."""
+    total, count = 0.0, 0
+    for scores, union in chunks():
+        total = total + measure(scores, union) * len(scores)
+        count += len(scores)
+    return total / count
 
-    The sorted sweep ranks the candidates; ``topk_mask`` then confirms the choice (ties may order
-    differently), moving up a candidate in the rare case it falls short. The full width always
-    meets any target.
+
+def fit_k(chunks: Chunks, target: float, granularity: int, ffn_dim: int) -> tuple[int, float]:
+    """The smallest candidate k whose mean union recall (deployed rule) meets ``target``, and that recall.
+
+    The sorted sweep ranks all candidates in one pass; ``topk_mask`` then confirms the choice (ties
+    may order differently), moving up a candidate in the rare case it falls short. The full width
+    always meets any target.
     """
-    ffn_dim = scores.shape[-1]
     candidates = candidate_ks(ffn_dim, granularity)
-    curve = recall_curve(scores, union).cpu().numpy()
-    start = int(np.argmax(curve[candidates - 1] >= target - 1e-12)) if (curve >= target - 1e-12).any() else -1
-    for k in candidates[max(start, 0) :]:
-        recall = union_recall(scores, union, int(k))
+    curve = _mean(chunks, lambda s, u: recall_curve(s, u).cpu().numpy())[candidates - 1]
+    meets = curve >= target - 1e-12
+    for k in candidates[int(np.argmax(meets)) if meets.any() else -1 :]:
+        recall = _mean(chunks, lambda s, u, k=int(k): union_recall(s, u, k))
         if recall >= target or k == ffn_dim:
             return int(k), recall
     raise AssertionError("unreachable: the full width is always a candidate")
@@ -451,23 +463,23 @@ def calibrate_layer(
     ffn_dim = layer_batches.ffn_dim
     entries = []
     for batch_size in settings.batch_sizes:
-        union = layer_batches.union(fit[batch_size])
-        k, recall = fit_k(
-            layer_batches.scores(fit[batch_size]), union, settings.target_recall, settings.granularity
-        )
-        check_scores, check_union = (
-            layer_batches.scores(check[batch_size]),
-            layer_batches.union(check[batch_size]),
-        )
+
+        def fit_chunks(b: int = batch_size) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return layer_batches.chunks(fit[b])
+
+        def check_chunks(b: int = batch_size) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return layer_batches.chunks(check[b])
+
+        k, recall = fit_k(fit_chunks, settings.target_recall, settings.granularity, ffn_dim)
         entries.append(
             CalibrationEntry(
                 layer=layer,
                 batch_size=batch_size,
                 k=k,
                 recall=recall,
-                check_recall=union_recall(check_scores, check_union, k),
+                check_recall=_mean(check_chunks, lambda s, u, k=k: union_recall(s, u, k)),
                 density=k / ffn_dim,
-                union_density=float(union.float().mean()),
+                union_density=_mean(fit_chunks, lambda s, u: float(u.float().mean())),
                 at_full_width=k == ffn_dim,
                 mlp_bytes=2 * k * hidden_size * settings.weight_bytes,
             )
@@ -527,8 +539,9 @@ def _draw(
     fit, check = {}, {}
     for batch_size in settings.batch_sizes:
         rng = np.random.default_rng((settings.seed, router.layer, batch_size))
-        fit[batch_size] = draw_batches(fit_rows, sequence_ids, batch_size, settings.batches, rng)
-        check[batch_size] = draw_batches(check_rows, sequence_ids, batch_size, settings.batches, rng)
+        for drawn, rows in ((fit, fit_rows), (check, check_rows)):
+            count = max(settings.batches, math.ceil(len(rows) / batch_size))
+            drawn[batch_size] = draw_batches(rows, sequence_ids, batch_size, count, rng)
     return fit, check
 
 
