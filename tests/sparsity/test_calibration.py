@@ -229,3 +229,104 @@ def test_evaluate_without_a_table_or_on_a_gated_model(
         _evaluate_plan(tmp_path, bundle, "model=tiny-llama", "sparsity.mlp_batch_size=8")
     with pytest.raises(ValueError, match="both set the MLP's k"):
         _evaluate_plan(tmp_path, bundle, "sparsity.mlp_batch_size=8", "sparsity.mlp_topk=0.5")
+
+
+# --- the entry point and the masks --------------------------------------------------------------
+
+
+def _calibrate_settings(tmp_path: Path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from polar_sparsity.config import resolved_config, to_settings
+    from polar_sparsity.schema import CalibrateRunConfig
+
+    from .conftest import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "calibrate", overrides=[f"paths.artifacts={tmp_path}", "logger=none", "device=cpu", *overrides]
+        )
+    return to_settings(cfg, CalibrateRunConfig), resolved_config(cfg)
+
+
+def test_calibrate_entry_point_writes_table_csv_and_plot(
+    tmp_path: Path, opt_mlp_bundle: tuple[Path, Path]
+) -> None:
+    import shutil
+
+    from polar_sparsity.sparsity.calibrate_task import run_calibrate
+
+    store, bundle = opt_mlp_bundle
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    settings, resolved = _calibrate_settings(
+        tmp_path, f"paths.store={store}", f"paths.routers={copy}", "calibrate.batch_sizes=[2,1]",
+        "calibrate.granularity=256", "calibrate.batches=8", "calibrate.layers=[1,3]",
+    )  # fmt: skip
+    payload = run_calibrate(settings, resolved)
+    table = load_calibration(copy, model="tiny-opt")
+    assert table is not None and table.to_dict() == json.loads(json.dumps(payload))
+    assert table.layers == (1, 3) and table.batch_sizes == (1, 2) and table.granularity == 256
+    assert {e.k for e in table.entries.values()} <= {256, 512, 768, 1024}
+    for name in ("calibration.csv", "calibration.png"):
+        assert (copy / "mlp" / name).stat().st_size > 0
+    meta = table.meta
+    assert meta["store"]["rows"] == ActivationStore(store).num_samples and meta["objective"] == "recall"
+    assert meta["routers"]["mlp/layer_001.safetensors"] == _sha256(copy / "mlp" / "layer_001.safetensors")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("calibrate.target_recall=0", r"calibrate.target_recall=0.0 must be in \(0, 1\]"),
+        (
+            "calibrate.batch_sizes=[0,4]",
+            "calibrate.batch_sizes=\\[0, 4\\] must be distinct positive integers",
+        ),
+        ("calibrate.granularity=0", "calibrate.granularity=0 must be a positive integer"),
+    ],
+)
+def test_calibrate_config_is_validated(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _calibrate_settings(tmp_path, override)
+
+
+def test_unknown_objective_names_the_valid_ones(tmp_path: Path) -> None:
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as info:
+        _calibrate_settings(tmp_path, "calibrate.objective=latncy")
+    assert "expected one of [recall]" in str(info.value.__cause__)
+
+
+def test_per_layer_k_masks_exactly_k_neurons_per_token() -> None:
+    from polar_sparsity.schema import Mode
+    from polar_sparsity.sparsity import SparsityPlan, apply_sparsity
+    from tests.helpers import tiny_model
+
+    _, model = tiny_model("opt")
+    adapter = family_for_config(model.config)
+    geometry = adapter.geometry(model.config)
+    routers = {}
+    for layer in range(geometry.num_layers):
+        torch.manual_seed(layer)
+        net = torch.nn.Linear(geometry.hidden_size, geometry.ffn_dim)
+        routers[layer] = type("R", (), {"scores": lambda self, x, net=net: net(x), "meta": {}})()
+    plan = SparsityPlan(Mode.sparse, attn_topk=1.0, mlp_batch_size=4, mlp_keep={0: 10, 1: geometry.ffn_dim})
+    plan.mlp_routers = routers
+    assert plan.mlp_layers(geometry) == [0]  # a full-width layer stays dense
+    seen = []
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), apply_sparsity(model, adapter, geometry, plan) as controller:
+        # Registered after the masking hook, so it sees the masked activations.
+        handle = adapter.mlp_down_proj(model, 0).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        model(ids)
+    handle.remove()
+    assert controller.stats.mlp_kept == 10 * 12 and controller.stats.mlp_total == geometry.ffn_dim * 12
+    assert int((seen[0] != 0).sum(-1).max()) <= 10
