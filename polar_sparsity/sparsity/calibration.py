@@ -25,7 +25,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import polar_sparsity
-from polar_sparsity.data.store import ActivationStore
+from polar_sparsity.data.store import ActivationStore, split_by_sequence
 from polar_sparsity.reporting import write_json_atomic
 from polar_sparsity.routers.bundle import LoadedRouter, kind_dir, load_routers, router_path
 from polar_sparsity.schema import PAPER_CALIBRATION_BATCH_SIZES, check_calibration
@@ -289,12 +289,9 @@ def check_routers(store: ActivationStore, routers: dict[int, LoadedRouter]) -> N
 def held_out_rows(store: ActivationStore, router_meta: dict[str, Any]) -> np.ndarray:
     """Store rows whose sequences the router never trained on: its validation split + unused rows.
 
-    The split is the one router training made (``routers.data.split_by_sequence`` with the recorded
+    The split is the one router training made (``store.split_by_sequence`` with the recorded
     seed and validation fraction); the recorded row counts confirm it was reproduced exactly.
     """
-    # Imported here: routers.data is the training DataModule (Lightning), not needed to load a table.
-    from polar_sparsity.routers.data import split_by_sequence
-
     train = router_meta.get("train", {})
     layer = router_meta.get("layer")
     if "train_rows" not in train or "val_rows" not in train or "seed" not in train:
@@ -367,6 +364,10 @@ def candidate_ks(ffn_dim: int, granularity: int) -> np.ndarray:
     return np.append(np.arange(granularity, ffn_dim, granularity), ffn_dim)
 
 
+# (batch scores, union) pairs, each (batches in the chunk, F): a batch size's batches in pieces.
+Chunks = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
 class LayerBatches:
     """One layer's router logits (computed once) and active bits for the rows a calibration draws."""
 
@@ -386,22 +387,21 @@ class LayerBatches:
     def _local(self, batches: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.rows, batches)
 
-    def chunks(self, batches: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(batch scores, union) per bounded chunk of batches: both (chunk, F).
+    def chunks(self, batches: np.ndarray) -> Chunks:
+        """(batch scores, union) per bounded chunk of batches, both (chunk, F), computed once.
 
         Scores are ``batch_neuron_scores`` of the batch's router logits; the union marks neurons
         active for at least one token of the batch (bits OR-ed before unpacking).
         """
         per_chunk = max(1, min(_GATHER_ELEMENTS // (batches.shape[1] * self.ffn_dim), _SORT_ROWS))
+        out = []
         for start in range(0, len(batches), per_chunk):
             local = self._local(batches[start : start + per_chunk])
             ored = np.bitwise_or.reduce(self.packed[local], axis=1)
             union = torch.from_numpy(self._unpack(ored)).to(self.logits.device)
             scores = batch_neuron_scores(self.logits[torch.from_numpy(local).to(self.logits.device)])
-            yield scores, union
-
-
-Chunks = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+            out.append((scores, union))
+        return out
 
 
 def _per_batch_recall(hits: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -414,7 +414,7 @@ def recall_curve(scores: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
 
     One sort per batch: the running count of union neurons down the ranking is |top-k & union|.
     """
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    order = torch.argsort(scores, dim=-1, descending=True)
     hits = union.gather(-1, order).cumsum(-1, dtype=torch.float64)
     return _per_batch_recall(hits, union.sum(-1, keepdim=True, dtype=torch.float64)).mean(0)
 
@@ -428,7 +428,7 @@ def union_recall(scores: torch.Tensor, union: torch.Tensor, keep: int) -> float:
 def _mean(chunks: Chunks, measure: Callable[[torch.Tensor, torch.Tensor], Any]) -> Any:
     """Mean of a per-chunk mean over all batches (chunks weighted by their batch counts)."""
     total, count = 0.0, 0
-    for scores, union in chunks():
+    for scores, union in chunks:
         total = total + measure(scores, union) * len(scores)
         count += len(scores)
     return total / count
@@ -463,13 +463,7 @@ def calibrate_layer(
     ffn_dim = layer_batches.ffn_dim
     entries = []
     for batch_size in settings.batch_sizes:
-
-        def fit_chunks(b: int = batch_size) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            return layer_batches.chunks(fit[b])
-
-        def check_chunks(b: int = batch_size) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            return layer_batches.chunks(check[b])
-
+        fit_chunks = layer_batches.chunks(fit[batch_size])
         k, recall = fit_k(fit_chunks, settings.target_recall, settings.granularity, ffn_dim)
         entries.append(
             CalibrationEntry(
@@ -477,7 +471,9 @@ def calibrate_layer(
                 batch_size=batch_size,
                 k=k,
                 recall=recall,
-                check_recall=_mean(check_chunks, lambda s, u, k=k: union_recall(s, u, k)),
+                check_recall=_mean(
+                    layer_batches.chunks(check[batch_size]), lambda s, u, k=k: union_recall(s, u, k)
+                ),
                 density=k / ffn_dim,
                 union_density=_mean(fit_chunks, lambda s, u: float(u.float().mean())),
                 at_full_width=k == ffn_dim,

@@ -123,10 +123,10 @@ def test_smallest_granular_k_and_full_width_when_unreachable() -> None:
     union = torch.zeros(4, 256, dtype=torch.bool)
     union[:, :100] = True
     good = torch.where(union, 1.0, 0.0) + 0.01 * torch.rand(4, 256, generator=generator)
-    assert fit_k(lambda: [(good, union)], 0.99, 32, 256) == (128, 1.0)  # 100 needed: next multiple of 32
-    assert fit_k(lambda: [(good[:2], union[:2]), (good[2:], union[2:])], 0.5, 32, 256) == (64, 0.64)
+    assert fit_k([(good, union)], 0.99, 32, 256) == (128, 1.0)  # 100 needed: next multiple of 32
+    assert fit_k([(good[:2], union[:2]), (good[2:], union[2:])], 0.5, 32, 256) == (64, 0.64)
     # The router ranks the truly active neurons last: only the full width reaches the target.
-    assert fit_k(lambda: [(-good, union)], 0.99, 32, 256) == (256, 1.0)
+    assert fit_k([(-good, union)], 0.99, 32, 256) == (256, 1.0)
 
 
 def test_table_round_trip_and_nearest_batch_size_at_or_above(tmp_path: Path, table: CalibrationTable) -> None:
