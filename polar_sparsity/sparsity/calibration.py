@@ -371,18 +371,32 @@ Chunks = Sequence[tuple[torch.Tensor, torch.Tensor]]
 class LayerBatches:
     """One layer's router logits (computed once) and active bits for the rows a calibration draws."""
 
-    def __init__(self, store: ActivationStore, layer: int, router: LoadedRouter, rows: np.ndarray):
-        self.rows = np.unique(rows)
-        self.ffn_dim = store.geometry.ffn_dim
+    def __init__(
+        self,
+        rows: np.ndarray,
+        logits: torch.Tensor,
+        packed: np.ndarray,
+        unpack: Callable[[np.ndarray], np.ndarray],
+    ):
+        """``rows`` sorted store rows; ``logits`` (rows, F) and ``packed`` (rows, F/8 bytes) in that order."""
+        self.rows, self.logits, self.packed, self._unpack = rows, logits, packed, unpack
+        self.ffn_dim = logits.shape[-1]
+
+    @classmethod
+    def from_store(
+        cls, store: ActivationStore, layer: int, router: LoadedRouter, rows: np.ndarray
+    ) -> LayerBatches:
+        """Score the (unique) ``rows`` with the router once and read their active bits."""
+        rows = np.unique(rows)
         param = next(router.net.parameters())
         inputs = store.router_inputs(layer)
         chunks = []
-        for start in range(0, len(self.rows), _SCORE_CHUNK_ROWS):
-            x = store.as_tensor(inputs[self.rows[start : start + _SCORE_CHUNK_ROWS]])
+        for start in range(0, len(rows), _SCORE_CHUNK_ROWS):
+            x = store.as_tensor(inputs[rows[start : start + _SCORE_CHUNK_ROWS]])
             chunks.append(router.scores(x.to(param.device).float()).to(torch.float16))
-        self.logits = torch.cat(chunks)  # (unique rows, F), float16: half the memory, same ranking
-        self.packed = np.asarray(store.mlp_active_packed(layer)[self.rows])
-        self._unpack = store.unpack_mlp
+        # float16 halves the memory; batch_neuron_scores sums the probabilities in float32.
+        logits = torch.cat(chunks)
+        return cls(rows, logits, np.asarray(store.mlp_active_packed(layer)[rows]), store.unpack_mlp)
 
     def _local(self, batches: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.rows, batches)
@@ -508,7 +522,7 @@ def calibrate(
         started = time.perf_counter()
         fit, check = plans[layer]
         drawn = np.concatenate([b.ravel() for b in (*fit.values(), *check.values())])
-        layer_batches = LayerBatches(store, layer, router, drawn)
+        layer_batches = LayerBatches.from_store(store, layer, router, drawn)
         for entry in calibrate_layer(layer_batches, layer, fit, check, settings, store.geometry.hidden_size):
             entries[(entry.layer, entry.batch_size)] = entry
         del layer_batches
@@ -532,9 +546,20 @@ def _draw(
     fit_rows, check_rows = split_fit_check(
         held_out_rows(store, router.meta), sequence_ids, settings.check_fraction, settings.seed
     )
+    return plan_batches(fit_rows, check_rows, sequence_ids, settings, router.layer)
+
+
+def plan_batches(
+    fit_rows: np.ndarray,
+    check_rows: np.ndarray,
+    sequence_ids: np.ndarray,
+    settings: CalibrationSettings,
+    layer: int,
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """{batch size: (count, batch size) rows} to fit on and to check on, seeded per layer and size."""
     fit, check = {}, {}
     for batch_size in settings.batch_sizes:
-        rng = np.random.default_rng((settings.seed, router.layer, batch_size))
+        rng = np.random.default_rng((settings.seed, layer, batch_size))
         for drawn, rows in ((fit, fit_rows), (check, check_rows)):
             count = max(settings.batches, math.ceil(len(rows) / batch_size))
             drawn[batch_size] = draw_batches(rows, sequence_ids, batch_size, count, rng)
