@@ -425,6 +425,7 @@ def check_calibration(
     batches: int,
     check_fraction: float,
     weight_bytes: int,
+    max_batches: int,
 ) -> None:
     """Range checks of the calibration settings, shared by the Hydra schema and the library."""
     if not batch_sizes or any(b <= 0 for b in batch_sizes) or len(set(batch_sizes)) != len(batch_sizes):
@@ -439,6 +440,8 @@ def check_calibration(
             raise ValueError(f"calibrate.{name}={value} must be a positive integer")
     if not 0.0 < check_fraction < 1.0:
         raise ValueError(f"calibrate.check_fraction={check_fraction} must be in (0, 1)")
+    if max_batches < batches:
+        raise ValueError(f"calibrate.max_batches={max_batches} must be >= calibrate.batches={batches}")
 
 
 @dataclass
@@ -447,7 +450,9 @@ class CalibrateConfig:
     target_recall: float = 0.99  # share of the batch's union of active neurons the top-k must keep
     granularity: int = 128  # k is a multiple of this (kernel tile), or the full width
     objective: CalibrateObjective = CalibrateObjective.recall
-    batches: int = 128  # decode batches per batch size, at least (more to draw each held-out row ~once)
+    # Decode batches per batch size: enough to draw every held-out row about once, within these bounds.
+    batches: int = 128
+    max_batches: int = 4096
     check_fraction: float = 0.25  # share of the routers' held-out sequences kept back to check the k
     weight_bytes: int = 2  # bytes per MLP weight for the reported bytes per step (fp16/bf16: 2)
     layers: Optional[list[int]] = None  # null: every MLP router in the bundle
@@ -460,6 +465,7 @@ class CalibrateConfig:
             self.batches,
             self.check_fraction,
             self.weight_bytes,
+            self.max_batches,
         )
 
 

@@ -47,6 +47,7 @@ def run_calibrate(settings: CalibrateRunConfig, resolved_config: dict[str, Any],
         check_fraction=cfg.check_fraction,
         seed=settings.seed,
         weight_bytes=cfg.weight_bytes,
+        max_batches=cfg.max_batches,
     )
     _check_store(settings)
     bundle = Path(settings.paths.routers)

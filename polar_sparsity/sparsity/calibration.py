@@ -61,12 +61,13 @@ class CalibrationSettings:
     batch_sizes: tuple[int, ...] = tuple(PAPER_CALIBRATION_BATCH_SIZES)
     target_recall: float = 0.99
     granularity: int = 128  # k is a multiple of this (or the full width)
-    # Random batches per batch size, at least (for fitting, and again for checking): more when the
-    # held-out rows need more to be drawn about once each (small batch sizes).
+    # Random batches per batch size (to fit on, and as many again to check on): enough to draw every
+    # held-out row about once, at least ``batches`` and at most ``max_batches``.
     batches: int = 128
     check_fraction: float = 0.25  # share of the held-out sequences kept back to check the fitted k
     seed: int = 0
     weight_bytes: int = 2  # bytes per MLP weight when reporting bytes read per step (fp16/bf16: 2)
+    max_batches: int = 4096
 
     def __post_init__(self) -> None:
         check_calibration(
@@ -76,6 +77,7 @@ class CalibrationSettings:
             self.batches,
             self.check_fraction,
             self.weight_bytes,
+            self.max_batches,
         )
         object.__setattr__(self, "batch_sizes", tuple(sorted(int(b) for b in self.batch_sizes)))
 
@@ -561,7 +563,7 @@ def plan_batches(
     for batch_size in settings.batch_sizes:
         rng = np.random.default_rng((settings.seed, layer, batch_size))
         for drawn, rows in ((fit, fit_rows), (check, check_rows)):
-            count = max(settings.batches, math.ceil(len(rows) / batch_size))
+            count = min(settings.max_batches, max(settings.batches, math.ceil(len(rows) / batch_size)))
             drawn[batch_size] = draw_batches(rows, sequence_ids, batch_size, count, rng)
     return fit, check
 

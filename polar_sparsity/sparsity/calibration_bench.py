@@ -6,7 +6,7 @@ python -m polar_sparsity.sparsity.calibration_bench --device cuda --rows 40000
 Synthetic rows (random router weights, random inputs and active bits at ``--density``) go through
 the same code as ``calibrate.py``: the router scores the rows once, then every batch size is fitted
 and checked. Every cost grows linearly with the held-out rows: the batch counts grow with them, and
-the minimum batch count (``calibrate.batches``) is scaled down by the same factor here, so the
+the batch count bounds (``calibrate.batches``, ``max_batches``) are scaled down by the same factor, so the
 measured time times (store rows / timed rows) times the layers estimates a real model.
 """
 
@@ -39,6 +39,7 @@ def time_layer(
     density: float,
     device: str,
     min_batches: int = 128,
+    max_batches: int = 4096,
     seed: int = 0,
 ) -> dict[str, float]:
     """Seconds to score ``rows`` held-out rows and to fit + check every paper batch size on them."""
@@ -48,7 +49,7 @@ def time_layer(
     active = torch.rand(rows, ffn_dim, generator=generator) < density
     packed = np.packbits(active.numpy(), axis=-1, bitorder="little")
     sequence_ids = np.arange(rows) // seq_len
-    settings = CalibrationSettings(batches=min_batches)
+    settings = CalibrationSettings(batches=min_batches, max_batches=max_batches)
     fit_rows, check_rows = split_fit_check(np.arange(rows), sequence_ids, settings.check_fraction, seed)
     fit, check = plan_batches(fit_rows, check_rows, sequence_ids, settings, layer=0)
 
@@ -88,9 +89,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.rows <= 0 or args.store_rows <= 0:
         parser.error("--rows and --store-rows must be positive")
     scale = args.store_rows / args.rows
-    min_batches = max(1, round(CalibrationSettings().batches / scale))
+    defaults = CalibrationSettings()
+    min_batches = max(1, round(defaults.batches / scale))
+    max_batches = max(min_batches, round(defaults.max_batches / scale))
     measured = time_layer(
-        args.hidden_size, args.ffn_dim, args.rows, args.seq_len, args.density, args.device, min_batches
+        args.hidden_size,
+        args.ffn_dim,
+        args.rows,
+        args.seq_len,
+        args.density,
+        args.device,
+        min_batches,
+        max_batches,
     )
     per_layer = (measured["score_s"] + measured["sweep_s"]) * scale
     device = (
