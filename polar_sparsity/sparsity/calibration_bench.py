@@ -53,7 +53,7 @@ def time_layer(
     fit_rows, check_rows = split_fit_check(np.arange(rows), sequence_ids, settings.check_fraction, seed)
     fit, check = plan_batches(fit_rows, check_rows, sequence_ids, settings, layer=0)
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     logits = torch.cat([router.scores(x[i : i + 8192].to(device)).half() for i in range(0, rows, 8192)])
     _sync(device)
     scored = time.perf_counter()
@@ -65,7 +65,11 @@ def time_layer(
         LayerBatches(np.arange(rows), logits, packed, unpack), 0, fit, check, settings, hidden_size
     )
     _sync(device)
-    return {"score_s": scored - started, "sweep_s": time.perf_counter() - scored}
+    return {
+        "score_s": scored - started,
+        "sweep_s": time.perf_counter() - scored,
+        "cpu_s": time.process_time() - cpu_started,  # this process's CPU time: wall minus waiting
+    }
 
 
 def _sync(device: str) -> None:
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         "score s": measured["score_s"],
         "fit+check s": measured["sweep_s"],
         "store rows": args.store_rows,
+        "process cpu s": measured["cpu_s"],
         "est. s/layer": per_layer,
         "est. min (all layers)": per_layer * args.layers / 60,
     }

@@ -330,3 +330,12 @@ def test_per_layer_k_masks_exactly_k_neurons_per_token() -> None:
     handle.remove()
     assert controller.stats.mlp_kept == 10 * 12 and controller.stats.mlp_total == geometry.ffn_dim * 12
     assert int((seen[0] != 0).sum(-1).max()) <= 10
+
+
+def test_cost_benchmark_runs_at_a_small_shape(capsys: pytest.CaptureFixture[str]) -> None:
+    from polar_sparsity.sparsity.calibration_bench import main
+
+    main(["--hidden-size", "32", "--ffn-dim", "256", "--layers", "2", "--rows", "512", "--store-rows", "1024",
+          "--seq-len", "32"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "MLP top-k calibration cost (2x extrapolation)" in out and "est. s/layer" in out
