@@ -37,7 +37,7 @@ def run_calibrate(settings: CalibrateRunConfig, resolved_config: dict[str, Any],
     """Fit, write and report the table; returns its JSON payload."""
     from polar_sparsity.models.loading import resolve_device
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     cfg = settings.calibrate
     fit_settings = CalibrationSettings(
         batch_sizes=tuple(cfg.batch_sizes),
@@ -72,6 +72,8 @@ def run_calibrate(settings: CalibrateRunConfig, resolved_config: dict[str, Any],
         )
     seconds = round(time.perf_counter() - started, 2)
     table.meta["seconds"] = seconds
+    # CPU time beside wall time: on a shared machine the wall time includes waiting for cores.
+    table.meta["process_cpu_seconds"] = round(time.process_time() - cpu_started, 2)
     table.meta["device"] = str(device)
     json_path = save_calibration(table, bundle)
     csv_path = write_csv(json_path.with_name(CALIBRATION_CSV), table.rows())
@@ -135,6 +137,9 @@ def _report(table: CalibrationTable, seconds: float, json_path: Path, csv_path: 
     print(format_table(table.summary_rows(), title=f"Per batch size (target recall {table.target_recall})"))
     layer_seconds = table.meta.get("layer_seconds", {})
     mean_layer = sum(layer_seconds.values()) / max(1, len(layer_seconds))
-    print(f"calibrate took {seconds:.1f}s ({mean_layer:.2f}s per layer on {table.meta.get('device')})")
+    print(
+        f"calibrate took {seconds:.1f}s wall, {table.meta['process_cpu_seconds']:.1f}s CPU "
+        f"({mean_layer:.2f}s wall per layer on {table.meta.get('device')})"
+    )
     print(f"table: {json_path}\ncsv: {csv_path}\nplot: {png_path}")
     log.info("calibration table written to %s", calibration_path(json_path.parents[1]))

@@ -335,7 +335,7 @@ def test_per_layer_k_masks_exactly_k_neurons_per_token() -> None:
 def test_cost_benchmark_runs_at_a_small_shape(capsys: pytest.CaptureFixture[str]) -> None:
     from polar_sparsity.sparsity.calibration_bench import main
 
-    main(["--hidden-size", "32", "--ffn-dim", "256", "--layers", "2", "--rows", "1536", "--store-rows", "3072",
-          "--seq-len", "32"])  # fmt: skip
+    shape = ["--hidden-size", "32", "--ffn-dim", "256", "--layers", "2", "--seq-len", "32"]
+    main([*shape, "--rows", "1536", "--store-rows", "3072"])
     out = capsys.readouterr().out
     assert "MLP top-k calibration cost (2x extrapolation)" in out and "est. s/layer" in out
