@@ -21,7 +21,6 @@ the decoding engine calls ``load_calibration(bundle).keep(layer, batch_size)``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -35,6 +34,7 @@ import torch
 
 import polar_sparsity
 from polar_sparsity.data.store import ActivationStore, split_by_sequence
+from polar_sparsity.evaluation.results import file_digest
 from polar_sparsity.reporting import write_json_atomic
 from polar_sparsity.routers.bundle import LoadedRouter, kind_dir, load_routers, router_path
 from polar_sparsity.schema import PAPER_CALIBRATION_BATCH_SIZES, check_calibration
@@ -242,14 +242,6 @@ def load_calibration(bundle_dir: str | Path, model: str | None = None) -> Calibr
 def save_calibration(table: CalibrationTable, bundle_dir: str | Path) -> Path:
     """Write the table as JSON through a temporary name (the CSV and plot are the runner's)."""
     return write_json_atomic(calibration_path(bundle_dir), table.to_dict())
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- which rows: sequences the routers were not trained on ----------------------------------------
@@ -579,7 +571,7 @@ def _table_meta(
     files = {}
     for layer in routers:
         path = router_path(bundle, "mlp", layer)
-        files[str(path.relative_to(bundle))] = file_sha256(path)
+        files[str(path.relative_to(bundle))] = file_digest(path)
     manifest = store.manifest
     return {
         "model": manifest["model"],
