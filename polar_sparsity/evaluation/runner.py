@@ -128,6 +128,7 @@ def build_plan(settings: EvaluateRunConfig, geometry: ModelGeometry) -> tuple[Sp
         plan.head_routers, plan.mlp_routers, bundle = _load_bundle(settings, plan, geometry)
         check_plan(plan, geometry)
         if calibration is not None:
+            _check_calibrated_routers(calibration, bundle)
             bundle = (bundle or {"path": str(Path(settings.paths.routers).resolve())}) | {
                 "calibration": calibration
             }
@@ -166,6 +167,7 @@ def _calibrated_keep(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: 
     return {
         "file": str(path.resolve()),
         "sha256": file_digest(path),
+        "routers": table.meta.get("routers", {}),
         "target_recall": table.target_recall,
         "batch_size": batch_size,
         "calibrated_batch_size": used,
@@ -192,6 +194,21 @@ def _load_bundle(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: Mode
             path = router_path(bundle_dir, kind, layer, topk)
             files[str(path.relative_to(bundle_dir))] = {"sha256": file_digest(path), "meta": router.meta}
     return heads, mlps, {"path": str(Path(bundle_dir).resolve()), "router_topk": router_topk, "files": files}
+
+
+def _check_calibrated_routers(calibration: dict, bundle: dict | None) -> None:
+    """Refuse a table fitted for other weights of the MLP routers used now (retrained since)."""
+    used = {name: record["sha256"] for name, record in (bundle or {}).get("files", {}).items()}
+    stale = sorted(
+        name
+        for name, digest in used.items()
+        if name.startswith("mlp/") and calibration["routers"].get(name) not in (None, digest)
+    )
+    if stale:
+        raise ValueError(
+            f"the calibration table {calibration['file']} was fitted for other weights of {stale} "
+            f"(retrained since?); re-run `python calibrate.py`"
+        )
 
 
 # --- dense baseline --------------------------------------------------------------------------------

@@ -339,3 +339,20 @@ def test_cost_benchmark_runs_at_a_small_shape(capsys: pytest.CaptureFixture[str]
     main([*shape, "--rows", "1536", "--store-rows", "3072"])
     out = capsys.readouterr().out
     assert "MLP top-k calibration cost (2x extrapolation)" in out and "est. s/layer" in out
+
+
+def test_evaluate_refuses_a_table_fitted_for_other_router_weights(
+    tmp_path: Path, opt_mlp_bundle: tuple[Path, Path], table: CalibrationTable
+) -> None:
+    import copy
+    import shutil
+
+    _, bundle = opt_mlp_bundle
+    retrained = tmp_path / "bundle"
+    shutil.copytree(bundle, retrained)
+    stale = copy.deepcopy(table)
+    stale.meta["routers"]["mlp/layer_002.safetensors"] = "0" * 64
+    save_calibration(stale, retrained)
+    assert stale.entries[(2, 1)].k < 1024  # layer 2's router is used at B=1
+    with pytest.raises(ValueError, match=r"fitted for other weights of \['mlp/layer_002.safetensors'\]"):
+        _evaluate_plan(tmp_path, retrained, "sparsity.mlp_batch_size=1")
