@@ -187,6 +187,9 @@ def _check_fraction(name: str, value: Optional[float]) -> None:
 class SparsityConfig:
     attn_topk: float = 0.5  # fraction of heads (KV groups for GQA) kept per token
     mlp_topk: Optional[float] = None  # fraction of MLP neurons kept per token (ReLU models); null = MLP dense
+    # mode=sparse, ReLU models: per layer, the k calibrated for this decode batch size (calibrate.py)
+    # instead of a fixed mlp_topk; null = not used.
+    mlp_batch_size: Optional[int] = None
     dense_attn_layers: list[int] = field(default_factory=lambda: [0])  # attention stays dense here
     positions: str = "all"  # all | last:N (only the last N positions of each sequence are sparse)
     # mode=sparse: which trained head routers (bundle mha/topk=<k>) rank the heads; null: attn_topk's own.
@@ -196,6 +199,15 @@ class SparsityConfig:
         _check_fraction("sparsity.attn_topk", self.attn_topk)
         _check_fraction("sparsity.router_topk", self.router_topk)
         _check_fraction("sparsity.mlp_topk", self.mlp_topk)
+        if self.mlp_batch_size is not None and self.mlp_batch_size <= 0:
+            raise ValueError(
+                f"sparsity.mlp_batch_size={self.mlp_batch_size} must be a positive integer (or null)"
+            )
+        if self.mlp_batch_size is not None and self.mlp_topk is not None:
+            raise ValueError(
+                f"sparsity.mlp_topk={self.mlp_topk} and sparsity.mlp_batch_size={self.mlp_batch_size} both "
+                f"set the MLP's k: keep one (mlp_batch_size uses the calibrated per-layer k)"
+            )
         parse_positions(self.positions)
         negative = [layer for layer in self.dense_attn_layers if layer < 0]
         if negative:
@@ -400,3 +412,78 @@ class TrainRunConfig:
     logger: Any = None
     seed: int = 0
     output_dir: Optional[str] = None  # null: the Hydra job dir (checkpoints, router_result.json)
+
+
+# --- MLP top-k calibration (calibrate.py) ---------------------------------------------------------
+
+
+class CalibrateObjective(str, Enum):
+    recall = "recall"  # the smallest k (per layer and batch size) meeting target_recall (paper)
+
+
+PAPER_CALIBRATION_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 48, 64, 128, 256]
+
+
+def check_calibration(
+    batch_sizes: list[int],
+    target_recall: float,
+    granularity: int,
+    batches: int,
+    check_fraction: float,
+    weight_bytes: int,
+    max_batches: int,
+) -> None:
+    """Range checks of the calibration settings, shared by the Hydra schema and the library."""
+    if not batch_sizes or any(b <= 0 for b in batch_sizes) or len(set(batch_sizes)) != len(batch_sizes):
+        raise ValueError(
+            f"calibrate.batch_sizes={list(batch_sizes)} must be distinct positive integers "
+            f"(paper: {PAPER_CALIBRATION_BATCH_SIZES})"
+        )
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"calibrate.target_recall={target_recall} must be in (0, 1] (paper: 0.99)")
+    for name, value in (("granularity", granularity), ("batches", batches), ("weight_bytes", weight_bytes)):
+        if value <= 0:
+            raise ValueError(f"calibrate.{name}={value} must be a positive integer")
+    if not 0.0 < check_fraction < 1.0:
+        raise ValueError(f"calibrate.check_fraction={check_fraction} must be in (0, 1)")
+    if max_batches < batches:
+        raise ValueError(f"calibrate.max_batches={max_batches} must be >= calibrate.batches={batches}")
+
+
+@dataclass
+class CalibrateConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: list(PAPER_CALIBRATION_BATCH_SIZES))
+    target_recall: float = 0.99  # share of the batch's union of active neurons the top-k must keep
+    granularity: int = 128  # k is a multiple of this (kernel tile), or the full width
+    objective: CalibrateObjective = CalibrateObjective.recall
+    # Decode batches per batch size: enough to draw every held-out row about once, within these bounds.
+    batches: int = 128
+    max_batches: int = 4096
+    check_fraction: float = 0.25  # share of the routers' held-out sequences kept back to check the k
+    weight_bytes: int = 2  # bytes per MLP weight for the reported bytes per step (fp16/bf16: 2)
+    layers: Optional[list[int]] = None  # null: every MLP router in the bundle
+
+    def __post_init__(self) -> None:
+        check_calibration(
+            self.batch_sizes,
+            self.target_recall,
+            self.granularity,
+            self.batches,
+            self.check_fraction,
+            self.weight_bytes,
+            self.max_batches,
+        )
+
+
+@dataclass
+class CalibrateRunConfig:
+    """Primary config of ``calibrate.py``: per-layer MLP top-k per batch size, stored with the bundle."""
+
+    task_name: str = "calibrate"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    logger: Any = None
+    device: str = "auto"  # where the routers score the held-out rows
+    seed: int = 0  # which held-out sequences check the fit, and the random batches

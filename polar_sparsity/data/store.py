@@ -313,3 +313,19 @@ class ActivationStore:
         """Router-input rows as a tensor in the store's dtype."""
         tensor = torch.from_numpy(np.array(rows))  # a writable copy of just these rows
         return tensor.view(torch.bfloat16) if self.manifest["dtype"] == "bfloat16" else tensor
+
+
+def split_by_sequence(
+    sequence_ids: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, validation): a seeded ``val_fraction`` of whole sequences is held out."""
+    sequences = np.unique(sequence_ids)
+    if len(sequences) < 2:
+        raise ValueError(
+            f"the rows used hold {len(sequences)} sequence(s); a held-out-by-sequence validation split "
+            f"needs at least 2 (raise train.samples, or collect more)"
+        )
+    n_val = min(len(sequences) - 1, max(1, round(val_fraction * len(sequences))))
+    held_out = np.random.default_rng(seed).choice(sequences, size=n_val, replace=False)
+    is_val = np.isin(sequence_ids, held_out)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)

@@ -111,6 +111,7 @@ def build_plan(settings: EvaluateRunConfig, geometry: ModelGeometry) -> tuple[Sp
         mode=settings.mode,
         attn_topk=sp.attn_topk,
         mlp_topk=sp.mlp_topk,
+        mlp_batch_size=sp.mlp_batch_size,
         dense_attn_layers=frozenset(sp.dense_attn_layers),
         last_n=parse_positions(sp.positions),
         seed=settings.seed,
@@ -118,9 +119,55 @@ def build_plan(settings: EvaluateRunConfig, geometry: ModelGeometry) -> tuple[Sp
     check_plan(plan, geometry, routers=False)  # layer ranges and MLP kind, before touching the bundle
     bundle = None
     if settings.mode == Mode.sparse:
+        calibration = _calibrated_keep(settings, plan, geometry) if sp.mlp_batch_size is not None else None
         plan.head_routers, plan.mlp_routers, bundle = _load_bundle(settings, plan, geometry)
         check_plan(plan, geometry)
+        if calibration is not None:
+            _check_calibrated_routers(calibration, bundle)
+            bundle = (bundle or {"path": str(Path(settings.paths.routers).resolve())}) | {
+                "calibration": calibration
+            }
     return plan, bundle
+
+
+def _calibrated_keep(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: ModelGeometry) -> dict:
+    """Set ``plan.mlp_keep`` to the bundle's calibrated k per layer at ``sparsity.mlp_batch_size``.
+
+    Returns what the results record about it (table file, hash, the batch size whose k is used).
+    """
+    from polar_sparsity.sparsity.calibration import calibration_path, check_layers, load_calibration
+
+    batch_size, bundle_dir = settings.sparsity.mlp_batch_size, settings.paths.routers
+    table = load_calibration(bundle_dir, model=settings.model.name)
+    path = calibration_path(bundle_dir)
+    if table is None:
+        raise ValueError(
+            f"sparsity.mlp_batch_size={batch_size} needs the MLP calibration table {path}, which does not "
+            f"exist: run `python calibrate.py model={settings.model.name}` after training the MLP routers"
+        )
+    if table.ffn_dim != geometry.ffn_dim:
+        raise ValueError(
+            f"{path} is for an MLP of {table.ffn_dim} neurons; this model has {geometry.ffn_dim}"
+        )
+    check_layers(table, range(geometry.num_layers))
+    used = table.calibrated_batch_size(batch_size)  # type: ignore[arg-type]
+    if used < batch_size:  # type: ignore[operator]
+        log.warning(
+            "sparsity.mlp_batch_size=%d is beyond the calibrated batch sizes %s: using B=%d's k",
+            batch_size,
+            list(table.batch_sizes),
+            used,
+        )
+    plan.mlp_keep = {layer: table.keep(layer, batch_size) for layer in table.layers}  # type: ignore[arg-type]
+    return {
+        "file": str(path.resolve()),
+        "sha256": file_digest(path),
+        "routers": table.meta.get("routers", {}),
+        "target_recall": table.target_recall,
+        "batch_size": batch_size,
+        "calibrated_batch_size": used,
+        "k": {str(layer): k for layer, k in plan.mlp_keep.items()},
+    }
 
 
 def _load_bundle(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: ModelGeometry):
@@ -144,6 +191,21 @@ def _load_bundle(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: Mode
             path = router_path(bundle_dir, kind, layer, topk)
             files[str(path.relative_to(bundle_dir))] = {"sha256": file_digest(path), "meta": router.meta}
     return heads, mlps, {"path": str(Path(bundle_dir).resolve()), "router_topk": router_topk, "files": files}
+
+
+def _check_calibrated_routers(calibration: dict, bundle: dict | None) -> None:
+    """Refuse a table fitted for other weights of the MLP routers used now (retrained since)."""
+    used = {name: record["sha256"] for name, record in (bundle or {}).get("files", {}).items()}
+    stale = sorted(
+        name
+        for name, digest in used.items()
+        if name.startswith("mlp/") and calibration["routers"].get(name) not in (None, digest)
+    )
+    if stale:
+        raise ValueError(
+            f"the calibration table {calibration['file']} was fitted for other weights of {stale} "
+            f"(retrained since?); re-run `python calibrate.py`"
+        )
 
 
 # --- dense baseline --------------------------------------------------------------------------------
@@ -273,6 +335,8 @@ def _sparsity_summary(settings: EvaluateRunConfig, plan: SparsityPlan, geometry:
     return {
         "attn_topk": sp.attn_topk,
         "mlp_topk": sp.mlp_topk,
+        "mlp_batch_size": sp.mlp_batch_size,
+        "mlp_k": {layer: plan.mlp_kept(layer, geometry.ffn_dim) for layer in plan.mlp_layers(geometry)},
         "router_topk": sp.router_topk,
         "positions": sp.positions,
         "dense_attn_layers": sorted(sp.dense_attn_layers),
@@ -289,11 +353,17 @@ def _title(settings: EvaluateRunConfig, payload: dict[str, Any]) -> str:
         ""
         if settings.mode == Mode.dense
         else (
-            f" (attn_topk={sp.attn_topk}, mlp_topk={sp.mlp_topk}, positions={sp.positions}, "
+            f" (attn_topk={sp.attn_topk}, {_mlp_label(sp)}, positions={sp.positions}, "
             f"dense attention layers {sorted(sp.dense_attn_layers)})"
         )
     )
     return f"{settings.model.name} on {settings.data.name}: dense vs {settings.mode.value}{detail}"
+
+
+def _mlp_label(sparsity: Any) -> str:
+    if sparsity.mlp_batch_size is not None:
+        return f"MLP k calibrated for batch size {sparsity.mlp_batch_size}"
+    return f"mlp_topk={sparsity.mlp_topk}"
 
 
 def _sweep_row(settings: EvaluateRunConfig, payload: dict, dense: dict, sparse: dict, out_dir: Path) -> dict:
@@ -304,6 +374,7 @@ def _sweep_row(settings: EvaluateRunConfig, payload: dict, dense: dict, sparse: 
         "mode": settings.mode.value,
         "attn_topk": 1.0 if settings.mode == Mode.dense else sp.attn_topk,
         "mlp_topk": sp.mlp_topk,
+        "mlp_batch_size": sp.mlp_batch_size,
         "positions": sp.positions,
         "measured_attn_density": measured.get("attn"),
         "measured_mlp_density": measured.get("mlp"),

@@ -26,13 +26,14 @@ _PANELS = (
 
 
 def _series_key(row: dict[str, Any]) -> tuple:
-    return (row["model"], row["mode"], row.get("mlp_topk"), row.get("positions"))
+    return (row["model"], row["mode"], row.get("mlp_topk"), row.get("positions"), row.get("mlp_batch_size"))
 
 
 def _label(key: tuple) -> str:
-    model, mode, mlp_topk, positions = key
+    model, mode, mlp_topk, positions, mlp_batch_size = key
     extras = [
         f"mlp_topk={mlp_topk}" if mlp_topk not in (None, "") else "",
+        f"mlp_batch_size={mlp_batch_size}" if mlp_batch_size not in (None, "") else "",
         "" if positions == "all" else positions,
     ]
     return " ".join([model, mode, *filter(None, extras)])
@@ -43,7 +44,8 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for row in sorted(rows, key=lambda r: (*map(str, _series_key(r)), float(r["attn_topk"]))):
         line = {"model": row["model"], "mode": row["mode"], "attn_topk": row["attn_topk"],
-                "mlp_topk": row.get("mlp_topk"), "positions": row.get("positions"),
+                "mlp_topk": row.get("mlp_topk"), "mlp_batch_size": row.get("mlp_batch_size"),
+                "positions": row.get("positions"),
                 "measured_attn": row.get("measured_attn_density")}  # fmt: skip
         for column, _ in _PANELS:
             value, dense = row.get(column), row.get(f"dense:{column}")

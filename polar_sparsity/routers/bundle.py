@@ -4,6 +4,7 @@ Layout of a bundle (``paths.routers``, default ``artifacts/routers/<model>/<data
 
     mha/topk=<k>/layer_<LLL>.safetensors   head routers (per KV group for GQA models), k like 0.5
     mlp/layer_<LLL>.safetensors            MLP-neuron routers (ReLU models)
+    mlp/calibration.{json,csv,png}         their top-k per layer and batch size (sparsity/calibration.py)
 
 Tensors are the net's ``state_dict``; the safetensors metadata key ``polar_sparsity`` holds a JSON
 document (kind, layer, topk, model, geometry, net class + kwargs, group_reduce, unit, num_outputs,

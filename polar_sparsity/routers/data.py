@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from polar_sparsity.data.store import ActivationStore
+from polar_sparsity.data.store import ActivationStore, split_by_sequence
 from polar_sparsity.routers.targets import RouterTarget
 from polar_sparsity.schema import RouterKind
 
@@ -25,20 +25,6 @@ _CHUNK_ROWS = 65536  # rows per read when computing training-set statistics
 _MIN_EVAL_BATCH = 2048  # validation has no gradients: read bigger batches
 
 
-def split_by_sequence(
-    sequence_ids: np.ndarray, val_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (train, validation): a seeded ``val_fraction`` of whole sequences is held out."""
-    sequences = np.unique(sequence_ids)
-    if len(sequences) < 2:
-        raise ValueError(
-            f"the rows used hold {len(sequences)} sequence(s); a held-out-by-sequence validation split "
-            f"needs at least 2 (raise train.samples, or collect more)"
-        )
-    n_val = min(len(sequences) - 1, max(1, round(val_fraction * len(sequences))))
-    held_out = np.random.default_rng(seed).choice(sequences, size=n_val, replace=False)
-    is_val = np.isin(sequence_ids, held_out)
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 class RowBatchSampler(Sampler[np.ndarray]):

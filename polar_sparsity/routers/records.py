@@ -103,6 +103,9 @@ def bundle_meta(
             "neg_weight": router.neg_weight,
             "seed": settings.seed,
             "split": "held out by sequence",
+            # With seed, these reproduce the split (calibration fits on the held-out sequences).
+            "samples": settings.train.samples,
+            "val_fraction": settings.train.val_fraction,
         },
         "store": {
             "path": str(store.root.resolve()),

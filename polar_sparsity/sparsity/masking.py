@@ -56,6 +56,9 @@ class SparsityPlan:
     mode: Mode
     attn_topk: float = 1.0
     mlp_topk: float | None = None
+    # Calibrated k per layer for one decode batch size (sparsity.mlp_batch_size); replaces mlp_topk.
+    mlp_batch_size: int | None = None
+    mlp_keep: Mapping[int, int] | None = None
     dense_attn_layers: frozenset[int] = frozenset({0})
     last_n: int | None = None  # positions=last:N; None = every position
     seed: int = 0  # random_attn
@@ -70,12 +73,6 @@ class SparsityPlan:
         """Heads (KV groups) each token keeps in a masked layer."""
         return num_kept(self.attn_topk, self.attn_units(geometry))
 
-    def mlp_keep(self, geometry: ModelGeometry) -> int:
-        """Neurons the MLP keeps per token (needs a fixed ``mlp_topk``)."""
-        if self.mlp_topk is None:
-            raise ValueError("sparsity.mlp_topk is null: no fixed MLP top-k to keep")
-        return num_kept(self.mlp_topk, geometry.ffn_dim)
-
     def attn_layers(self, geometry: ModelGeometry) -> list[int]:
         """Layers whose attention is masked (none when every unit is kept)."""
         if self.mode == Mode.dense or self.attn_keep(geometry) == self.attn_units(geometry):
@@ -83,12 +80,23 @@ class SparsityPlan:
         return [layer for layer in range(geometry.num_layers) if layer not in self.dense_attn_layers]
 
     def mlp_layers(self, geometry: ModelGeometry) -> list[int]:
-        """Layers whose MLP is masked: mode=sparse with a fixed mlp_topk below 1 on a ReLU model."""
-        if self.mode != Mode.sparse or self.mlp_topk is None:
+        """Layers whose MLP is masked (mode=sparse on a ReLU model): those keeping fewer than all neurons.
+
+        With a calibrated table, layers whose k is the full width stay dense.
+        """
+        if self.mode != Mode.sparse or (self.mlp_topk is None and self.mlp_keep is None):
             return []
-        if self.mlp_keep(geometry) == geometry.ffn_dim:
-            return []
-        return list(range(geometry.num_layers))
+        ffn_dim = geometry.ffn_dim
+        return [layer for layer in range(geometry.num_layers) if self.mlp_kept(layer, ffn_dim) < ffn_dim]
+
+    def mlp_kept(self, layer: int, ffn_dim: int) -> int:
+        """Neurons a token keeps in ``layer``: the calibrated k, else the fixed fraction's count.
+
+        A layer missing from the calibrated k counts as dense here; ``check_plan`` refuses such a plan.
+        """
+        if self.mlp_keep is not None:
+            return self.mlp_keep.get(layer, ffn_dim)
+        return num_kept(self.mlp_topk, ffn_dim)  # type: ignore[arg-type]
 
 
 def check_plan(plan: SparsityPlan, geometry: ModelGeometry, routers: bool = True) -> None:
@@ -102,11 +110,22 @@ def check_plan(plan: SparsityPlan, geometry: ModelGeometry, routers: bool = True
             f"sparsity.dense_attn_layers has layers {outside} outside this model's "
             f"0..{geometry.num_layers - 1}"
         )
-    if plan.mlp_topk is not None and plan.mode == Mode.sparse and geometry.mlp_kind != MlpKind.relu:
+    mlp_setting = (
+        f"sparsity.mlp_topk={plan.mlp_topk}"
+        if plan.mlp_topk is not None
+        else f"sparsity.mlp_batch_size={plan.mlp_batch_size}"
+        if plan.mlp_batch_size is not None or plan.mlp_keep is not None
+        else None
+    )
+    if mlp_setting and plan.mode == Mode.sparse and geometry.mlp_kind != MlpKind.relu:
         raise ValueError(
-            f"sparsity.mlp_topk={plan.mlp_topk} needs a ReLU MLP; this model's MLP is "
-            f"{geometry.mlp_kind.value} (no exact zeros to predict). Set sparsity.mlp_topk=null."
+            f"{mlp_setting} needs a ReLU MLP; this model's MLP is {geometry.mlp_kind.value} (no exact "
+            f"zeros to predict). Set it to null."
         )
+    if plan.mlp_keep is not None:
+        missing = [layer for layer in range(geometry.num_layers) if layer not in plan.mlp_keep]
+        if missing:
+            raise ValueError(f"the calibrated MLP k has no entry for layers {missing}")
     if plan.mode != Mode.sparse or not routers:
         return
     _check_routers("head", plan.head_routers, plan.attn_layers(geometry), plan.attn_units(geometry))
@@ -264,7 +283,7 @@ def _mask_neurons(controller: SparsityController, layer: int):
         activations = args[0]
         router_input = controller.router_inputs[layer]
         scores = controller.plan.mlp_routers[layer].scores(router_input)
-        keep = controller.plan.mlp_keep(geometry)
+        keep = controller.plan.mlp_kept(layer, geometry.ffn_dim)
         masked, kept, total = _apply_mask(controller, activations, topk_mask(scores, keep), 1)
         controller.stats.mlp_kept += kept
         controller.stats.mlp_total += total

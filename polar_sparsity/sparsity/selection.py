@@ -100,3 +100,14 @@ def sparse_positions(
     position = torch.arange(length, device=device).unsqueeze(0)
     ends = ends.unsqueeze(1)
     return (position >= ends - last_n) & (position < ends)
+
+
+def batch_neuron_scores(logits: torch.Tensor) -> torch.Tensor:
+    """One score per MLP neuron for a whole decode batch: (..., batch, neurons) logits -> (..., neurons).
+
+    The sum over the batch of each token's firing probability (the expected number of tokens that
+    fire the neuron); its top-k is the batch's shared selection. Probabilities rather than raw or
+    ReLU-clipped logits: a very negative logit of one token cannot veto a neuron the others need,
+    and every neuron keeps a rank (no ties at zero).
+    """
+    return torch.sigmoid(logits.float()).sum(dim=-2)
