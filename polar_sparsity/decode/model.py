@@ -252,17 +252,51 @@ class CompactDecoder(nn.Module):
         q, k, v = self._qkv(layer, x, rope)
         cache.write_step(layer.layer, k, v, slots)
         k_cache, v_cache = cache.layer(layer.layer, h.shape[0])
-        kv_idx = None
-        if layer.layer in self.sparse_attn:
-            kv_idx = head_indices(self.plan.head_routers[layer.layer], x, self.attn_keep)
-        attn = self.ops.attention(q.contiguous(), k_cache, v_cache, seqlens, kv_idx)
+        attn = self._attention(layer, x, q.contiguous(), k_cache, v_cache, seqlens)
         h = h + F.linear(attn.flatten(1), layer.w_o, layer.b_o)
         if layer.layer in self.sparse_mlp:
             keep = self.plan.neurons_kept(layer.layer, h.shape[0], self.geometry)
-            idx = neuron_indices(self.plan.mlp_routers[layer.layer], x, keep)
-            return self._mlp_block(layer, h, lambda m: self._mlp_sparse(layer, m, idx))
+            if keep < self.geometry.ffn_dim:
+                idx = neuron_indices(self.plan.mlp_routers[layer.layer], x, keep)
+                return self._mlp_block(layer, h, lambda m: self._mlp_selected(layer, m, idx))
         return self._mlp_block(layer, h, layer.mlp_dense)
+
+    def _attention(self, layer: DecoderLayer, x, q, k_cache, v_cache, seqlens) -> torch.Tensor:
+        """Decode attention; in sparse layers only the kept heads / KV groups contribute.
+
+        Where the selective kernel would be slower than the dense one (the kernels' fallback rule),
+        every head is computed and the dropped ones are zeroed: the same output, never slower.
+        """
+        if layer.layer not in self.sparse_attn:
+            return self.ops.attention(q, k_cache, v_cache, seqlens, None)
+        g = self.geometry
+        kv_idx = head_indices(self.plan.head_routers[layer.layer], x, self.attn_keep)
+        shape = (q.shape[0], self.attn_keep, g.num_kv_heads, g.group_size, g.head_dim, k_cache.shape[2])
+        if self.ops.sparse_attention_pays(*shape, q.device):
+            return self.ops.attention(q, k_cache, v_cache, seqlens, kv_idx)
+        kept = torch.zeros(q.shape[0], g.num_kv_heads, device=q.device, dtype=q.dtype)
+        kept.scatter_(1, kv_idx.long(), 1.0)
+        dense = self.ops.attention(q, k_cache, v_cache, seqlens, None)
+        return dense * kept.repeat_interleave(g.group_size, dim=1).unsqueeze(-1)
+
+    def _mlp_selected(self, layer: DecoderLayer, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The MLP over the batch-shared neurons ``idx``: selective kernels, or dense where that is faster."""
+        shape = (x.shape[0], idx.numel(), self.geometry.ffn_dim, self.geometry.hidden_size)
+        if self.ops.sparse_mlp_pays(
+            lambda: self._mlp_sparse(layer, x, idx), lambda: self._mlp_masked(layer, x, idx), shape, x.device
+        ):
+            return self._mlp_sparse(layer, x, idx)
+        return self._mlp_masked(layer, x, idx)
 
     def _mlp_sparse(self, layer: DecoderLayer, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         active = self.ops.relu_up(x, layer.w_up, layer.b_up, idx)
         return self.ops.down(active, layer.w_down_t, layer.b_down, idx)
+
+    def _mlp_masked(self, layer: DecoderLayer, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The dense MLP with every neuron outside ``idx`` zeroed: the selective result, dense GEMMs."""
+        kept = torch.zeros(self.geometry.ffn_dim, device=x.device, dtype=x.dtype).index_fill_(
+            0, idx.long(), 1.0
+        )
+        hidden = torch.relu(F.linear(x, layer.w_up, layer.b_up)) * kept
+        out = hidden @ layer.w_down_t
+        return out + layer.b_down if layer.b_down is not None else out

@@ -12,9 +12,12 @@ by construction (the kernels skip out-of-range indices in any case).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from polar_sparsity.kernels import (
+    _tuning,
     dense_decode_attention,
     dense_decode_attention_reference,
     prepare_down_weight,
@@ -26,7 +29,10 @@ from polar_sparsity.kernels import (
     selective_head_attention_reference,
     selective_up,
     selective_up_reference,
+    use_sparse_attention,
+    use_sparse_mlp,
 )
+from polar_sparsity.kernels._common import is_capturing
 
 BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -56,6 +62,49 @@ class DecodeOps:
         if backend not in ("torch", "triton"):
             raise ValueError(f"DecodeOps backend must be 'torch' or 'triton', got {backend!r}")
         self.backend = backend
+        self._mlp_choice: dict[tuple[int, ...], bool] = {}
+
+    def sparse_mlp_pays(
+        self,
+        sparse: Callable[[], object],
+        dense: Callable[[], object],
+        shape: tuple[int, int, int, int],
+        device: torch.device,
+    ) -> bool:
+        """Whether the selective up/down kernels beat the dense MLP (masked to the same neurons).
+
+        ``shape`` is (batch, kept neurons, neurons, width). The torch backend (and Triton's CPU
+        interpreter) always takes the selective path: the references define the semantics. On the
+        GPU the two paths are timed once per shape, on the layer's own weights, the first time it is
+        met outside graph capture (the decoder's warm-up), when kernel tuning is on; otherwise the
+        kernels' dense-fallback rule decides. Both paths give the same outputs: only the time differs.
+        """
+        if self.backend == "torch" or device.type != "cuda":  # the references, or Triton's interpreter
+            return True
+        if shape not in self._mlp_choice:
+            if _tuning.mode() == "tune" and not is_capturing():
+                sparse()  # tunes the selective kernels' launch configs before they are timed
+                timer = _tuning.GraphTimer(device)
+                self._mlp_choice[shape] = timer(sparse) <= timer(dense)
+            else:
+                batch, kept, neurons, width = shape
+                self._mlp_choice[shape] = use_sparse_mlp(batch, kept, neurons, width, False, device)
+        return self._mlp_choice[shape]
+
+    def sparse_attention_pays(
+        self,
+        batch: int,
+        kept: int,
+        kv_heads: int,
+        group: int,
+        head_dim: int,
+        n_max: int,
+        device: torch.device,
+    ) -> bool:
+        """Whether selective decode attention over ``kept`` KV heads beats the dense kernel (the rule)."""
+        if self.backend == "torch" or device.type != "cuda":
+            return True
+        return use_sparse_attention(batch, kept, kv_heads, group, head_dim, n_max, device)
 
     def attention(
         self,

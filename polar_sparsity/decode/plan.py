@@ -18,8 +18,9 @@ import torch
 from polar_sparsity.models.families import MlpKind, ModelGeometry
 from polar_sparsity.routers.bundle import load_routers
 from polar_sparsity.schema import SparsityConfig
+from polar_sparsity.sparsity.calibration import load_calibration
 from polar_sparsity.sparsity.masking import Scorer
-from polar_sparsity.sparsity.selection import num_kept, topk_indices
+from polar_sparsity.sparsity.selection import batch_neuron_scores, num_kept, topk_indices
 
 MODES = ("dense", "sparse")
 
@@ -150,9 +151,7 @@ def build_plan(
         plan = DecodePlan(mode="dense", dense_attn_layers=dense_attn_layers)
         plan.check(geometry)
         return plan
-    # Calibration hook (the single place): a per-layer, per-batch-size neuron count from the bundle's
-    # calibration table, ``(layer, batch_size) -> neurons kept``. None: mlp_topk's fixed fraction.
-    mlp_keep: Callable[[int, int], int] | None = None
+    mlp_keep = _calibrated_keep(sparsity, geometry, bundle_dir, model_name)
     asked = DecodePlan(
         mode="sparse",
         attn_topk=sparsity.attn_topk,
@@ -174,6 +173,28 @@ def build_plan(
     return plan
 
 
+def _calibrated_keep(
+    sparsity: SparsityConfig, geometry: ModelGeometry, bundle_dir: str | Path | None, model_name: str
+) -> Callable[[int, int], int] | None:
+    """Neurons kept per (layer, batch size) from the bundle's calibration table, for ReLU models.
+
+    An explicit ``sparsity.mlp_topk`` wins (the user asked for that fraction); without one, the
+    table's k for the engine's own batch size applies (nearest calibrated batch size at or above it);
+    layers the table does not cover stay dense. None: no table (the MLP is dense unless mlp_topk).
+    """
+    if sparsity.mlp_topk is not None or bundle_dir is None or geometry.mlp_kind != MlpKind.relu:
+        return None
+    table = load_calibration(bundle_dir, model=model_name)
+    if table is None:
+        return None
+    layers = set(table.layers)
+
+    def keep(layer: int, batch_size: int) -> int:
+        return table.keep(layer, batch_size) if layer in layers else geometry.ffn_dim
+
+    return keep
+
+
 def _without_full_fractions(plan: DecodePlan, geometry: ModelGeometry) -> DecodePlan:
     """As in the evaluation masks, a fraction that keeps every unit is dense and needs no routers."""
     if plan.attn_keep(geometry) == geometry.num_kv_heads:
@@ -191,6 +212,6 @@ def head_indices(router: Scorer, router_input: torch.Tensor, keep: int) -> torch
 
 
 def neuron_indices(router: Scorer, router_input: torch.Tensor, keep: int) -> torch.Tensor:
-    """(keep,) int32: the neurons the batch shares, ranked by the router logits summed over the batch."""
-    scores = router.scores(router_input).float().sum(dim=0)
+    """(keep,) int32: the neurons the batch shares, ranked by the batch's score (the calibration's rule)."""
+    scores = batch_neuron_scores(router.scores(router_input))
     return topk_indices(scores, keep).to(torch.int32).contiguous()

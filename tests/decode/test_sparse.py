@@ -88,3 +88,23 @@ def test_calibrated_keep_overrides_the_fraction() -> None:
     calibrated = type(plan)(**{**plan.__dict__, "mlp_keep": lambda layer, batch: 10 * (layer + 1) + batch})
     out = engine_for(model, calibrated).generate(PROMPTS[:2], max_new_tokens=3)
     assert out.mlp_density == {0: 12 / 96, 1: 22 / 96}
+
+
+@pytest.mark.parametrize("name", ["opt", "llama-gqa"])
+def test_dense_fallback_gives_the_sparse_result(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernels' rule prefers dense, every unit is computed and the dropped ones zeroed."""
+    from polar_sparsity.decode.ops import DecodeOps
+
+    _, model = tiny_model(name)
+    mlp_topk = 0.25 if name in RELU else None
+    plan, _ = sparse_plans(model, attn_topk=0.5, mlp_topk=mlp_topk)
+    tokens, selective = _engine_step(model, plan, PROMPTS)
+    monkeypatch.setattr(DecodeOps, "sparse_mlp_pays", lambda *args: False)
+    monkeypatch.setattr(DecodeOps, "sparse_attention_pays", lambda *args: False)
+    engine = engine_for(model, plan)
+    engine.prefill(*right_padded(PROMPTS))
+    fallback = engine.decode_one_token(tokens)
+    torch.testing.assert_close(fallback, selective, atol=ATOL, rtol=0)
+    dense = engine_for(model)  # not vacuous: the dense model decodes otherwise
+    dense.prefill(*right_padded(PROMPTS))
+    assert (dense.decode_one_token(tokens) - fallback).abs().max() > 100 * ATOL

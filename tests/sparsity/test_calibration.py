@@ -317,7 +317,8 @@ def test_per_layer_k_masks_exactly_k_neurons_per_token() -> None:
     for layer in range(geometry.num_layers):
         torch.manual_seed(layer)
         net = torch.nn.Linear(geometry.hidden_size, geometry.ffn_dim)
-        routers[layer] = type("R", (), {"scores": lambda self, x, net=net: net(x), "meta": {}})()
+        scorer = {"scores": lambda self, x, net=net: net(x), "num_outputs": geometry.ffn_dim}
+        routers[layer] = type("Scorer", (), scorer)()
     plan = SparsityPlan(Mode.sparse, attn_topk=1.0, mlp_batch_size=4, mlp_keep={0: 10, 1: geometry.ffn_dim})
     plan.mlp_routers = routers
     assert plan.mlp_layers(geometry) == [0]  # a full-width layer stays dense
