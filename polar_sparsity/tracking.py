@@ -19,7 +19,12 @@ def make_logger(logger_cfg: Any) -> Logger | None:
         return None
     from hydra.utils import instantiate
 
-    return instantiate(logger_cfg)
+    logger = instantiate(logger_cfg)
+    if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
+        # Lightning always passes anonymous=None to wandb.init, and W&B warns on every run that the
+        # (deprecated) setting has no effect; unset, W&B's own default applies and nothing is printed.
+        logger._wandb_init.pop("anonymous")
+    return logger
 
 
 def log_rows(logger: Logger | None, key: str, rows: list[dict[str, Any]], step_key: str) -> None:

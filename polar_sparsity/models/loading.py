@@ -17,7 +17,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from polar_sparsity.data.tokenizer import tokenizer_path
-from polar_sparsity.models.families import FamilyAdapter, ModelGeometry, build_hf_config, family_for_config
+from polar_sparsity.models.checkpoint import checkpoint_adapter
+from polar_sparsity.models.families import (
+    FAMILIES,
+    FamilyAdapter,
+    ModelGeometry,
+    build_hf_config,
+    family_for_config,
+)
 from polar_sparsity.schema import DType, ModelConfig, Weights
 
 log = logging.getLogger(__name__)
@@ -59,18 +66,28 @@ def _weights_location(cfg: ModelConfig) -> str:
 
 
 def load_hf_config(cfg: ModelConfig) -> PretrainedConfig:
-    """The Hugging Face config without loading weights (for geometry and size estimates)."""
-    if cfg.weights == Weights.random:
+    """The Hugging Face config without loading weights (for geometry and size estimates).
+
+    From ``model.architecture`` for random weights when it is given, else from the checkpoint's
+    config.json, whose family and geometry are checked against the model config first.
+    """
+    if cfg.weights == Weights.random and cfg.architecture is not None:
         return build_hf_config(cfg.family.value, _architecture_dict(cfg))
     location = _weights_location(cfg)
     try:
-        return AutoConfig.from_pretrained(location)
+        hf_config = AutoConfig.from_pretrained(location)
     except OSError as error:
         raise RuntimeError(
             f"could not load the config of {location!r} ({error}). Without network, use "
             f"model.weights=random for the real architecture with random weights, or model.path=DIR "
             f"for a local checkpoint."
         ) from error
+    except ValueError as error:  # a model_type this transformers version does not know
+        raise ValueError(
+            f"checkpoint {location!r} is not a supported model ({error}); supported families: {sorted(FAMILIES)}"
+        ) from None
+    checkpoint_adapter(cfg, hf_config, location)
+    return hf_config
 
 
 def load_model(cfg: ModelConfig, device: str = "auto", seed: int = 0) -> LoadedModel:
@@ -80,13 +97,8 @@ def load_model(cfg: ModelConfig, device: str = "auto", seed: int = 0) -> LoadedM
     null the whole model goes to ``device``.
     """
     target = resolve_device(device)
-    hf_config = load_hf_config(cfg)
+    hf_config = load_hf_config(cfg)  # checks family and architecture before any weights load
     adapter = family_for_config(hf_config)
-    if adapter.name != cfg.family.value:
-        raise ValueError(
-            f"model {cfg.name!r} is configured as family {cfg.family.value!r} but its checkpoint is "
-            f"{hf_config.model_type!r}; set model.family={adapter.name}"
-        )
     dtype = torch_dtype(cfg.dtype)
     if cfg.weights == Weights.random:
         model = _random_model(hf_config, dtype, target, seed)

@@ -148,6 +148,7 @@ def _log_summary(config: Any, sweep_dir: Path, rows: list[dict[str, Any]]) -> No
     """Log the table and plot as one more run of the sweep's group (W&B) or a CSV in the sweep dir."""
     from omegaconf import OmegaConf, open_dict
 
+    from polar_sparsity.config import job_model_name
     from polar_sparsity.tracking import close_logger, log_image, log_rows, make_logger
 
     logger_cfg = config.get("logger")
@@ -157,7 +158,7 @@ def _log_summary(config: Any, sweep_dir: Path, rows: list[dict[str, Any]]) -> No
     with open_dict(logger_cfg):
         for key, value in (
             ("save_dir", str(sweep_dir)),
-            ("name", f"train-summary-{config.model.name}"),
+            ("name", f"train-summary-{job_model_name(config)}"),
             ("job_type", "train-summary"),
             ("group", sweep_dir.name),
         ):
