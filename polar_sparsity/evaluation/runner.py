@@ -36,7 +36,14 @@ from polar_sparsity.evaluation.sweep import SWEEP_PNG, plot_sweep
 from polar_sparsity.models.families import ModelGeometry, family_for_config
 from polar_sparsity.models.loading import LoadedModel, load_hf_config, load_model, resolve_device
 from polar_sparsity.reporting import format_table, write_json_atomic
-from polar_sparsity.schema import EvaluateRunConfig, ModelConfig, Mode, SparsityConfig, Weights, parse_positions
+from polar_sparsity.schema import (
+    EvaluateRunConfig,
+    Mode,
+    ModelConfig,
+    SparsityConfig,
+    Weights,
+    parse_positions,
+)
 from polar_sparsity.sparsity.budget import attn_fraction, k_of_n
 from polar_sparsity.sparsity.masking import SparsityPlan, apply_sparsity, check_plan
 from polar_sparsity.tracking import log_image

@@ -45,7 +45,8 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for row in sorted(rows, key=lambda r: (*map(str, _series_key(r)), float(r["attn_topk"]))):
         line = {"model": row["model"], "mode": row["mode"], "attn_topk": row["attn_topk"],
-                "attn_kept": row.get("attn_kept"), "mlp_topk": row.get("mlp_topk"), "positions": row.get("positions"),
+                "attn_kept": row.get("attn_kept"), "mlp_topk": row.get("mlp_topk"),
+                "positions": row.get("positions"),
                 "measured_attn": row.get("measured_attn_density")}  # fmt: skip
         for column, _ in _PANELS:
             value, dense = row.get(column), row.get(f"dense:{column}")

@@ -84,7 +84,8 @@ def load_hf_config(cfg: ModelConfig) -> PretrainedConfig:
         ) from error
     except ValueError as error:  # a model_type this transformers version does not know
         raise ValueError(
-            f"checkpoint {location!r} is not a supported model ({error}); supported families: {sorted(FAMILIES)}"
+            f"checkpoint {location!r} is not a supported model ({error}); "
+            f"supported families: {sorted(FAMILIES)}"
         ) from None
     checkpoint_adapter(cfg, hf_config, location)
     return hf_config
