@@ -82,9 +82,10 @@ def load_hf_config(cfg: ModelConfig) -> PretrainedConfig:
             f"model.weights=random for the real architecture with random weights, or model.path=DIR "
             f"for a local checkpoint."
         ) from error
-    except ValueError as error:  # a model_type this transformers version does not know
+    except ValueError:  # a model_type this transformers version does not know
+        model_type = PretrainedConfig.get_config_dict(location)[0].get("model_type")
         raise ValueError(
-            f"checkpoint {location!r} is not a supported model ({error}); "
+            f"checkpoint {location!r} is a {model_type!r} model, which is not supported; "
             f"supported families: {sorted(FAMILIES)}"
         ) from None
     checkpoint_adapter(cfg, hf_config, location)
