@@ -71,6 +71,13 @@ def make_target(settings: TrainRunConfig, store: ActivationStore) -> RouterTarge
     if router.kind == RouterKind.mha:
         units = g.num_kv_heads  # one score per KV group (== per head for MHA models)
         k = topk_count(router.topk, units)  # type: ignore[arg-type]
+        if k == units:
+            unit = "KV groups" if g.group_size > 1 else "heads"
+            raise ValueError(
+                f"router.topk={router.topk} keeps all {units} of {units} {unit} "
+                f"of this model: every label is 'kept' and there is nothing to learn; use a router.topk "
+                f"that keeps fewer (at most {units - 1}/{units} of them)"
+            )
     else:
         units, k = g.ffn_dim, None
     return RouterTarget(

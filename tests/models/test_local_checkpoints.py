@@ -89,6 +89,12 @@ def test_collect_train_evaluate_with_only_model_path(checkpoint: Path, tmp_path:
     )  # fmt: skip
     result = run_train(train, resolved)
     assert result["model"] == checkpoint.name and result["units"] == arch["num_kv_heads"]
+    everything, resolved = settings(
+        "train", TrainRunConfig, tmp_path, f"model.path={checkpoint}", f"layer={last}", "router.topk=0.99",
+        f"output_dir={tmp_path / 'train-all'}",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"router.topk=0.99 keeps all (\d+) of \1 .*nothing to learn"):
+        run_train(everything, resolved)
 
     evaluate, resolved = settings(
         "evaluate", EvaluateRunConfig, tmp_path, f"model.path={checkpoint}", "mode=sparse", "device=cpu",
