@@ -11,6 +11,7 @@ composed config into objects (before any model or data loads).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -95,6 +96,8 @@ class ModelConfig:
     architecture: Optional[ArchitectureConfig] = None
 
     def __post_init__(self) -> None:
+        if self.path:
+            self.path = os.path.expanduser(self.path)  # `model.path='~/x'`: Hydra needs the ~ quoted
         if _given(self.name) and self.weights == Weights.pretrained and not (self.path or self.hf_id):
             raise ValueError(f"model {self.name!r}: weights=pretrained needs model.hf_id or model.path")
         if _given(self.name) and self.architecture is None and not (self.path or self.hf_id):

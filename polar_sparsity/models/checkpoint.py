@@ -18,7 +18,7 @@ from polar_sparsity.schema import ModelConfig
 
 def checkpoint_name(location: str) -> str:
     """A model name from where its weights are: the directory's name, or the hub id's last part."""
-    path = Path(location)
+    path = Path(location).expanduser()
     if path.exists():
         return path.resolve().name
     return location.rstrip("/").rsplit("/", 1)[-1]

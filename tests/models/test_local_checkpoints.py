@@ -193,3 +193,11 @@ def test_checkpoint_overrides_keep_what_the_command_line_sets(tmp_path: Path) ->
     assert hub.model.path is None and hub.model.name == "Some-Model-1B"
     default, _ = settings("collect", CollectRunConfig, tmp_path)
     assert default.model.name == "tiny-opt" and default.model.architecture.num_layers == 4
+
+
+def test_a_home_relative_path_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    checkpoint = save_checkpoint(tmp_path / "models" / "odd-opt", "opt", ODD["opt"])
+    collect, _ = settings("collect", CollectRunConfig, tmp_path, "model.path='~/models/odd-opt'")
+    assert collect.model.path == str(checkpoint) and collect.model.name == "odd-opt"
+    assert load_hf_config(collect.model).num_attention_heads == 6
