@@ -160,10 +160,11 @@ def _load_tokenizer(cfg: ModelConfig, vocab_size: int) -> tuple[Tokenizer, str]:
 
 
 def _offline_tokenizer(cfg: ModelConfig) -> tuple[Tokenizer, str]:
-    """The model's own tokenizer if it is in the local Hugging Face cache, else the shipped one."""
-    if cfg.hf_id:
+    """The model's own tokenizer if it is local (its directory, the HF cache), else the shipped one."""
+    location = cfg.path or cfg.hf_id
+    if location:
         try:
-            return AutoTokenizer.from_pretrained(cfg.hf_id, local_files_only=True), cfg.hf_id
+            return AutoTokenizer.from_pretrained(location, local_files_only=True), location
         except (OSError, ValueError):
             pass
     path = str(tokenizer_path())

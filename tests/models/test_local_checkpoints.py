@@ -19,7 +19,7 @@ from polar_sparsity.config import checkpoint_model, resolved_config, to_settings
 from polar_sparsity.data.store import MANIFEST, ActivationStore
 from polar_sparsity.data.tokenizer import tokenizer_path
 from polar_sparsity.evaluation.runner import run_evaluate
-from polar_sparsity.models import load_hf_config
+from polar_sparsity.models import load_hf_config, load_model
 from polar_sparsity.models.families import build_hf_config
 from polar_sparsity.routers.task import run_train
 from polar_sparsity.schema import CollectRunConfig, EvaluateRunConfig, TrainRunConfig
@@ -201,3 +201,13 @@ def test_a_home_relative_path_is_expanded(tmp_path: Path, monkeypatch: pytest.Mo
     collect, _ = settings("collect", CollectRunConfig, tmp_path, "model.path='~/models/odd-opt'")
     assert collect.model.path == str(checkpoint) and collect.model.name == "odd-opt"
     assert load_hf_config(collect.model).num_attention_heads == 6
+
+
+def test_random_weights_take_architecture_and_tokenizer_from_the_checkpoint(tmp_path: Path) -> None:
+    checkpoint = save_checkpoint(tmp_path / "odd-mistral", "mistral", ODD["mistral"])
+    collect, _ = settings(
+        "collect", CollectRunConfig, tmp_path, f"model.path={checkpoint}", "model.weights=random"
+    )
+    loaded = load_model(collect.model, device="cpu", seed=3)
+    assert loaded.weights_source == "random weights (seed 3)" and loaded.tokenizer_source == str(checkpoint)
+    assert (loaded.geometry.num_heads, loaded.geometry.num_kv_heads, loaded.geometry.head_dim) == (10, 5, 6)
