@@ -11,7 +11,7 @@ import os
 from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from polar_sparsity.resources import asset_path
@@ -48,6 +48,52 @@ def _register() -> None:
 
 
 _register()
+
+
+_CHECKPOINT_KEYS = ("model.path", "model.hf_id")
+_MODEL_CHOICES = ("model", "experiment")  # experiments choose the model too
+
+
+def checkpoint_model(cfg: DictConfig, overrides: list[str]) -> None:
+    """Let a checkpoint describe itself: ``python collect.py model.path=DIR`` needs no model config.
+
+    When the command line names a checkpoint (``model.path`` or ``model.hf_id``) but chooses no model
+    config (``model=...`` or ``experiment=...``), the default model config's name, family and
+    architecture describe another checkpoint: they are dropped, and the checkpoint's config.json
+    gives family and architecture (read when the model loads). Whatever else the command line sets
+    on ``model`` is kept. In every case a missing name becomes the checkpoint's directory name (or
+    the hub id's last part). Edits ``cfg`` in place, before it is resolved.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from polar_sparsity.models.checkpoint import checkpoint_name
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    given = {override.key_or_group.lstrip("+~") for override in parsed}
+    if given & set(_CHECKPOINT_KEYS) and not given & set(_MODEL_CHOICES):
+        with open_dict(cfg):
+            for key in ("name", "family", "architecture"):
+                if f"model.{key}" not in given:
+                    cfg.model[key] = MISSING if key == "name" else None
+            if "model.hf_id" in given and "model.path" not in given:
+                cfg.model.path = None  # the default config's own directory would win over the hub id
+    location = cfg.model.get("path") or cfg.model.get("hf_id")
+    if OmegaConf.is_missing(cfg.model, "name") and location:
+        cfg.model.name = checkpoint_name(location)
+
+
+def job_model_name(config: DictConfig) -> str:
+    """The model name the jobs of a (multirun) config ran under, as ``checkpoint_model`` makes it."""
+    node = OmegaConf.create({"model": OmegaConf.to_container(config.model, resolve=False)})
+    checkpoint_model(node, list(config.hydra.overrides.task))
+    return str(node.model.name)
+
+
+def hydra_overrides() -> list[str]:
+    """The command line's overrides of the running Hydra job ([] outside Hydra, e.g. in tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def to_settings(cfg: DictConfig, schema: type[T]) -> T:

@@ -11,6 +11,8 @@ composed config into objects (before any model or data loads).
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -82,23 +84,38 @@ class ArchitectureConfig:
 
 @dataclass
 class ModelConfig:
+    # Missing: the checkpoint directory's name (or the hub id's last part); see config.checkpoint_model.
     name: str = MISSING
-    family: Family = MISSING  # type: ignore[assignment]
+    family: Optional[Family] = None  # null: read from the checkpoint's config.json (model_type)
     hf_id: Optional[str] = None
     path: Optional[str] = None  # local checkpoint directory; wins over hf_id
     weights: Weights = Weights.pretrained
     dtype: DType = DType.float32
     tokenizer: Optional[str] = None  # tokenizer id or directory when it differs from the model's
     device_map: Optional[str] = None  # e.g. auto: shard pretrained weights over GPUs (needs accelerate)
-    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    # null: the checkpoint's own. Given: builds model.weights=random offline, and is checked against
+    # the checkpoint (config.json) before anything runs when the weights are pretrained.
+    architecture: Optional[ArchitectureConfig] = None
     # Keep only the first N decoder layers at their real shape (speed work on models that do not fit).
     num_layers: Optional[int] = None
 
     def __post_init__(self) -> None:
+        if self.path:
+            self.path = os.path.expanduser(self.path)  # `model.path='~/x'`: Hydra needs the ~ quoted
         if _given(self.name) and self.weights == Weights.pretrained and not (self.path or self.hf_id):
             raise ValueError(f"model {self.name!r}: weights=pretrained needs model.hf_id or model.path")
         if self.num_layers is not None and self.num_layers < 1:
             raise ValueError(f"model.num_layers={self.num_layers} must be >= 1 (or null: all layers)")
+        if _given(self.name) and self.architecture is None and not (self.path or self.hf_id):
+            raise ValueError(
+                f"model {self.name!r}: weights=random needs model.architecture, or a checkpoint "
+                f"(model.path or model.hf_id) whose config.json gives the architecture"
+            )
+        if self.architecture is not None and self.family is None:
+            raise ValueError(
+                f"model {self.name!r}: model.architecture is family-neutral and needs model.family "
+                f"(one of {[f.value for f in Family]})"
+            )
 
 
 @dataclass
@@ -164,7 +181,9 @@ class CollectRunConfig:
 class Mode(str, Enum):
     dense = "dense"  # the unmodified model
     sparse = "sparse"  # head (and ReLU-MLP) routers from the router bundle pick what is kept
-    sparse_attn = "sparse_attn"  # oracle: heads ranked by their true output norms, no routers
+    # Norm-ranked reference: heads ranked by their true output norms, no routers. A reference, not an
+    # upper bound: trained routers can beat it (a large output norm is not always the useful head).
+    sparse_attn = "sparse_attn"
     random_attn = "random_attn"  # baseline: uniformly random heads per token (seeded)
 
 
@@ -183,14 +202,41 @@ def _check_fraction(name: str, value: Optional[float]) -> None:
         raise ValueError(f"{name}={value} must be a fraction in (0, 1] (1.0 keeps everything)")
 
 
+_RANGE = re.compile(r"range\((\d+),(\d+)(?:,(\d+))?\)")
+_LAYERS_HELP = "a list of layers, 'range(A,B)' (B excluded), 'A-B' (B included), or items joined by ','"
+
+
+def parse_layers(name: str, spec: Any) -> list[int]:
+    """Layer indices from a list (items: N, 'A-B', 'range(A,B)') or one such string; sorted, unique."""
+    items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    layers: set[int] = set()
+    for item in items:
+        text = str(item).replace(" ", "")
+        match = _RANGE.fullmatch(text)
+        if match:
+            start, stop, step = (int(g) if g else 1 for g in match.groups())
+            layers.update(range(start, stop, step))
+            continue
+        for part in text.split(","):
+            first, dash, last = part.partition("-")
+            if not first.isdigit() or (dash and not last.isdigit()):
+                raise ValueError(f"{name}={spec!r}: {part!r} is not a layer; use {_LAYERS_HELP}")
+            layers.update(range(int(first), int(last or first) + 1))
+    return sorted(layers)
+
+
 @dataclass
 class SparsityConfig:
     attn_topk: float = 0.5  # fraction of heads (KV groups for GQA) kept per token
+    # Whole count of heads (KV groups for GQA) kept per token; when set it replaces attn_topk.
+    attn_keep: Optional[int] = None
     mlp_topk: Optional[float] = None  # fraction of MLP neurons kept per token (ReLU models); null = MLP dense
     # mode=sparse, ReLU models: per layer, the k calibrated for this decode batch size (calibrate.py)
     # instead of a fixed mlp_topk; null = not used.
     mlp_batch_size: Optional[int] = None
     dense_attn_layers: list[int] = field(default_factory=lambda: [0])  # attention stays dense here
+    # The positive form: only these layers are sparse (see parse_layers); excludes dense_attn_layers.
+    sparse_attn_layers: Any = None
     positions: str = "all"  # all | last:N (only the last N positions of each sequence are sparse)
     # mode=sparse: which trained head routers (bundle mha/topk=<k>) rank the heads; null: attn_topk's own.
     router_topk: Optional[float] = None
@@ -208,10 +254,33 @@ class SparsityConfig:
                 f"sparsity.mlp_topk={self.mlp_topk} and sparsity.mlp_batch_size={self.mlp_batch_size} both "
                 f"set the MLP's k: keep one (mlp_batch_size uses the calibrated per-layer k)"
             )
+        if self.attn_keep is not None and self.attn_keep < 1:
+            raise ValueError(f"sparsity.attn_keep={self.attn_keep} must be a whole count >= 1 (or null)")
         parse_positions(self.positions)
         negative = [layer for layer in self.dense_attn_layers if layer < 0]
         if negative:
             raise ValueError(f"sparsity.dense_attn_layers={self.dense_attn_layers}: layers must be >= 0")
+        if self.sparse_attn_layers is not None:
+            parse_layers("sparsity.sparse_attn_layers", self.sparse_attn_layers)
+            if list(self.dense_attn_layers) != [0]:
+                raise ValueError(
+                    f"sparsity.sparse_attn_layers={self.sparse_attn_layers!r} and "
+                    f"sparsity.dense_attn_layers={self.dense_attn_layers} both say which layers are sparse; "
+                    f"give one of them (the other layers are the complement)"
+                )
+
+    def dense_layers(self, num_layers: int) -> list[int]:
+        """Layers whose attention stays dense: dense_attn_layers, or all but sparse_attn_layers."""
+        if self.sparse_attn_layers is None:
+            return sorted(self.dense_attn_layers)
+        sparse = parse_layers("sparsity.sparse_attn_layers", self.sparse_attn_layers)
+        outside = [layer for layer in sparse if layer >= num_layers]
+        if outside:
+            raise ValueError(
+                f"sparsity.sparse_attn_layers={self.sparse_attn_layers!r} has layers {outside} outside "
+                f"this model's 0..{num_layers - 1}"
+            )
+        return [layer for layer in range(num_layers) if layer not in sparse]
 
 
 @dataclass

@@ -19,7 +19,12 @@ def make_logger(logger_cfg: Any) -> Logger | None:
         return None
     from hydra.utils import instantiate
 
-    return instantiate(logger_cfg)
+    logger = instantiate(logger_cfg)
+    if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
+        # Lightning always passes anonymous=None to wandb.init, and W&B warns on every run that the
+        # (deprecated) setting has no effect; unset, W&B's own default applies and nothing is printed.
+        logger._wandb_init.pop("anonymous")
+    return logger
 
 
 def sweep_logger(config: Any, sweep_dir: Path, name: str) -> Logger | None:
@@ -33,7 +38,9 @@ def sweep_logger(config: Any, sweep_dir: Path, name: str) -> Logger | None:
     if not logger_cfg:
         return None
     logger_cfg = OmegaConf.create(OmegaConf.to_container(logger_cfg, resolve=False))
-    overrides = {"save_dir": str(sweep_dir), "name": f"{name}-{config.model.name}", "job_type": name,
+    from polar_sparsity.config import job_model_name
+
+    overrides = {"save_dir": str(sweep_dir), "name": f"{name}-{job_model_name(config)}", "job_type": name,
                  "group": sweep_dir.name}  # fmt: skip
     with open_dict(logger_cfg):
         for key, value in overrides.items():

@@ -94,7 +94,9 @@ def _fill(writer: StoreWriter, loaded: LoadedModel, settings: CollectRunConfig) 
         for batch in batched(sequences, cfg.batch_size, loaded.tokenizer.pad_token_id):
             if writer.remaining == 0:
                 break
-            loaded.model(**{k: v.to(loaded.input_device) for k, v in batch.items()}, use_cache=False)
+            # The hooks capture everything; the vocabulary logits are unused (one position's are cheap).
+            inputs = {k: v.to(loaded.input_device) for k, v in batch.items()}
+            loaded.model(**inputs, use_cache=False, logits_to_keep=1)
             keep = batch["attention_mask"].reshape(-1).bool()
             ids, positions = _row_provenance(batch["attention_mask"], sequence_index)
             sequence_index += len(batch["input_ids"])

@@ -58,12 +58,19 @@ def perplexity(
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         if on_batch is not None:
             on_batch(mask.sum(-1))
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         scored = scored_targets(mask, last_n)
+        # Logits only from the first position that predicts a scored token (last:N scores few of them).
+        first = int(scored.any(0).nonzero()[0]) if scored.any() else scored.shape[1]
+        keep = ids.shape[1] - first
+        seen += int(mask.sum())
+        if keep <= 1:
+            continue
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep)
+        logits = out.logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, first + 1 :], reduction="none")
+        scored = scored[:, first:]
         total_nll += float(nll[scored].sum())
         total_count += int(scored.sum())
-        seen += int(mask.sum())
     if total_count == 0:
         raise ValueError("perplexity: the held-out split produced no scored tokens")
     mean = total_nll / total_count

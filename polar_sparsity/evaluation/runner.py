@@ -37,7 +37,16 @@ from polar_sparsity.evaluation.sweep import SWEEP_PNG, plot_sweep
 from polar_sparsity.models.families import ModelGeometry, family_for_config
 from polar_sparsity.models.loading import LoadedModel, load_hf_config, load_model, resolve_device
 from polar_sparsity.reporting import format_table, write_json_atomic
-from polar_sparsity.schema import EvaluateRunConfig, Mode, RouterKind, Weights, parse_positions
+from polar_sparsity.schema import (
+    EvaluateRunConfig,
+    Mode,
+    ModelConfig,
+    RouterKind,
+    SparsityConfig,
+    Weights,
+    parse_positions,
+)
+from polar_sparsity.sparsity.budget import attn_fraction, k_of_n
 from polar_sparsity.sparsity.masking import SparsityPlan, apply_sparsity, check_plan
 from polar_sparsity.tracking import log_image, log_table
 
@@ -109,14 +118,15 @@ def build_plan(settings: EvaluateRunConfig, geometry: ModelGeometry) -> tuple[Sp
     sp = settings.sparsity
     plan = SparsityPlan(
         mode=settings.mode,
-        attn_topk=sp.attn_topk,
+        attn_topk=attn_fraction(sp, geometry),
         mlp_topk=sp.mlp_topk,
         mlp_batch_size=sp.mlp_batch_size,
-        dense_attn_layers=frozenset(sp.dense_attn_layers),
+        dense_attn_layers=frozenset(sp.dense_layers(geometry.num_layers)),
         last_n=parse_positions(sp.positions),
         seed=settings.seed,
     )
     check_plan(plan, geometry, routers=False)  # layer ranges and MLP kind, before touching the bundle
+    _warn_if_dense(settings, plan, geometry)
     bundle = None
     if settings.mode == Mode.sparse:
         calibration = _calibrated_keep(settings, plan, geometry) if sp.mlp_batch_size is not None else None
@@ -168,6 +178,23 @@ def _calibrated_keep(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: 
         "calibrated_batch_size": used,
         "k": {str(layer): k for layer, k in plan.mlp_keep.items()},
     }
+
+
+def _warn_if_dense(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: ModelGeometry) -> None:
+    """A sparse mode whose setting keeps every unit everywhere is the dense model: say so loudly."""
+    if settings.mode == Mode.dense or plan.attn_layers(geometry) or plan.mlp_layers(geometry):
+        return
+    sp = settings.sparsity
+    log.warning(
+        "mode=%s keeps every unit: attention keeps %s per token (attn_topk=%s, attn_keep=%s) or no layer "
+        "is sparse, and the MLP is dense. This run measures the dense model; lower sparsity.attn_topk or "
+        "set sparsity.attn_keep below %d.",
+        settings.mode.value,
+        k_of_n(sp, geometry),
+        sp.attn_topk,
+        sp.attn_keep,
+        geometry.num_kv_heads,
+    )
 
 
 def _load_bundle(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: ModelGeometry):
@@ -236,7 +263,13 @@ def dense_key(settings: EvaluateRunConfig, tasks: TaskSet | None) -> dict[str, A
 def _weights_fingerprint(settings: EvaluateRunConfig) -> dict[str, Any]:
     model = settings.model
     if model.weights == Weights.random:
-        return {"random_seed": settings.seed, "architecture": asdict(model.architecture)}
+        architecture = asdict(model.architecture) if model.architecture is not None else None
+        # Without an architecture in the config, the checkpoint's config.json gives it: fingerprint that.
+        return {"random_seed": settings.seed, "architecture": architecture or _files_fingerprint(model)}
+    return _files_fingerprint(model)
+
+
+def _files_fingerprint(model: ModelConfig) -> dict[str, Any]:
     if model.path:
         # Name, size and modification time of each checkpoint file: cheap, and changes on retraining.
         files = sorted(p for p in Path(model.path).iterdir() if p.is_file())
@@ -334,27 +367,32 @@ def _sparsity_summary(settings: EvaluateRunConfig, plan: SparsityPlan, geometry:
     sp = settings.sparsity
     return {
         "attn_topk": sp.attn_topk,
+        "attn_keep": sp.attn_keep,
+        "attn_kept": k_of_n(sp, geometry),
+        "keeps_everything": not (plan.attn_layers(geometry) or plan.mlp_layers(geometry)),
         "mlp_topk": sp.mlp_topk,
         "mlp_batch_size": sp.mlp_batch_size,
         "mlp_k": {layer: plan.mlp_kept(layer, geometry.ffn_dim) for layer in plan.mlp_layers(geometry)},
         "router_topk": sp.router_topk,
         "positions": sp.positions,
-        "dense_attn_layers": sorted(sp.dense_attn_layers),
+        "dense_attn_layers": sorted(plan.dense_attn_layers),
         "attn_unit": "kv_group" if geometry.group_size > 1 else "head",
         "attn_units_per_layer": geometry.num_kv_heads,
+        "attn_fraction": plan.attn_topk,
         "masked_attn_layers": plan.attn_layers(geometry),
         "masked_mlp_layers": plan.mlp_layers(geometry),
     }
 
 
 def _title(settings: EvaluateRunConfig, payload: dict[str, Any]) -> str:
-    sp = settings.sparsity
+    sp, summary = settings.sparsity, payload["sparsity"]
     detail = (
         ""
         if settings.mode == Mode.dense
         else (
-            f" (attn_topk={sp.attn_topk}, {_mlp_label(sp)}, positions={sp.positions}, "
-            f"dense attention layers {sorted(sp.dense_attn_layers)})"
+            f" ({_attn_setting(sp)}: {summary['attn_kept']}, {_mlp_label(sp)}, "
+            f"positions={sp.positions}, dense attention layers {summary['dense_attn_layers']}"
+            f"{'; KEEPS EVERY UNIT: same as dense' if summary['keeps_everything'] else ''})"
         )
     )
     return f"{settings.model.name} on {settings.data.name}: dense vs {settings.mode.value}{detail}"
@@ -366,13 +404,20 @@ def _mlp_label(sparsity: Any) -> str:
     return f"mlp_topk={sparsity.mlp_topk}"
 
 
+def _attn_setting(sparsity: SparsityConfig) -> str:
+    if sparsity.attn_keep is not None:
+        return f"attn_keep={sparsity.attn_keep}"
+    return f"attn_topk={sparsity.attn_topk}"
+
+
 def _sweep_row(settings: EvaluateRunConfig, payload: dict, dense: dict, sparse: dict, out_dir: Path) -> dict:
     sp = settings.sparsity
     measured = sparse.get("measured_density", {})
     row: dict[str, Any] = {
         "model": settings.model.name,
         "mode": settings.mode.value,
-        "attn_topk": 1.0 if settings.mode == Mode.dense else sp.attn_topk,
+        "attn_topk": 1.0 if settings.mode == Mode.dense else payload["sparsity"]["attn_fraction"],
+        "attn_kept": payload["sparsity"]["attn_kept"],
         "mlp_topk": sp.mlp_topk,
         "mlp_batch_size": sp.mlp_batch_size,
         "positions": sp.positions,

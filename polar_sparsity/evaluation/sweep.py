@@ -17,7 +17,9 @@ from polar_sparsity.evaluation.results import SWEEP_CSV, read_csv_rows
 from polar_sparsity.reporting import format_table, save_figure, subplots
 
 SWEEP_PNG = "eval_sweep.png"
-# Panels of the plot, when present: (column, y label).
+# Panels of the plot, when present: (column, y label). Perplexity spans orders of magnitude between
+# heavy and light sparsity: on a linear axis the worst point flattens all the others.
+_LOG_PANELS = ("perplexity",)
 _PANELS = (
     ("average/acc", "accuracy (average over tasks)"),
     ("average/acc_norm", "acc_norm (average over tasks)"),
@@ -44,7 +46,8 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for row in sorted(rows, key=lambda r: (*map(str, _series_key(r)), float(r["attn_topk"]))):
         line = {"model": row["model"], "mode": row["mode"], "attn_topk": row["attn_topk"],
-                "mlp_topk": row.get("mlp_topk"), "mlp_batch_size": row.get("mlp_batch_size"),
+                "attn_kept": row.get("attn_kept"), "mlp_topk": row.get("mlp_topk"),
+                "mlp_batch_size": row.get("mlp_batch_size"),
                 "positions": row.get("positions"),
                 "measured_attn": row.get("measured_attn_density")}  # fmt: skip
         for column, _ in _PANELS:
@@ -74,7 +77,9 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
             if dense:
                 ax.axhline(dense[0], color="black", linestyle="--", linewidth=1, label=f"{model} dense")
         ax.set(xlabel="attention density (fraction of heads / KV groups kept)", ylabel=ylabel, xlim=(0, 1.05))
-        ax.grid(alpha=0.3)
+        if column in _LOG_PANELS:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=8)
     return save_figure(fig, path, title)
 

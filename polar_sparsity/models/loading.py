@@ -17,7 +17,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from polar_sparsity.data.tokenizer import tokenizer_path
-from polar_sparsity.models.families import FamilyAdapter, ModelGeometry, build_hf_config, family_for_config
+from polar_sparsity.models.checkpoint import checkpoint_adapter
+from polar_sparsity.models.families import (
+    FAMILIES,
+    FamilyAdapter,
+    ModelGeometry,
+    build_hf_config,
+    family_for_config,
+)
 from polar_sparsity.schema import DType, ModelConfig, Weights
 
 log = logging.getLogger(__name__)
@@ -61,19 +68,29 @@ def _weights_location(cfg: ModelConfig) -> str:
 def load_hf_config(cfg: ModelConfig) -> PretrainedConfig:
     """The Hugging Face config without loading weights (for geometry and size estimates).
 
-    ``model.num_layers=N`` keeps the first N layers (real layer shapes, fewer of them).
+    ``model.num_layers=N`` keeps the first N layers (real layer shapes, fewer of them). From
+    ``model.architecture`` for random weights when it is given, else from the checkpoint's
+    config.json, whose family and geometry are checked against the model config first.
     """
-    if cfg.weights == Weights.random:
+    if cfg.weights == Weights.random and cfg.architecture is not None:
         return _keep_layers(build_hf_config(cfg.family.value, _architecture_dict(cfg)), cfg.num_layers)
     location = _weights_location(cfg)
     try:
-        return _keep_layers(AutoConfig.from_pretrained(location), cfg.num_layers)
+        hf_config = AutoConfig.from_pretrained(location)
     except OSError as error:
         raise RuntimeError(
             f"could not load the config of {location!r} ({error}). Without network, use "
             f"model.weights=random for the real architecture with random weights, or model.path=DIR "
             f"for a local checkpoint."
         ) from error
+    except ValueError:  # a model_type this transformers version does not know
+        model_type = PretrainedConfig.get_config_dict(location)[0].get("model_type")
+        raise ValueError(
+            f"checkpoint {location!r} is a {model_type!r} model, which is not supported; "
+            f"supported families: {sorted(FAMILIES)}"
+        ) from None
+    checkpoint_adapter(cfg, hf_config, location)
+    return _keep_layers(hf_config, cfg.num_layers)
 
 
 def _keep_layers(config: PretrainedConfig, num_layers: int | None) -> PretrainedConfig:
@@ -95,13 +112,8 @@ def load_model(cfg: ModelConfig, device: str = "auto", seed: int = 0) -> LoadedM
     null the whole model goes to ``device``.
     """
     target = resolve_device(device)
-    hf_config = load_hf_config(cfg)
+    hf_config = load_hf_config(cfg)  # checks family and architecture before any weights load
     adapter = family_for_config(hf_config)
-    if adapter.name != cfg.family.value:
-        raise ValueError(
-            f"model {cfg.name!r} is configured as family {cfg.family.value!r} but its checkpoint is "
-            f"{hf_config.model_type!r}; set model.family={adapter.name}"
-        )
     dtype = torch_dtype(cfg.dtype)
     if cfg.weights == Weights.random:
         model = _random_model(hf_config, dtype, target, seed)
@@ -166,10 +178,11 @@ def _load_tokenizer(cfg: ModelConfig, vocab_size: int) -> tuple[Tokenizer, str]:
 
 
 def _offline_tokenizer(cfg: ModelConfig) -> tuple[Tokenizer, str]:
-    """The model's own tokenizer if it is in the local Hugging Face cache, else the shipped one."""
-    if cfg.hf_id:
+    """The model's own tokenizer if it is local (its directory, the HF cache), else the shipped one."""
+    location = cfg.path or cfg.hf_id
+    if location:
         try:
-            return AutoTokenizer.from_pretrained(cfg.hf_id, local_files_only=True), cfg.hf_id
+            return AutoTokenizer.from_pretrained(location, local_files_only=True), location
         except (OSError, ValueError):
             pass
     path = str(tokenizer_path())

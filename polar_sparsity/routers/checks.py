@@ -48,9 +48,17 @@ def make_target(settings: TrainRunConfig, store: ActivationStore) -> RouterTarge
     g, router = store.geometry, settings.router
     if router.kind == RouterKind.mha:
         # One score per KV group (== per head for MHA models).
-        return RouterTarget.for_heads(
+        target = RouterTarget.for_heads(
             settings.layer, router.topk, g.num_heads, g.num_kv_heads, router.group_reduce
         )  # type: ignore[arg-type]
+        if target.k == target.units:
+            unit = "KV groups" if g.group_size > 1 else "heads"
+            raise ValueError(
+                f"router.topk={router.topk} keeps all {target.units} of {target.units} {unit} of this "
+                f"model: every label is 'kept' and there is nothing to learn; use a router.topk that keeps "
+                f"fewer (at most {target.units - 1}/{target.units} of them)"
+            )
+        return target
     return RouterTarget.for_neurons(settings.layer, g.ffn_dim, g.num_heads, g.num_kv_heads)
 
 

@@ -25,8 +25,6 @@ _CHUNK_ROWS = 65536  # rows per read when computing training-set statistics
 _MIN_EVAL_BATCH = 2048  # validation has no gradients: read bigger batches
 
 
-
-
 class RowBatchSampler(Sampler[np.ndarray]):
     """Yields sorted arrays of row indices (one per batch), reshuffled each epoch, sharded over ranks."""
 

@@ -41,6 +41,8 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "kind": kind,
         "topk": result.get("topk"),
+        # What the fraction keeps per token ("2 of 3"): with few units a fraction hides it.
+        "kept": f"{result['k']} of {result['units']}" if result.get("k") is not None else None,
         "layer": result["layer"],
         "status": result["status"],
     }

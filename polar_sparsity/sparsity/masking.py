@@ -224,7 +224,7 @@ def _keep_input(controller: SparsityController, layer: int):
 
 
 def _head_unit_scores(controller: SparsityController, layer: int, attn_output: torch.Tensor) -> torch.Tensor:
-    """(batch, seq, units) scores: router logits, true output norms (oracle) or uniform noise."""
+    """(batch, seq, units) scores: router logits, true output norms (norm-ranked reference) or noise."""
     plan, geometry = controller.plan, controller.geometry
     units = plan.attn_units(geometry)
     if plan.mode == Mode.sparse:

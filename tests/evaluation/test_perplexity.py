@@ -81,3 +81,21 @@ def test_last_n_masking_with_padded_rows_scores_only_masked_positions() -> None:
     assert sparse["scored_tokens"] == dense["scored_tokens"]
     assert sparse["perplexity"] != dense["perplexity"]
     assert controller.stats.attn_density() == 0.25
+
+
+def test_last_n_computes_only_the_logits_it_scores_and_matches_the_full_forward() -> None:
+    model, tokenizer = _model(), load_tokenizer()
+    last = perplexity(model, tokenizer, TEXTS, seq_len=32, batch_size=3, last_n=4)
+    # Reference: full logits for every position, the last:N targets picked afterwards.
+    from polar_sparsity.data.tokens import batched, packed_sequences
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batched(packed_sequences(TEXTS, tokenizer, 32, 2048), 3, tokenizer.pad_token_id):
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            scored = scored_targets(mask, 4)
+            nll, count = nll + float(losses[scored].sum()), count + int(scored.sum())
+    assert last["scored_tokens"] == count
+    assert math.isclose(last["nll"], nll / count, rel_tol=1e-5)
