@@ -18,6 +18,7 @@ import torch
 from polar_sparsity.models.families import MlpKind, ModelGeometry
 from polar_sparsity.routers.bundle import load_routers
 from polar_sparsity.schema import SparsityConfig
+from polar_sparsity.sparsity.budget import attn_fraction
 from polar_sparsity.sparsity.calibration import load_calibration
 from polar_sparsity.sparsity.masking import Scorer
 from polar_sparsity.sparsity.selection import batch_neuron_scores, num_kept, topk_indices
@@ -146,7 +147,7 @@ def build_plan(
     mode = getattr(mode, "value", mode)
     if mode not in MODES:
         raise ValueError(f"decode mode {mode!r} is not one of {MODES} (the engine decodes dense or sparse)")
-    dense_attn_layers = frozenset(sparsity.dense_attn_layers)
+    dense_attn_layers = frozenset(sparsity.dense_layers(geometry.num_layers))
     if mode == "dense":
         plan = DecodePlan(mode="dense", dense_attn_layers=dense_attn_layers)
         plan.check(geometry)
@@ -154,7 +155,7 @@ def build_plan(
     mlp_keep = _calibrated_keep(sparsity, geometry, bundle_dir, model_name)
     asked = DecodePlan(
         mode="sparse",
-        attn_topk=sparsity.attn_topk,
+        attn_topk=attn_fraction(sparsity, geometry),  # sparsity.attn_keep as the fraction keeping it
         dense_attn_layers=dense_attn_layers,
         mlp_keep=mlp_keep,
         mlp_topk=sparsity.mlp_topk,
