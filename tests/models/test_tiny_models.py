@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from polar_sparsity.models import pretrain_tiny
-from polar_sparsity.models.pretrain_tiny import (
+import polar_sparsity
+from tools import pretrain_tiny
+from tools.pretrain_tiny import (
     MAX_CHECKPOINT_BYTES,
     checkpoint_bytes,
     eval_chunks,
@@ -18,7 +19,7 @@ from polar_sparsity.models.pretrain_tiny import (
     token_stream,
 )
 
-MODELS_DIR = Path(pretrain_tiny.__file__).resolve().parents[1] / "assets" / "models"
+MODELS_DIR = Path(polar_sparsity.__file__).resolve().parent / "assets" / "models"
 NAMES = ["tiny-opt", "tiny-llama"]
 
 

@@ -357,3 +357,38 @@ def test_evaluate_refuses_a_table_fitted_for_other_router_weights(
     assert stale.entries[(2, 1)].k < 1024  # layer 2's router is used at B=1
     with pytest.raises(ValueError, match=r"fitted for other weights of \['mlp/layer_002.safetensors'\]"):
         _evaluate_plan(tmp_path, retrained, "sparsity.mlp_batch_size=1")
+
+
+def test_decoding_engine_takes_the_calibrated_k_of_its_batch_size(
+    tmp_path: Path, opt_mlp_bundle: tuple[Path, Path], table: CalibrationTable
+) -> None:
+    """The engine's plan keeps table.keep(layer, B) for its own batch size; an explicit mlp_topk wins."""
+    import shutil
+
+    from polar_sparsity.decode import build_plan as build_decode_plan
+    from polar_sparsity.schema import SparsityConfig
+
+    _, bundle = opt_mlp_bundle
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle / "mlp", copy / "mlp")
+    save_calibration(table, copy)
+    from tests.evaluation.conftest import evaluate_settings
+
+    settings, _ = evaluate_settings(tmp_path)
+    config = load_hf_config(settings.model)
+    geometry = family_for_config(config).geometry(config)
+    sparsity = SparsityConfig(attn_topk=1.0)
+    plan = build_decode_plan("sparse", sparsity, geometry, copy, "tiny-opt", "cpu", torch.float32)
+    for batch in (1, 3, 4, 300):
+        for layer in range(geometry.num_layers):
+            assert plan.neurons_kept(layer, batch, geometry) == table.keep(layer, batch)
+    fixed = build_decode_plan(
+        "sparse",
+        SparsityConfig(attn_topk=1.0, mlp_topk=0.25),
+        geometry,
+        copy,
+        "tiny-opt",
+        "cpu",
+        torch.float32,
+    )
+    assert fixed.neurons_kept(0, 4, geometry) == 256
