@@ -35,7 +35,8 @@ def checkpoint_adapter(cfg: ModelConfig, hf_config: PretrainedConfig, location: 
         served = sorted(t for family in FAMILIES.values() for t in family.model_types)
         raise ValueError(
             f"checkpoint {location!r} is a {hf_config.model_type!r} model, which no family adapter "
-            f"serves; supported families: {sorted(FAMILIES)} (config.json model_type one of {served})"
+            f"serves; supported families: {sorted(family.value for family in FAMILIES)} "
+            f"(config.json model_type one of {served})"
         ) from None
     if cfg.family is not None and cfg.family.value != adapter.name:
         raise ValueError(

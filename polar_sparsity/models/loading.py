@@ -87,7 +87,7 @@ def load_hf_config(cfg: ModelConfig) -> PretrainedConfig:
         model_type = PretrainedConfig.get_config_dict(location)[0].get("model_type")
         raise ValueError(
             f"checkpoint {location!r} is a {model_type!r} model, which is not supported; "
-            f"supported families: {sorted(FAMILIES)}"
+            f"supported families: {sorted(family.value for family in FAMILIES)}"
         ) from None
     checkpoint_adapter(cfg, hf_config, location)
     return _keep_layers(hf_config, cfg.num_layers)
