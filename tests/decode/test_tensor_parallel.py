@@ -6,6 +6,7 @@ compare them with the single-process engine on the same weights and routers.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass, replace
@@ -40,13 +41,18 @@ SCENARIOS = {
     "llama-gqa-topk1": ("llama-gqa", 1.0, None, "generate"),
     "opt-topk0.5": ("opt", 0.5, 0.5, "steps"),  # MHA heads and batch-shared neurons
     "qwen2-topk0.5": ("qwen2", 0.5, None, "steps"),  # GQA: 4 KV groups, 2 per rank
+    "opt-calibrated-k": ("opt", 0.5, 25, "steps"),  # an int: a calibrated k of 25 of 96 neurons
 }
 
 
-def _plan(model, attn_topk: float | None, mlp_topk: float | None) -> DecodePlan:
+def _plan(model, attn_topk: float | None, mlp: float | int | None) -> DecodePlan:
+    """Dense (no attn_topk), or sparse with an MLP top-k fraction or a calibrated neuron count (int)."""
     if attn_topk is None:
         return DecodePlan()
-    return sparse_plans(model, attn_topk=attn_topk, mlp_topk=mlp_topk, dense_layers=())[0]
+    if isinstance(mlp, int):
+        plan = sparse_plans(model, attn_topk=attn_topk, mlp_topk=0.5, dense_layers=())[0]
+        return replace(plan, mlp_topk=None, mlp_keep=lambda layer, batch_size: mlp)
+    return sparse_plans(model, attn_topk=attn_topk, mlp_topk=mlp, dense_layers=())[0]
 
 
 def _run(engine: DecodeEngine, what: str) -> dict[str, object]:
@@ -155,9 +161,9 @@ class RankwiseTopk:
         return scores + 1e4 * chosen.flatten(-2)
 
 
-@pytest.mark.parametrize("key", ["opt-topk0.5", "qwen2-topk0.5"])
+@pytest.mark.parametrize("key", ["opt-topk0.5", "qwen2-topk0.5", "opt-calibrated-k"])
 def test_sparse_selects_top_k_within_each_rank(ranks, key: str) -> None:
-    name, attn_topk, mlp_topk, _ = SCENARIOS[key]
+    name, attn_topk, mlp, _ = SCENARIOS[key]
     _, model = tiny_model(name)
     g = decoder_spec(model.config).geometry
     heads_keep = num_kept(attn_topk, g.num_kv_heads // TP)
@@ -166,9 +172,16 @@ def test_sparse_selects_top_k_within_each_rank(ranks, key: str) -> None:
 
     def rankwise(plan: DecodePlan) -> DecodePlan:
         heads = {layer: RankwiseTopk(r, "head", heads_keep) for layer, r in plan.head_routers.items()}
-        mlp_keep = num_kept(mlp_topk, g.ffn_dim // TP) if mlp_topk else 0
-        mlp = {layer: RankwiseTopk(r, "mlp", mlp_keep) for layer, r in plan.mlp_routers.items()}
-        return replace(plan, head_routers=heads, mlp_routers=mlp)
+        # A fraction applies to each rank's neurons; a calibrated k splits as ceil(k / tp) (25 -> 13).
+        if isinstance(mlp, int):
+            neurons_keep = math.ceil(mlp / TP)
+        else:
+            neurons_keep = num_kept(mlp, g.ffn_dim // TP) if mlp else 0
+        neurons = {layer: RankwiseTopk(r, "mlp", neurons_keep) for layer, r in plan.mlp_routers.items()}
+        plan = replace(plan, head_routers=heads, mlp_routers=neurons)
+        if plan.mlp_keep is not None:  # one process keeps the union of the ranks' neurons
+            plan = replace(plan, mlp_keep=lambda layer, batch_size: TP * neurons_keep)
+        return plan
 
     expected = _single(key, rankwise)["logits"]
     for rank in ranks:
