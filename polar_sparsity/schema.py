@@ -284,6 +284,17 @@ class SparsityConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Tensor parallelism of the decoding engine (``polar_sparsity.decode.parallel``)."""
+
+    tp: int = 1  # ranks sharing each layer's heads and neurons; > 1: launch with torchrun --nproc-per-node=tp
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"parallel.tp={self.tp} must be a positive integer (1: one process)")
+
+
+@dataclass
 class PerplexityConfig:
     enabled: bool = True
     split: str = "test"  # held-out split of the configured data source

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from transformers import PretrainedConfig
 
 from polar_sparsity.decode.generate import CudaGraphDecoder, Generation, decode_one_token, generate, prefill
 from polar_sparsity.decode.kv_cache import StaticKVCache
 from polar_sparsity.decode.model import CompactDecoder
 from polar_sparsity.decode.ops import DecodeOps, resolve_backend
+from polar_sparsity.decode.parallel import check_divisible, shard_for_rank
 from polar_sparsity.decode.plan import DecodePlan
 from polar_sparsity.models.decoder_weights import (
     DecoderSpec,
@@ -24,6 +26,10 @@ class DecodeEngine:
 
     The constructor takes the engine tensors of ``models.decoder_weights`` and consumes the layer
     tensors from that dict as it builds the model.
+
+    ``tp_group``: a tensor-parallel process group (``decode.parallel.init_tensor_parallel``); every
+    rank passes the full model's spec, tensors and plan, and keeps only its shard (see
+    ``decode.parallel``): ``spec`` and ``plan`` then describe that shard. None: one process.
     """
 
     def __init__(
@@ -36,21 +42,26 @@ class DecodeEngine:
         max_seq_len: int,
         backend: str = "auto",
         cuda_graphs: bool = True,
+        tp_group: dist.ProcessGroup | None = None,
     ) -> None:
         plan.check(spec.geometry)
         _check_length(spec, max_seq_len)
+        if tp_group is not None:
+            spec, tensors, plan = shard_for_rank(spec, tensors, plan, tp_group)
         embed = tensors["embed.weight"]
         self.device, self.dtype = embed.device, embed.dtype
         _check_router_devices(plan, self.device)
         self.spec, self.plan = spec, plan
         self.backend = resolve_backend(backend, self.device, self.dtype)
         self.ops = DecodeOps(self.backend)
-        self.model = CompactDecoder(spec, tensors, plan, self.ops, max_seq_len)
+        self.tp_group = tp_group
+        self.model = CompactDecoder(spec, tensors, plan, self.ops, max_seq_len, tp_group)
         g = spec.geometry
         self.cache = StaticKVCache(
             g.num_layers, max_batch_size, g.num_kv_heads, max_seq_len, g.head_dim, self.dtype, self.device
         )
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        # Capturing NCCL all-reduces in CUDA graphs is not verified yet: tensor parallelism runs eagerly.
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and tp_group is None
         self._graphs = CudaGraphDecoder(self.model, self.cache) if self.cuda_graphs else None
 
     @classmethod
@@ -63,10 +74,13 @@ class DecodeEngine:
         max_seq_len: int,
         backend: str = "auto",
         cuda_graphs: bool = True,
+        tp_group: dist.ProcessGroup | None = None,
     ) -> DecodeEngine:
         """An engine on the weights of an unmodified Hugging Face model (shared where the layout allows)."""
         spec = decoder_spec(loaded.model.config)
         plan.check(spec.geometry)
+        if tp_group is not None:
+            check_divisible(spec, dist.get_world_size(tp_group))
         devices = {p.device for p in loaded.model.parameters()}
         if len(devices) > 1:
             raise ValueError(
@@ -82,6 +96,7 @@ class DecodeEngine:
             max_seq_len=max_seq_len,
             backend=backend,
             cuda_graphs=cuda_graphs,
+            tp_group=tp_group,
         )
 
     @classmethod
@@ -97,11 +112,14 @@ class DecodeEngine:
         max_seq_len: int,
         backend: str = "auto",
         cuda_graphs: bool = True,
+        tp_group: dist.ProcessGroup | None = None,
     ) -> DecodeEngine:
         """An engine at a config's real shapes with small random weights made on ``device`` (no HF model)."""
         spec = decoder_spec(hf_config)
         plan.check(spec.geometry)
         _check_length(spec, max_seq_len)
+        if tp_group is not None:
+            check_divisible(spec, dist.get_world_size(tp_group))  # before the weights are made
         tensors = random_decoder_tensors(spec, dtype, torch.device(device), seed)
         return cls(
             spec,
@@ -111,6 +129,7 @@ class DecodeEngine:
             max_seq_len=max_seq_len,
             backend=backend,
             cuda_graphs=cuda_graphs,
+            tp_group=tp_group,
         )
 
     # --- steps -----------------------------------------------------------------------------------

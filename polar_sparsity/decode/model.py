@@ -12,6 +12,7 @@ it can be captured in a CUDA graph: the host decides nothing that depends on the
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -102,9 +103,11 @@ class CompactDecoder(nn.Module):
         plan: DecodePlan,
         ops: DecodeOps,
         max_seq_len: int,
+        tp_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         self.spec, self.plan, self.ops = spec, plan, ops
+        self.tp_group = tp_group  # None: one process; else the spec and tensors are this rank's shard
         g = spec.geometry
         self.geometry = g
         self.register_buffer("embed", tensors["embed.weight"])
@@ -150,6 +153,12 @@ class CompactDecoder(nn.Module):
         if self.project_out is not None:
             h = F.linear(h, self.project_out)
         return F.linear(h, self.lm_head)
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum a row-parallel projection's partial outputs over the tensor-parallel ranks (in place)."""
+        if self.tp_group is not None:
+            dist.all_reduce(partial, group=self.tp_group)
+        return partial
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos / sin at ``positions`` as (..., 1, D): gathered once per forward, shared by every layer."""
@@ -210,14 +219,14 @@ class CompactDecoder(nn.Module):
         attn = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.geometry.group_size > 1
         )
-        h = h + F.linear(attn.transpose(1, 2).flatten(2), layer.w_o, layer.b_o)
+        h = h + self._reduce(F.linear(attn.transpose(1, 2).flatten(2), layer.w_o, layer.b_o))
         return self._mlp_block(layer, h, layer.mlp_dense)
 
     def _mlp_block(self, layer: DecoderLayer, h: torch.Tensor, mlp) -> torch.Tensor:
         if not self.spec.pre_norm:
             h = layer.attn_norm(h)
-            return layer.mlp_norm(h + mlp(h))
-        return h + mlp(layer.mlp_norm(h))
+            return layer.mlp_norm(h + self._reduce(mlp(h)))
+        return h + self._reduce(mlp(layer.mlp_norm(h)))
 
     # --- decode ----------------------------------------------------------------------------------
 
@@ -253,7 +262,7 @@ class CompactDecoder(nn.Module):
         cache.write_step(layer.layer, k, v, slots)
         k_cache, v_cache = cache.layer(layer.layer, h.shape[0])
         attn = self._attention(layer, x, q.contiguous(), k_cache, v_cache, seqlens)
-        h = h + F.linear(attn.flatten(1), layer.w_o, layer.b_o)
+        h = h + self._reduce(F.linear(attn.flatten(1), layer.w_o, layer.b_o))
         if layer.layer in self.sparse_mlp:
             keep = self.plan.neurons_kept(layer.layer, h.shape[0], self.geometry)
             if keep < self.geometry.ffn_dim:
