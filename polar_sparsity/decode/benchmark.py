@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 from collections.abc import Callable
@@ -451,12 +450,10 @@ def summary_table(rows: list[dict]) -> str:
 
 def plot(path: Path, rows: list[dict], env: dict[str, Any]) -> None:
     """tokens/s vs batch size and vs context (dense, sparse, HF, bytes bound), and step breakdowns."""
-    import matplotlib
+    from polar_sparsity.reporting import save_figure, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    fig, grid = subplots(1, 3, figsize=(18, 5))
+    axes = grid[0]
     for ax, setting, axis in ((axes[0], "batch-sweep", "batch_size"), (axes[1], "context-sweep", "context")):
         sub = [r for r in rows if r["setting"] == setting and "step_ms" in r]
         for method in dict.fromkeys(r["method"] for r in sub):
@@ -497,12 +494,9 @@ def plot(path: Path, rows: list[dict], env: dict[str, Any]) -> None:
     axes[2].set_ylabel("ms per decode step")
     axes[2].set_title("decode step breakdown", fontsize=9)
     axes[2].legend(fontsize=7)
-    fig.suptitle(
-        f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, fp16, {env['date'][:10]}", fontsize=10
+    save_figure(
+        fig, path, f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, fp16, {env['date'][:10]}"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -524,21 +518,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--max-layers={args.max_layers} must be >= 1")
     from tqdm.auto import tqdm
 
-    from polar_sparsity.kernels.bench._harness import read_bandwidth
+    from polar_sparsity.kernels.bench._harness import read_bandwidth, write_csv
+    from polar_sparsity.reporting import atomic_path, write_json_atomic
 
     cases = [case for name in (args.setting or DEFAULT_SETTINGS) for case in SETTINGS[name]]
     bandwidth = read_bandwidth()
     env = environment(bandwidth)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out / "decode_bench_meta.json", {**env, "cases": [asdict(c) for c in cases]})
     rows: list[dict] = []
     for case in tqdm(cases, desc="decode benchmark"):
         rows += measure(case, bandwidth, args.max_layers, args.hf_compile)
-    args.out.mkdir(parents=True, exist_ok=True)
-    from polar_sparsity.kernels.bench._harness import write_csv
-
-    write_csv(args.out / "decode_bench.csv", rows)
-    (args.out / "decode_bench_meta.json").write_text(
-        json.dumps({**env, "cases": [asdict(c) for c in cases]}, indent=2)
-    )
+        with atomic_path(args.out / "decode_bench.csv") as tmp:  # each case lands as soon as it is done
+            write_csv(tmp, rows)
     plot(args.out / "decode_bench.png", rows, env)
     versions = f"torch {env['torch']}, triton {env['triton']}"
     print(f"{env['gpu']}: read bandwidth {env['read_bandwidth_tb_s']} TB/s, {versions}")
