@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from polar_sparsity.resources import asset_path
-from polar_sparsity.schema import CollectRunConfig, EvaluateRunConfig, TrainRunConfig
+from polar_sparsity.schema import CollectRunConfig, EvaluateRunConfig, GenerateRunConfig, TrainRunConfig
 
 T = TypeVar("T")
 
@@ -54,6 +54,7 @@ def _register() -> None:
     store = ConfigStore.instance()
     store.store(name="collect_schema", node=CollectRunConfig)
     store.store(name="evaluate_schema", node=EvaluateRunConfig)
+    store.store(name="generate_schema", node=GenerateRunConfig)
     store.store(name="train_schema", node=TrainRunConfig)
 
 

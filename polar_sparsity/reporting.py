@@ -100,3 +100,15 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
         writer.writerows(rows)
     os.replace(tmp, path)
     return path
+
+
+def write_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> Path:
+    """One JSON object per line, through a temporary name and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
