@@ -24,8 +24,13 @@ def test_defaults_compose_to_dense_tiny_opt_with_the_shipped_prompts(tmp_path: P
 
 
 def test_prompts_from_the_command_line(tmp_path: Path) -> None:
-    settings, _ = generate_settings(tmp_path, 'prompts=["The import statement","A dictionary"]', "mode=sparse")
-    assert resolve_prompts(settings.prompts, settings.prompts_file) == ["The import statement", "A dictionary"]
+    settings, _ = generate_settings(
+        tmp_path, 'prompts=["The import statement","A dictionary"]', "mode=sparse"
+    )
+    assert resolve_prompts(settings.prompts, settings.prompts_file) == [
+        "The import statement",
+        "A dictionary",
+    ]
     assert settings.mode == Mode.sparse
 
 
