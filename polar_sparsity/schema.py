@@ -89,10 +89,14 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # tokenizer id or directory when it differs from the model's
     device_map: Optional[str] = None  # e.g. auto: shard pretrained weights over GPUs (needs accelerate)
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    # Keep only the first N decoder layers at their real shape (speed work on models that do not fit).
+    num_layers: Optional[int] = None
 
     def __post_init__(self) -> None:
         if _given(self.name) and self.weights == Weights.pretrained and not (self.path or self.hf_id):
             raise ValueError(f"model {self.name!r}: weights=pretrained needs model.hf_id or model.path")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ValueError(f"model.num_layers={self.num_layers} must be >= 1 (or null: all layers)")
 
 
 @dataclass

@@ -59,18 +59,33 @@ def _weights_location(cfg: ModelConfig) -> str:
 
 
 def load_hf_config(cfg: ModelConfig) -> PretrainedConfig:
-    """The Hugging Face config without loading weights (for geometry and size estimates)."""
+    """The Hugging Face config without loading weights (for geometry and size estimates).
+
+    ``model.num_layers=N`` keeps the first N layers (real layer shapes, fewer of them).
+    """
     if cfg.weights == Weights.random:
-        return build_hf_config(cfg.family.value, _architecture_dict(cfg))
+        return _keep_layers(build_hf_config(cfg.family.value, _architecture_dict(cfg)), cfg.num_layers)
     location = _weights_location(cfg)
     try:
-        return AutoConfig.from_pretrained(location)
+        return _keep_layers(AutoConfig.from_pretrained(location), cfg.num_layers)
     except OSError as error:
         raise RuntimeError(
             f"could not load the config of {location!r} ({error}). Without network, use "
             f"model.weights=random for the real architecture with random weights, or model.path=DIR "
             f"for a local checkpoint."
         ) from error
+
+
+def _keep_layers(config: PretrainedConfig, num_layers: int | None) -> PretrainedConfig:
+    if num_layers is None:
+        return config
+    total = config.num_hidden_layers
+    if not 1 <= num_layers <= total:
+        raise ValueError(f"model.num_layers={num_layers} is not in 1..{total} (this architecture's layers)")
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (Qwen2, Mistral)
+        config.layer_types = config.layer_types[:num_layers]
+    return config
 
 
 def load_model(cfg: ModelConfig, device: str = "auto", seed: int = 0) -> LoadedModel:
@@ -92,7 +107,7 @@ def load_model(cfg: ModelConfig, device: str = "auto", seed: int = 0) -> LoadedM
         model = _random_model(hf_config, dtype, target, seed)
         weights_source = f"random weights (seed {seed})"
     else:
-        model = _pretrained_model(cfg, dtype, target)
+        model = _pretrained_model(cfg, hf_config, dtype, target)
         weights_source = _weights_location(cfg)
     model.eval()
     tokenizer, tokenizer_source = _load_tokenizer(cfg, hf_config.vocab_size)
@@ -114,12 +129,17 @@ def _random_model(
         return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
 
 
-def _pretrained_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+def _pretrained_model(
+    cfg: ModelConfig, config: PretrainedConfig, dtype: torch.dtype, device: torch.device
+) -> PreTrainedModel:
     location = _weights_location(cfg)
     try:
+        # The config carries model.num_layers: the checkpoint's later layers are not loaded.
         if cfg.device_map is not None:
-            return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map=cfg.device_map)
-        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device)
+            return AutoModelForCausalLM.from_pretrained(
+                location, config=config, dtype=dtype, device_map=cfg.device_map
+            )
+        return AutoModelForCausalLM.from_pretrained(location, config=config, dtype=dtype).to(device)
     except OSError as error:
         raise RuntimeError(
             f"could not load weights from {location!r} ({error}). Without network, use "

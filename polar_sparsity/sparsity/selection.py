@@ -25,9 +25,13 @@ def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
     units = scores.shape[-1]
     if keep >= units:
         return torch.ones_like(scores, dtype=torch.bool)
-    index = torch.topk(scores.float(), keep, dim=-1, sorted=False).indices
     mask = torch.zeros_like(scores, dtype=torch.bool)
-    return mask.scatter_(-1, index, True)
+    return mask.scatter_(-1, topk_indices(scores, keep), True)
+
+
+def topk_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices (int64, unsorted) of the ``keep`` highest scores (last dim): what ``topk_mask`` marks."""
+    return torch.topk(scores.float(), keep, dim=-1, sorted=False).indices
 
 
 def group_scores(head_scores: torch.Tensor, group_size: int) -> torch.Tensor:

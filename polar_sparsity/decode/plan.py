@@ -1,0 +1,190 @@
+"""What the engine makes sparse, and how routers become the index tensors the kernels read.
+
+The selection rules are the evaluation's (``polar_sparsity.sparsity.selection``): ``num_kept`` for
+how many units a fraction keeps, ``topk_indices`` for which. Heads are ranked per sequence (per KV
+group for GQA models: the head routers score KV groups, exactly as the evaluation masks use them);
+MLP neurons are ranked once for the whole batch on the router logits summed over the batch (the
+selective up/down GEMMs share one neuron subset across the batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from polar_sparsity.models.families import MlpKind, ModelGeometry
+from polar_sparsity.routers.bundle import load_routers
+from polar_sparsity.schema import SparsityConfig
+from polar_sparsity.sparsity.masking import Scorer
+from polar_sparsity.sparsity.selection import num_kept, topk_indices
+
+MODES = ("dense", "sparse")
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """What the decode steps make sparse (prefill is always dense).
+
+    ``mode='sparse'``: every layer outside ``dense_attn_layers`` ranks its heads (KV groups) with
+    ``head_routers[layer]`` and keeps ``num_kept(attn_topk, units)`` of them per sequence. With
+    ``mlp_routers`` (ReLU models), each layer keeps ``mlp_keep(layer, batch_size)`` neurons shared by
+    the batch, or ``num_kept(mlp_topk, ffn_dim)`` when ``mlp_keep`` is None.
+    """
+
+    mode: str = "dense"
+    attn_topk: float = 1.0
+    dense_attn_layers: frozenset[int] = frozenset({0})
+    head_routers: Mapping[int, Scorer] = field(default_factory=dict)
+    mlp_routers: Mapping[int, Scorer] = field(default_factory=dict)
+    mlp_keep: Callable[[int, int], int] | None = None
+    mlp_topk: float | None = None
+
+    def sparse_attn_layers(self, geometry: ModelGeometry) -> list[int]:
+        if self.mode != "sparse":
+            return []
+        return [layer for layer in range(geometry.num_layers) if layer not in self.dense_attn_layers]
+
+    def sparse_mlp_layers(self, geometry: ModelGeometry) -> list[int]:
+        if self.mode != "sparse" or (self.mlp_keep is None and self.mlp_topk is None):
+            return []
+        return list(range(geometry.num_layers))
+
+    def attn_keep(self, geometry: ModelGeometry) -> int:
+        """Heads (MHA) or KV groups (GQA) each sequence keeps in a sparse layer."""
+        return num_kept(self.attn_topk, geometry.num_kv_heads)
+
+    def neurons_kept(self, layer: int, batch_size: int, geometry: ModelGeometry) -> int:
+        """Neurons the batch shares in a sparse MLP layer: the calibration table's k, else mlp_topk's."""
+        if self.mlp_keep is not None:
+            keep = int(self.mlp_keep(layer, batch_size))
+            if not 1 <= keep <= geometry.ffn_dim:
+                raise ValueError(
+                    f"mlp_keep({layer}, {batch_size}) = {keep}; must be in 1..{geometry.ffn_dim} neurons"
+                )
+            return keep
+        return num_kept(self.mlp_topk, geometry.ffn_dim)  # type: ignore[arg-type]
+
+    def attn_density(self, geometry: ModelGeometry) -> dict[int, float]:
+        """Fraction of heads (KV groups) each layer's decode attention reads."""
+        sparse = set(self.sparse_attn_layers(geometry))
+        kept = self.attn_keep(geometry) / geometry.num_kv_heads
+        return {layer: kept if layer in sparse else 1.0 for layer in range(geometry.num_layers)}
+
+    def mlp_density(self, geometry: ModelGeometry, batch_size: int) -> dict[int, float]:
+        """Fraction of MLP neurons each layer computes at this batch size."""
+        sparse = set(self.sparse_mlp_layers(geometry))
+        return {
+            layer: self.neurons_kept(layer, batch_size, geometry) / geometry.ffn_dim
+            if layer in sparse
+            else 1.0
+            for layer in range(geometry.num_layers)
+        }
+
+    def check(self, geometry: ModelGeometry, routers: bool = True) -> None:
+        """Refuse a plan that cannot run on this geometry (before any weights are touched).
+
+        ``routers=False`` checks only what needs no routers (layers, fractions, MLP kind).
+        """
+        if self.mode not in MODES:
+            raise ValueError(f"decode mode {self.mode!r} is not one of {MODES}")
+        outside = sorted(layer for layer in self.dense_attn_layers if not 0 <= layer < geometry.num_layers)
+        if outside:
+            raise ValueError(
+                f"dense_attn_layers has layers {outside} outside this model's 0..{geometry.num_layers - 1}"
+            )
+        num_kept(self.attn_topk, geometry.num_kv_heads)  # checks the fraction
+        if self.mlp_topk is not None:
+            num_kept(self.mlp_topk, geometry.ffn_dim)
+        if self.mode != "sparse":
+            return
+        mlp_layers = self.sparse_mlp_layers(geometry)
+        if mlp_layers and geometry.mlp_kind != MlpKind.relu:
+            raise ValueError(
+                f"a sparse MLP needs a ReLU model; this model's MLP is {geometry.mlp_kind.value} "
+                f"(no exact zeros to predict): set sparsity.mlp_topk=null"
+            )
+        if not routers:
+            return
+        _check_routers("head", self.head_routers, self.sparse_attn_layers(geometry), geometry.num_kv_heads)
+        _check_routers("MLP", self.mlp_routers, mlp_layers, geometry.ffn_dim)
+
+
+def _check_routers(kind: str, routers: Mapping[int, Scorer], layers: list[int], units: int) -> None:
+    missing = [layer for layer in layers if layer not in routers]
+    if missing:
+        raise ValueError(
+            f"mode=sparse needs a {kind} router for layers {missing}, but the plan has them for "
+            f"{sorted(routers)}; train them with train.py, or keep those layers dense"
+        )
+    for layer in layers:
+        outputs = getattr(routers[layer], "meta", {}).get("num_outputs")
+        if outputs is not None and outputs != units:
+            raise ValueError(
+                f"the {kind} router of layer {layer} scores {outputs} units; this model has {units}"
+            )
+
+
+def build_plan(
+    mode: str,
+    sparsity: SparsityConfig,
+    geometry: ModelGeometry,
+    bundle_dir: str | Path | None,
+    model_name: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> DecodePlan:
+    """The decode plan for a mode and the shared sparsity options, routers loaded from the bundle.
+
+    Uses the evaluation's bundle loader (``load_routers``): a missing bundle, missing layers or a
+    bundle trained for another model is an error here, before the engine is built. ``mode='dense'``
+    needs no bundle.
+    """
+    mode = getattr(mode, "value", mode)
+    if mode not in MODES:
+        raise ValueError(f"decode mode {mode!r} is not one of {MODES} (the engine decodes dense or sparse)")
+    dense_attn_layers = frozenset(sparsity.dense_attn_layers)
+    if mode == "dense":
+        plan = DecodePlan(mode="dense", dense_attn_layers=dense_attn_layers)
+        plan.check(geometry)
+        return plan
+    # Calibration hook (the single place): a per-layer, per-batch-size neuron count from the bundle's
+    # calibration table, ``(layer, batch_size) -> neurons kept``. None: mlp_topk's fixed fraction.
+    mlp_keep: Callable[[int, int], int] | None = None
+    unrouted = DecodePlan(
+        mode="sparse",
+        attn_topk=sparsity.attn_topk,
+        dense_attn_layers=dense_attn_layers,
+        mlp_keep=mlp_keep,
+        mlp_topk=sparsity.mlp_topk,
+    )
+    unrouted.check(geometry, routers=False)
+    if bundle_dir is None:
+        raise ValueError("mode=sparse needs a router bundle (paths.routers); train routers with train.py")
+    load = dict(device=device, model=model_name, dtype=dtype)
+    head_routers = load_routers(
+        bundle_dir,
+        "mha",
+        topk=sparsity.router_topk or sparsity.attn_topk,
+        layers=unrouted.sparse_attn_layers(geometry),
+        **load,
+    )
+    mlp_layers = unrouted.sparse_mlp_layers(geometry)
+    mlp_routers = load_routers(bundle_dir, "mlp", layers=mlp_layers, **load) if mlp_layers else {}
+    plan = replace(unrouted, head_routers=head_routers, mlp_routers=mlp_routers)
+    plan.check(geometry)
+    return plan
+
+
+def head_indices(router: Scorer, router_input: torch.Tensor, keep: int) -> torch.Tensor:
+    """(B, keep) int32: the heads (KV groups) each sequence keeps, ranked by its router's logits."""
+    scores = router.scores(router_input)
+    return topk_indices(scores, keep).to(torch.int32).contiguous()
+
+
+def neuron_indices(router: Scorer, router_input: torch.Tensor, keep: int) -> torch.Tensor:
+    """(keep,) int32: the neurons the batch shares, ranked by the router logits summed over the batch."""
+    scores = router.scores(router_input).float().sum(dim=0)
+    return topk_indices(scores, keep).to(torch.int32).contiguous()
