@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 GENERATIONS_FILE = "generations.jsonl"
 RESULTS_FILE = "generate_results.json"
+DENSITY_TITLE = "density per layer: share of heads (KV groups) and MLP neurons computed at decode steps"
 
 
 def run_generate(
@@ -63,7 +64,7 @@ def run_generate(
         "weights_source": loaded.weights_source,
         "tokenizer_source": loaded.tokenizer_source,
         "device": str(device),
-        "backend": engine_backend(module.engine),
+        "backend": module.engine.backend,
         "sparsity": asdict(settings.sparsity) if settings.mode == Mode.sparse else None,
         "router_bundle": settings.paths.routers if settings.mode == Mode.sparse else None,
         "summary": summary,
@@ -76,7 +77,7 @@ def run_generate(
     }
     results_path = write_json_atomic(out_dir / RESULTS_FILE, payload)
     print(format_table([summary], title=_title(settings, payload)))
-    print(format_table(density, title="measured density per layer (kept / all units, decode steps)"))
+    print(format_table(density, title=DENSITY_TITLE))
     print(f"generations: {generations_path}\nresults: {results_path}")
     print(f"generate took {payload['seconds']:.1f}s")
     _log(logger, summary, density, records)
@@ -177,10 +178,6 @@ def layer_density(batches: list[PredictedBatch]) -> list[dict[str, Any]]:
             row[name] = sum(v * w for v, w in values) / total if total else None
         rows.append(row)
     return rows
-
-
-def engine_backend(engine: Any) -> str:
-    return str(engine.backend)
 
 
 def _title(settings: GenerateRunConfig, payload: dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
-"""generate.py end to end through the CLI, offline on tiny-opt: dense, sparse with a router bundle,
-and bad input refused before the model loads."""
+"""generate.py end to end through the CLI, offline on tiny-opt: dense, sparse with a router bundle;
+bad input refused before anything is written."""
 
 from __future__ import annotations
 
@@ -12,19 +12,20 @@ from pathlib import Path
 import pytest
 
 from polar_sparsity.data.tokenizer import load_tokenizer
-from polar_sparsity.decode.runner import run_generate
+from polar_sparsity.decode import runner
+from polar_sparsity.routers.bundle import BundleError
 from tests.decode.conftest import ROOT, generate_settings
 from tests.evaluation.conftest import write_head_bundle
 
 PROMPTS = '["The import statement","Return a new list","A"]'
 
 
-def _run(home: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+def _run(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "POLAR_SPARSITY_HOME": str(home),
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     command = [sys.executable, "generate.py", "device=cpu", *args]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert (result.returncode == 0) == ok, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
 
@@ -74,7 +75,7 @@ def test_sparse_run_keeps_half_the_heads_after_layer_0(tmp_path: Path) -> None:
     bundle = tmp_path / "routers" / "tiny-opt" / "python-docs"
     write_head_bundle(bundle, "tiny-opt", layers=[1, 2, 3], in_features=256, units=8, topk=0.5)
     result = _run(tmp_path, "mode=sparse", f"prompts={PROMPTS}", "decode.max_new_tokens=8", "logger=none")
-    assert "mode=sparse (attn_topk=0.5" in result.stdout and "measured density per layer" in result.stdout
+    assert "mode=sparse (attn_topk=0.5" in result.stdout and "density per layer" in result.stdout
     records, payload = _records(tmp_path)
     _check_records(records, ["The import statement", "Return a new list", "A"], 8)
     density = {row["layer"]: row["attn_density"] for row in payload["density"]}
@@ -83,22 +84,20 @@ def test_sparse_run_keeps_half_the_heads_after_layer_0(tmp_path: Path) -> None:
     assert payload["router_bundle"] == str(bundle)
 
 
-def test_mode_sparse_without_a_bundle_fails_before_loading(tmp_path: Path) -> None:
-    result = _run(tmp_path, "mode=sparse", "logger=none", ok=False)
-    assert "no router bundle at" in result.stderr
-    assert not list(tmp_path.glob("runs/generate/*/generations.jsonl"))
-
-
 @pytest.mark.parametrize(
-    ("overrides", "message"),
+    ("overrides", "message", "model_loads"),
     [
-        (["prompts_file=does/not/exist.jsonl"], "does not exist"),
-        (["mode=sparse"], "no router bundle at"),
-        (["decode.max_new_tokens=600"], r"lower decode.max_new_tokens to"),
+        (["prompts_file=does/not/exist.jsonl"], "does not exist", False),
+        (["mode=sparse"], "no router bundle at", False),
+        (["decode.max_new_tokens=600"], r"lower decode.max_new_tokens to", True),  # needs the tokenizer
     ],
 )
-def test_bad_input_is_refused_in_process(tmp_path: Path, overrides: list[str], message: str) -> None:
+def test_bad_input_is_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str], message: str, model_loads: bool
+) -> None:
     settings, resolved = generate_settings(tmp_path, *overrides)
-    with pytest.raises(Exception, match=message):
-        run_generate(settings, resolved)
+    if not model_loads:
+        monkeypatch.setattr(runner, "load_model", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    with pytest.raises((ValueError, FileNotFoundError, BundleError), match=message):
+        runner.run_generate(settings, resolved)
     assert not (tmp_path / "run" / "generations.jsonl").exists()
