@@ -68,16 +68,22 @@ class GenerationModule(L.LightningModule):
 
     The engine (static KV cache for ``max_seq_len`` positions, CUDA graphs when enabled) is built once,
     at the start of prediction, on the device of the loaded model, which must be the Trainer's device.
-    Batch ``i`` samples with ``seed + i`` (greedy decoding ignores the seed).
+    Batch ``i`` samples with ``seed + i`` (greedy decoding ignores the seed); ``step_progress`` shows
+    a bar over each batch's decode steps beside Lightning's bar over batches.
     """
 
     def __init__(
-        self, loaded: LoadedModel, plan: Any, decode: DecodeConfig, max_seq_len: int, seed: int = 0
+        self,
+        loaded: LoadedModel,
+        plan: Any,
+        decode: DecodeConfig,
+        max_seq_len: int,
+        seed: int = 0,
+        step_progress: bool = False,
     ) -> None:
         super().__init__()
-        self.loaded, self.plan, self.decode, self.max_seq_len, self.seed = (
-            loaded, plan, decode, max_seq_len, seed,
-        )  # fmt: skip
+        self.loaded, self.plan, self.decode, self.max_seq_len = loaded, plan, decode, max_seq_len
+        self.seed, self.step_progress = seed, step_progress
         self.engine: Any = None
 
     def on_predict_start(self) -> None:
@@ -104,11 +110,18 @@ class GenerationModule(L.LightningModule):
         )
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> PredictedBatch:
-        return generate_batch(self.engine, self.loaded.tokenizer, batch, self.decode, self.seed + batch_idx)
+        return generate_batch(
+            self.engine, self.loaded.tokenizer, batch, self.decode, self.seed + batch_idx, self.step_progress
+        )
 
 
 def generate_batch(
-    engine: Any, tokenizer: Any, batch: dict[str, list], decode: DecodeConfig, seed: int
+    engine: Any,
+    tokenizer: Any,
+    batch: dict[str, list],
+    decode: DecodeConfig,
+    seed: int,
+    progress: bool = False,
 ) -> PredictedBatch:
     """One batch of prompts through the engine (the module's ``predict_step`` and the Python API)."""
     generation = engine.generate(
@@ -118,6 +131,7 @@ def generate_batch(
         top_p=decode.top_p,
         seed=seed,
         eos_token_id=tokenizer.eos_token_id,
+        progress=progress,
     )
     return PredictedBatch(batch_records(tokenizer, batch, generation), generation)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from polar_sparsity.decode.lightning import GenerationModule, PredictedBatch, PromptDataModule
@@ -51,7 +52,7 @@ def run_generate(
     data = PromptDataModule(prompts, loaded.tokenizer, settings.decode.batch_size)
     data.setup("predict")
     max_seq_len = check_lengths(data.token_ids, settings.decode.max_new_tokens, max_positions(loaded))
-    module = GenerationModule(loaded, plan, settings.decode, max_seq_len, settings.seed)
+    module = GenerationModule(loaded, plan, settings.decode, max_seq_len, settings.seed, step_progress=True)
     batches = predict(module, data, device, out_dir)
 
     records = [record for batch in batches for record in batch.records]
@@ -118,7 +119,7 @@ def max_positions(loaded: LoadedModel) -> int:
 def predict(
     module: GenerationModule, data: PromptDataModule, device: torch.device, out_dir: Path
 ) -> list[PredictedBatch]:
-    """``Trainer.predict`` on ``device``: Lightning's progress bar counts batches."""
+    """``Trainer.predict`` on ``device``: a tqdm bar over batches, the engine's over each batch's steps."""
     cuda = device.type == "cuda"
     trainer = L.Trainer(
         accelerator="gpu" if cuda else device.type,
@@ -127,6 +128,7 @@ def predict(
         enable_checkpointing=False,
         enable_model_summary=False,
         default_root_dir=str(out_dir),
+        callbacks=[TQDMProgressBar()],  # tqdm like the engine's step bar, so the two bars stack
     )
     with warnings.catch_warnings():
         # Batches are token id lists already in memory: loader worker processes would only add start-up time.
