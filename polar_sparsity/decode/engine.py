@@ -37,6 +37,7 @@ class DecodeEngine:
         _check_length(spec, max_seq_len)
         embed = tensors["embed.weight"]
         self.device, self.dtype = embed.device, embed.dtype
+        _check_router_devices(plan, self.device)
         self.spec, self.plan = spec, plan
         self.backend = resolve_backend(backend, self.device, self.dtype)
         self.ops = DecodeOps(self.backend)
@@ -114,6 +115,10 @@ class DecodeEngine:
         """Right-padded prompts (B, T) and their lengths (B,) -> (B, vocab) logits of the last real token."""
         batch, length = input_ids.shape
         self.cache.check_room(batch, length)
+        if lengths.shape != (batch,) or int(lengths.min()) < 1 or int(lengths.max()) > length:
+            raise ValueError(
+                f"lengths {lengths.tolist()} must hold one length in 1..{length} per row of input_ids"
+            )
         return prefill(self.model, self.cache, input_ids.to(self.device), lengths.to(self.device))
 
     def decode_one_token(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -168,3 +173,16 @@ def _check_length(spec: DecoderSpec, max_seq_len: int) -> None:
             f"({spec.sliding_window}); the engine attends over the whole cache, which equals the "
             f"window only up to that length: use max_seq_len <= {spec.sliding_window}"
         )
+
+
+def _check_router_devices(plan: DecodePlan, device: torch.device) -> None:
+    """Routers must run where the model runs (their indices feed the kernels, inside CUDA graphs)."""
+    for kind, routers in (("head", plan.head_routers), ("MLP", plan.mlp_routers)):
+        for layer, router in routers.items():
+            net = getattr(router, "net", None)
+            param = next(net.parameters(), None) if isinstance(net, torch.nn.Module) else None
+            if param is not None and param.device.type != device.type:
+                raise ValueError(
+                    f"the {kind} router of layer {layer} is on {param.device} but the engine runs on "
+                    f"{device}; load the routers with device={device} (build_plan does)"
+                )

@@ -64,18 +64,24 @@ class DecoderLayer(nn.Module):
         self.register_buffer("b_qkv", torch.cat(biases) if biases[0] is not None else None)
         self.register_buffer("w_o", tensors[p + "o.weight"])
         self.register_buffer("b_o", _optional(tensors, p + "o.bias"))
-        self.register_buffer("w_up", tensors[p + "up.weight"])
-        self.register_buffer("b_up", _optional(tensors, p + "up.bias"))
-        self.register_buffer("w_gate", _optional(tensors, p + "gate.weight"))
-        self.register_buffer("b_gate", _optional(tensors, p + "gate.bias"))
+        if p + "gate.weight" in tensors:
+            # Gated MLPs: gate and up fused into one (2 * ffn, d) GEMM, split after.
+            self.register_buffer("w_up", torch.cat([tensors[p + "gate.weight"], tensors[p + "up.weight"]]))
+            biases = [_optional(tensors, p + n + ".bias") for n in ("gate", "up")]
+            self.register_buffer("b_up", torch.cat(biases) if biases[0] is not None else None)
+        else:
+            self.register_buffer("w_up", tensors[p + "up.weight"])
+            self.register_buffer("b_up", _optional(tensors, p + "up.bias"))
+        self.gated = p + "gate.weight" in tensors
         # The down projection in the selective kernel's (n, d) layout; a dense step uses it as is.
         self.register_buffer("w_down_t", ops.prepare_down_weight(tensors[p + "down.weight"]))
         self.register_buffer("b_down", _optional(tensors, p + "down.bias"))
 
     def mlp_dense(self, x: torch.Tensor) -> torch.Tensor:
         up = F.linear(x, self.w_up, self.b_up)
-        if self.w_gate is not None:
-            hidden = F.silu(F.linear(x, self.w_gate, self.b_gate)) * up
+        if self.gated:
+            gate, up = up.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
         else:
             hidden = torch.relu(up)
         out = hidden @ self.w_down_t

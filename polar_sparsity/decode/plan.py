@@ -153,28 +153,34 @@ def build_plan(
     # Calibration hook (the single place): a per-layer, per-batch-size neuron count from the bundle's
     # calibration table, ``(layer, batch_size) -> neurons kept``. None: mlp_topk's fixed fraction.
     mlp_keep: Callable[[int, int], int] | None = None
-    unrouted = DecodePlan(
+    asked = DecodePlan(
         mode="sparse",
         attn_topk=sparsity.attn_topk,
         dense_attn_layers=dense_attn_layers,
         mlp_keep=mlp_keep,
         mlp_topk=sparsity.mlp_topk,
     )
-    unrouted.check(geometry, routers=False)
-    if bundle_dir is None:
+    asked.check(geometry, routers=False)  # layer ranges, fractions, MLP kind: before the bundle
+    unrouted = _without_full_fractions(asked, geometry)
+    head_layers, mlp_layers = unrouted.sparse_attn_layers(geometry), unrouted.sparse_mlp_layers(geometry)
+    if (head_layers or mlp_layers) and bundle_dir is None:
         raise ValueError("mode=sparse needs a router bundle (paths.routers); train routers with train.py")
     load = dict(device=device, model=model_name, dtype=dtype)
-    head_routers = load_routers(
-        bundle_dir,
-        "mha",
-        topk=sparsity.router_topk or sparsity.attn_topk,
-        layers=unrouted.sparse_attn_layers(geometry),
-        **load,
-    )
-    mlp_layers = unrouted.sparse_mlp_layers(geometry)
+    router_topk = sparsity.router_topk or sparsity.attn_topk
+    head_routers = load_routers(bundle_dir, "mha", router_topk, head_layers, **load) if head_layers else {}
     mlp_routers = load_routers(bundle_dir, "mlp", layers=mlp_layers, **load) if mlp_layers else {}
     plan = replace(unrouted, head_routers=head_routers, mlp_routers=mlp_routers)
     plan.check(geometry)
+    return plan
+
+
+def _without_full_fractions(plan: DecodePlan, geometry: ModelGeometry) -> DecodePlan:
+    """As in the evaluation masks, a fraction that keeps every unit is dense and needs no routers."""
+    if plan.attn_keep(geometry) == geometry.num_kv_heads:
+        plan = replace(plan, dense_attn_layers=frozenset(range(geometry.num_layers)))
+    full_mlp = plan.mlp_topk is not None and num_kept(plan.mlp_topk, geometry.ffn_dim) == geometry.ffn_dim
+    if plan.mlp_keep is None and full_mlp:
+        plan = replace(plan, mlp_topk=None)
     return plan
 
 

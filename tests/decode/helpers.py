@@ -7,6 +7,11 @@ from transformers import PreTrainedModel
 
 from polar_sparsity.decode import DecodeEngine, DecodePlan
 from polar_sparsity.models.decoder_weights import decoder_spec, hf_decoder_tensors
+from polar_sparsity.models.families import family_for_config
+from polar_sparsity.routers.bundle import LoadedRouter
+from polar_sparsity.routers.nets import HeadRouter, MlpRouter
+from polar_sparsity.schema import Mode
+from polar_sparsity.sparsity import SparsityPlan
 
 # Different lengths on purpose: padding must not leak into any sequence.
 PROMPTS = [[5, 17, 3, 9, 60, 2], [41, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
@@ -43,3 +48,39 @@ def hf_last_logits(model: PreTrainedModel, sequences: list[list[int]], pad_id: i
         mask[i, longest - len(seq) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+
+
+def routers(kind: str, layers: range, d_in: int, units: int, seed: int = 0) -> dict[int, LoadedRouter]:
+    """Random routers in the bundle loader's own type (a net, its metadata)."""
+    routers = {}
+    for layer in layers:
+        torch.manual_seed(seed + 100 * layer)
+        net = HeadRouter(d_in, units) if kind == "mha" else MlpRouter(d_in, units, hidden=16)
+        routers[layer] = LoadedRouter(layer=layer, net=net.eval(), meta={"kind": kind, "num_outputs": units})
+    return routers
+
+
+def sparse_plans(model: PreTrainedModel, attn_topk: float, mlp_topk: float | None, dense_layers=frozenset()):
+    """The engine's plan and the evaluation masks' plan with the same routers and fractions."""
+    geometry = family_for_config(model.config).geometry(model.config)
+    layers = range(geometry.num_layers)
+    heads = routers("mha", layers, geometry.hidden_size, geometry.num_kv_heads)
+    mlp = routers("mlp", layers, geometry.hidden_size, geometry.ffn_dim) if mlp_topk is not None else {}
+    engine_plan = DecodePlan(
+        mode="sparse",
+        attn_topk=attn_topk,
+        dense_attn_layers=frozenset(dense_layers),
+        head_routers=heads,
+        mlp_routers=mlp,
+        mlp_topk=mlp_topk,
+    )
+    mask_plan = SparsityPlan(
+        mode=Mode.sparse,
+        attn_topk=attn_topk,
+        mlp_topk=mlp_topk,
+        dense_attn_layers=frozenset(dense_layers),
+        last_n=1,
+        head_routers=heads,
+        mlp_routers=mlp,
+    )
+    return engine_plan, mask_plan

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from polar_sparsity.models.families import build_hf_config
 from polar_sparsity.models.loading import load_model
 from tests.decode.helpers import PROMPTS, engine_for, hf_last_logits, right_padded
 from tests.evaluation.conftest import evaluate_settings
@@ -52,3 +54,32 @@ def test_generate_greedy_matches_hf_generate() -> None:
     assert out.new_tokens[0] == reference[0, len(PROMPTS[0]) :].tolist()
     assert out.finish_reasons == ["length"]
     assert out.decode_steps == 7
+
+
+def test_llama3_scaled_rope() -> None:
+    """RoPE frequencies come from transformers' rope-init utilities, scaled variants included."""
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    arch = {
+        "vocab_size": 97,
+        "hidden_size": 64,
+        "num_layers": 2,
+        "max_position_embeddings": 64,
+        "ffn_dim": 96,
+        "num_heads": 8,
+        "num_kv_heads": 2,
+        "activation": "silu",
+        "norm": "rmsnorm",
+        "rope_theta": 500000.0,
+        "rope_scaling": rope,
+    }
+    config = build_hf_config("llama", arch)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    _check_against_hf(model)
