@@ -35,6 +35,8 @@ def compose_settings(
 ) -> GenerateRunConfig:
     """``generate.py``'s validated config without the command line (no run dir, no logger)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
     from omegaconf import OmegaConf
 
     from polar_sparsity.config import to_settings
@@ -43,8 +45,15 @@ def compose_settings(
         raise FileNotFoundError(
             f"no Hydra configs at {CONF_DIR}: the API needs a source checkout of the project"
         )
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("generate", overrides=[f"model={model}", f"mode={mode}", "logger=none", *overrides])
+    # Inside a running Hydra app (a user's own @hydra.main script) Hydra is initialised already: set
+    # its state aside for this composition and put it back after.
+    outer = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("generate", overrides=[f"model={model}", f"mode={mode}", "logger=none", *overrides])
+    finally:
+        restore_gh_from_backup(outer)
     if values:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(values))
     return to_settings(cfg, GenerateRunConfig)

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 
 from polar_sparsity.data.tokenizer import load_tokenizer
+from polar_sparsity.decode.api import compose_settings
 from polar_sparsity.decode.prompts import check_lengths, encode_prompts, read_prompts_file, resolve_prompts
 from polar_sparsity.schema import DecodeBackend, Mode
-from tests.decode.conftest import generate_settings
+from tests.decode.conftest import ROOT, generate_settings
 
 
 def test_defaults_compose_to_dense_tiny_opt_with_the_shipped_prompts(tmp_path: Path) -> None:
@@ -101,3 +104,20 @@ def test_prompts_start_with_bos_and_lengths_are_checked() -> None:
     assert check_lengths(ids, 10, 512) == len(ids[0]) + 10
     with pytest.raises(ValueError, match=r"prompt 0 has \d+ tokens; with decode.max_new_tokens=510 .* lower"):
         check_lengths(ids, 510, 512)
+
+
+def test_the_api_composes_the_cli_config(tmp_path: Path) -> None:
+    settings = compose_settings(
+        "tiny-llama", "sparse", [f"paths.artifacts={tmp_path}"], decode={"batch_size": 3}
+    )
+    assert settings.model.name == "tiny-llama" and settings.mode == Mode.sparse
+    assert settings.decode.batch_size == 3 and settings.decode.max_new_tokens == 64
+    assert settings.paths.routers == f"{tmp_path}/routers/tiny-llama/python-docs"
+    with pytest.raises(ValueError, match=r"decode.top_p=2.0 must be in \(0, 1\]"):
+        compose_settings(decode={"top_p": 2.0})
+    with pytest.raises(ValueError, match="mode=sparse_attn is an evaluation mode"):
+        compose_settings(mode="sparse_attn")
+    # Inside a running Hydra app (its own config dir), composing leaves the app's Hydra state alone.
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        assert compose_settings(sparsity={"attn_topk": 0.25}).sparsity.attn_topk == 0.25
+        assert GlobalHydra.instance().is_initialized() and compose("evaluate").task_name == "evaluate"
