@@ -12,7 +12,7 @@ import logging
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +49,12 @@ def run_generate(
     loaded = load_model(settings.model, settings.device, settings.seed)
     log.info("weights: %s; tokenizer: %s", loaded.weights_source, loaded.tokenizer_source)
 
-    data = PromptDataModule(prompts, loaded.tokenizer, settings.decode.batch_size)
+    # The KV cache holds one batch: no more rows than there are prompts.
+    decode = replace(settings.decode, batch_size=min(settings.decode.batch_size, len(prompts)))
+    data = PromptDataModule(prompts, loaded.tokenizer, decode.batch_size)
     data.setup("predict")
-    max_seq_len = check_lengths(data.token_ids, settings.decode.max_new_tokens, max_positions(loaded))
-    module = GenerationModule(loaded, plan, settings.decode, max_seq_len, settings.seed, step_progress=True)
+    max_seq_len = check_lengths(data.token_ids, decode.max_new_tokens, max_positions(loaded))
+    module = GenerationModule(loaded, plan, decode, max_seq_len, settings.seed, step_progress=True)
     batches = predict(module, data, device, out_dir)
 
     records = [record for batch in batches for record in batch.records]
