@@ -20,7 +20,11 @@ from polar_sparsity.models.loading import LoadedModel
 
 
 class DecodeEngine:
-    """Batched dense or sparse decoding of one model (build with :meth:`from_hf` or :meth:`random`)."""
+    """Batched dense or sparse decoding of one model (build with :meth:`from_hf` or :meth:`random`).
+
+    The constructor takes the engine tensors of ``models.decoder_weights`` and consumes the layer
+    tensors from that dict as it builds the model.
+    """
 
     def __init__(
         self,

@@ -21,10 +21,6 @@ from polar_sparsity.decode.plan import DecodePlan, head_indices, neuron_indices
 from polar_sparsity.models.decoder_weights import DecoderSpec, rope_frequencies
 
 
-def _optional(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
-    return tensors.get(name)
-
-
 class Norm(nn.Module):
     """LayerNorm (with bias) or RMSNorm (Hugging Face's: normalised in fp32, scaled in the input dtype)."""
 
@@ -42,7 +38,11 @@ class Norm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One decoder layer's tensors, with Q/K/V fused into one projection."""
+    """One decoder layer's tensors, with Q/K/V fused into one projection.
+
+    Takes (pops) its tensors out of ``tensors``: random weights are freed as each layer is fused, so
+    building peaks at the model plus one layer, not twice the model.
+    """
 
     def __init__(
         self, spec: DecoderSpec, tensors: dict[str, torch.Tensor], layer: int, ops: DecodeOps
@@ -53,29 +53,34 @@ class DecoderLayer(nn.Module):
         self.attn_norm = Norm(
             spec.norm,
             spec.norm_eps,
-            tensors[p + "attn_norm.weight"],
-            _optional(tensors, p + "attn_norm.bias"),
+            tensors.pop(p + "attn_norm.weight"),
+            tensors.pop(p + "attn_norm.bias", None),
         )
         self.mlp_norm = Norm(
-            spec.norm, spec.norm_eps, tensors[p + "mlp_norm.weight"], _optional(tensors, p + "mlp_norm.bias")
+            spec.norm,
+            spec.norm_eps,
+            tensors.pop(p + "mlp_norm.weight"),
+            tensors.pop(p + "mlp_norm.bias", None),
         )
-        self.register_buffer("w_qkv", torch.cat([tensors[p + n + ".weight"] for n in "qkv"]))
-        biases = [_optional(tensors, p + n + ".bias") for n in "qkv"]
+        self.register_buffer("w_qkv", torch.cat([tensors.pop(p + n + ".weight") for n in "qkv"]))
+        biases = [tensors.pop(p + n + ".bias", None) for n in "qkv"]
         self.register_buffer("b_qkv", torch.cat(biases) if biases[0] is not None else None)
-        self.register_buffer("w_o", tensors[p + "o.weight"])
-        self.register_buffer("b_o", _optional(tensors, p + "o.bias"))
-        if p + "gate.weight" in tensors:
+        self.register_buffer("w_o", tensors.pop(p + "o.weight"))
+        self.register_buffer("b_o", tensors.pop(p + "o.bias", None))
+        self.gated = p + "gate.weight" in tensors
+        if self.gated:
             # Gated MLPs: gate and up fused into one (2 * ffn, d) GEMM, split after.
-            self.register_buffer("w_up", torch.cat([tensors[p + "gate.weight"], tensors[p + "up.weight"]]))
-            biases = [_optional(tensors, p + n + ".bias") for n in ("gate", "up")]
+            self.register_buffer(
+                "w_up", torch.cat([tensors.pop(p + "gate.weight"), tensors.pop(p + "up.weight")])
+            )
+            biases = [tensors.pop(p + n + ".bias", None) for n in ("gate", "up")]
             self.register_buffer("b_up", torch.cat(biases) if biases[0] is not None else None)
         else:
-            self.register_buffer("w_up", tensors[p + "up.weight"])
-            self.register_buffer("b_up", _optional(tensors, p + "up.bias"))
-        self.gated = p + "gate.weight" in tensors
+            self.register_buffer("w_up", tensors.pop(p + "up.weight"))
+            self.register_buffer("b_up", tensors.pop(p + "up.bias", None))
         # The down projection in the selective kernel's (n, d) layout; a dense step uses it as is.
-        self.register_buffer("w_down_t", ops.prepare_down_weight(tensors[p + "down.weight"]))
-        self.register_buffer("b_down", _optional(tensors, p + "down.bias"))
+        self.register_buffer("w_down_t", ops.prepare_down_weight(tensors.pop(p + "down.weight")))
+        self.register_buffer("b_down", tensors.pop(p + "down.bias", None))
 
     def mlp_dense(self, x: torch.Tensor) -> torch.Tensor:
         up = F.linear(x, self.w_up, self.b_up)
@@ -105,13 +110,11 @@ class CompactDecoder(nn.Module):
         self.geometry = g
         self.register_buffer("embed", tensors["embed.weight"])
         self.register_buffer("lm_head", tensors["lm_head.weight"])
-        self.register_buffer("positions", _optional(tensors, "positions.weight"))
-        self.register_buffer("project_in", _optional(tensors, "project_in.weight"))
-        self.register_buffer("project_out", _optional(tensors, "project_out.weight"))
+        self.register_buffer("positions", tensors.get("positions.weight"))
+        self.register_buffer("project_in", tensors.get("project_in.weight"))
+        self.register_buffer("project_out", tensors.get("project_out.weight"))
         self.final_norm = (
-            Norm(
-                spec.norm, spec.norm_eps, tensors["final_norm.weight"], _optional(tensors, "final_norm.bias")
-            )
+            Norm(spec.norm, spec.norm_eps, tensors["final_norm.weight"], tensors.get("final_norm.bias"))
             if spec.final_norm
             else None
         )
