@@ -24,6 +24,7 @@ demo: install
 	$(PY) collect.py
 	$(PY) train.py router=mha layer='range(0,4)' -m
 	$(PY) evaluate.py mode=sparse
+	$(PY) generate.py mode=sparse decode.max_new_tokens=32
 
 test: install
 	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)

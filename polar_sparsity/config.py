@@ -16,7 +16,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from polar_sparsity.resources import asset_path
 from polar_sparsity.runs import run_group
-from polar_sparsity.schema import CalibrateRunConfig, CollectRunConfig, EvaluateRunConfig, TrainRunConfig
+from polar_sparsity.schema import (
+    CalibrateRunConfig,
+    CollectRunConfig,
+    EvaluateRunConfig,
+    GenerateRunConfig,
+    TrainRunConfig,
+)
 
 T = TypeVar("T")
 
@@ -43,6 +49,7 @@ def _register() -> None:
     store = ConfigStore.instance()
     store.store(name="collect_schema", node=CollectRunConfig)
     store.store(name="evaluate_schema", node=EvaluateRunConfig)
+    store.store(name="generate_schema", node=GenerateRunConfig)
     store.store(name="train_schema", node=TrainRunConfig)
     store.store(name="calibrate_schema", node=CalibrateRunConfig)
 

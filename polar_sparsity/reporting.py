@@ -110,3 +110,11 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return Path(path)
+
+
+def write_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> Path:
+    """One JSON object per line; a reader never sees a partial file."""
+    with atomic_path(path) as tmp, tmp.open("w") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
+    return Path(path)

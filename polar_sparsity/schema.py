@@ -363,6 +363,85 @@ class EvaluateRunConfig:
             )
 
 
+# --- generation (generate.py) ---------------------------------------------------------------------
+
+
+class DecodeBackend(str, Enum):
+    auto = "auto"  # the Triton kernels on CUDA, their torch references elsewhere
+    torch = "torch"  # the torch reference ops (any device)
+    triton = "triton"  # the Triton kernels (a CUDA GPU; the CPU only under TRITON_INTERPRET=1)
+
+
+# What the decoding engine can run: head / MLP routers, or nothing sparse. Oracle and random heads
+# need every head's true output, which a decoder that skips heads never computes.
+GENERATE_MODES = (Mode.dense, Mode.sparse)
+
+
+@dataclass
+class DecodeConfig:
+    max_new_tokens: int = 64  # per prompt; a sequence stops earlier at the end-of-text token
+    temperature: float = 0.0  # 0: greedy; > 0: sampling from softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens holding this probability mass
+    batch_size: int = 8  # prompts decoded together (the engine's batch)
+    backend: DecodeBackend = DecodeBackend.auto
+    cuda_graphs: bool = True  # capture decode steps in CUDA graphs (GPU only; ignored on the CPU)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"decode.max_new_tokens={self.max_new_tokens} must be a positive integer")
+        if self.temperature < 0:
+            raise ValueError(f"decode.temperature={self.temperature} must be >= 0 (0 is greedy decoding)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"decode.top_p={self.top_p} must be in (0, 1] (1.0 keeps every token)")
+        if self.batch_size <= 0:
+            raise ValueError(f"decode.batch_size={self.batch_size} must be a positive integer")
+
+
+@dataclass
+class GenerateRunConfig:
+    """Primary config of ``generate.py``: complete prompts with the decoding engine."""
+
+    task_name: str = "generate"
+    mode: Mode = Mode.dense
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # names the router bundle (routers per data source)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    prompts: Optional[list[str]] = None  # the prompts themselves
+    prompts_file: Optional[str] = None  # .jsonl ({"prompt": ...} per line) or .txt (one per line)
+    logger: Any = None
+    device: str = "auto"
+    seed: int = 0  # sampling (batch i uses seed + i) and random weights
+    output_dir: Optional[str] = None  # null: the Hydra run dir
+
+    def __post_init__(self) -> None:
+        if self.mode not in GENERATE_MODES:
+            valid = ", ".join(m.value for m in GENERATE_MODES)
+            raise ValueError(
+                f"mode={self.mode.value} is an evaluation mode (evaluate.py): it needs every head's true "
+                f"output, which the decoding engine never computes. generate.py supports mode={valid}"
+            )
+        if self.sparsity.positions != "all":
+            raise ValueError(
+                f"sparsity.positions={self.sparsity.positions} applies to evaluate.py only: generate.py "
+                f"always prefills the prompt densely and makes every decode step sparse (positions=all)"
+            )
+        if self.prompts is not None and self.prompts_file is not None:
+            raise ValueError("give either prompts=[...] or prompts_file=PATH, not both")
+        if self.prompts is not None:
+            check_prompts(self.prompts, "prompts")
+
+
+def check_prompts(prompts: list[str], source: str) -> None:
+    """At least one prompt, and none empty (an empty prompt has no token to condition on)."""
+    if not prompts:
+        raise ValueError(f"{source} holds no prompts; give at least one")
+    empty = [i for i, prompt in enumerate(prompts) if not str(prompt).strip()]
+    if empty:
+        raise ValueError(f"{source}: prompt(s) {empty} are empty; every prompt needs some text")
+
+
 # --- router training (train.py) -------------------------------------------------------------------
 
 
