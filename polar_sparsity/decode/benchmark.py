@@ -472,7 +472,11 @@ def plot(path: Path, rows: list[dict], env: dict[str, Any]) -> None:
                     label=f"{method} bytes bound",
                 )
         if sub:
-            ax.set_title(f"{setting}: {sub[0]['model']} ({sub[0]['layers_run']} layers)", fontsize=9)
+            depths = sorted({r["layers_run"] for r in sub})
+            layers = f"{depths[0]}" if len(depths) == 1 else f"{depths[0]}-{depths[-1]} (as many as fit)"
+            ax.set_title(
+                f"{setting}: {sub[0]['model']}, {layers} of {sub[0]['layers_total']} layers", fontsize=9
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(axis.replace("_", " "))
