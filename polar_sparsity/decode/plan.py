@@ -20,7 +20,7 @@ from polar_sparsity.routers.bundle import load_routers
 from polar_sparsity.schema import SparsityConfig
 from polar_sparsity.sparsity.budget import attn_fraction
 from polar_sparsity.sparsity.calibration import load_calibration
-from polar_sparsity.sparsity.masking import Scorer
+from polar_sparsity.sparsity.masking import Scorer, check_routers
 from polar_sparsity.sparsity.selection import batch_neuron_scores, num_kept, topk_indices
 
 MODES = ("dense", "sparse")
@@ -110,23 +110,8 @@ class DecodePlan:
             )
         if not routers:
             return
-        _check_routers("head", self.head_routers, self.sparse_attn_layers(geometry), geometry.num_kv_heads)
-        _check_routers("MLP", self.mlp_routers, mlp_layers, geometry.ffn_dim)
-
-
-def _check_routers(kind: str, routers: Mapping[int, Scorer], layers: list[int], units: int) -> None:
-    missing = [layer for layer in layers if layer not in routers]
-    if missing:
-        raise ValueError(
-            f"mode=sparse needs a {kind} router for layers {missing}, but the plan has them for "
-            f"{sorted(routers)}; train them with train.py, or keep those layers dense"
-        )
-    for layer in layers:
-        outputs = getattr(routers[layer], "meta", {}).get("num_outputs")
-        if outputs is not None and outputs != units:
-            raise ValueError(
-                f"the {kind} router of layer {layer} scores {outputs} units; this model has {units}"
-            )
+        check_routers("head", self.head_routers, self.sparse_attn_layers(geometry), geometry.num_kv_heads)
+        check_routers("MLP", self.mlp_routers, mlp_layers, geometry.ffn_dim)
 
 
 def build_plan(

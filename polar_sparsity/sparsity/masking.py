@@ -128,11 +128,12 @@ def check_plan(plan: SparsityPlan, geometry: ModelGeometry, routers: bool = True
             raise ValueError(f"the calibrated MLP k has no entry for layers {missing}")
     if plan.mode != Mode.sparse or not routers:
         return
-    _check_routers("head", plan.head_routers, plan.attn_layers(geometry), plan.attn_units(geometry))
-    _check_routers("MLP", plan.mlp_routers, plan.mlp_layers(geometry), geometry.ffn_dim)
+    check_routers("head", plan.head_routers, plan.attn_layers(geometry), plan.attn_units(geometry))
+    check_routers("MLP", plan.mlp_routers, plan.mlp_layers(geometry), geometry.ffn_dim)
 
 
-def _check_routers(kind: str, routers: Mapping[int, Scorer], layers: list[int], units: int) -> None:
+def check_routers(kind: str, routers: Mapping[int, Scorer], layers: list[int], units: int) -> None:
+    """Every layer that needs a router has one, scoring this model's units (masks and the engine alike)."""
     missing = [layer for layer in layers if layer not in routers]
     if missing:
         raise ValueError(

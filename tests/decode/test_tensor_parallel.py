@@ -153,6 +153,10 @@ class RankwiseTopk:
     def meta(self):
         return self.router.meta
 
+    @property
+    def num_outputs(self) -> int:
+        return self.router.num_outputs
+
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.router.scores(x).float()
         ranked = batch_neuron_scores(scores) if self.kind == "mlp" else scores
