@@ -17,6 +17,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from polar_sparsity.collect.checks import check_seq_len
 from polar_sparsity.evaluation.harness import TaskSet, local_tasks_dir, resolve_tasks, run_harness
 from polar_sparsity.evaluation.perplexity import perplexity
 from polar_sparsity.evaluation.results import (
@@ -52,6 +53,8 @@ def run_evaluate(settings: EvaluateRunConfig, resolved_config: dict[str, Any], l
     out_dir, sweep_dir = run_dirs(settings)
     tasks = resolve_tasks(settings.eval.tasks) if settings.eval.tasks else None
     hf_config = load_hf_config(settings.model)
+    if settings.eval.perplexity.enabled:
+        check_seq_len(settings.eval.perplexity.seq_len, hf_config, "eval.perplexity.seq_len")
     geometry = family_for_config(hf_config).geometry(hf_config)
     plan, bundle = build_plan(settings, geometry)
     key = dense_key(settings, tasks)
@@ -85,7 +88,7 @@ def run_evaluate(settings: EvaluateRunConfig, resolved_config: dict[str, Any], l
     csv_path = append_row(sweep_dir / SWEEP_CSV, sweep_row)
     # The sweep plot so far (one point in a single run); the multirun callback redraws it at the end.
     png = plot_sweep(read_csv_rows(csv_path), sweep_dir / SWEEP_PNG, f"evaluate {sweep_dir.name}")
-    print(format_table(rows, title=_title(settings, payload)))
+    print(format_table(rows, title=_title(settings, plan, geometry)))
     print(f"results: {results_path}\nsweep table: {csv_path}\nplot: {png}\ndense baseline: {dense_source}")
     print(f"evaluate took {payload['seconds']:.1f}s")
     _log(logger, rows, sweep_row, png)
@@ -135,7 +138,7 @@ def _load_bundle(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: Mode
     device = resolve_device(settings.device)
     router_topk = settings.sparsity.router_topk or settings.sparsity.attn_topk
     head_layers, mlp_layers = plan.attn_layers(geometry), plan.mlp_layers(geometry)
-    common = {"device": device, "model": settings.model.name}
+    common = {"device": device, "model": settings.model.name, "weights": settings.model.weights.value}
     heads = load_routers(bundle_dir, "mha", router_topk, head_layers, **common) if head_layers else {}
     mlps = load_routers(bundle_dir, "mlp", None, mlp_layers, **common) if mlp_layers else {}
     if not heads and not mlps:
@@ -286,16 +289,16 @@ def _sparsity_summary(settings: EvaluateRunConfig, plan: SparsityPlan, geometry:
     }
 
 
-def _title(settings: EvaluateRunConfig, payload: dict[str, Any]) -> str:
+def _title(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: ModelGeometry) -> str:
+    """The comparison's title: only the settings that the masking applies in this run."""
     sp = settings.sparsity
-    detail = (
-        ""
-        if settings.mode == Mode.dense
-        else (
-            f" (attn_topk={sp.attn_topk}, mlp_topk={sp.mlp_topk}, positions={sp.positions}, "
+    detail = ""
+    if settings.mode != Mode.dense:
+        mlp = f"mlp_topk={sp.mlp_topk}" if plan.mlp_layers(geometry) else "MLP dense"
+        detail = (
+            f" (attn_topk={sp.attn_topk}, {mlp}, positions={sp.positions}, "
             f"dense attention layers {sorted(sp.dense_attn_layers)})"
         )
-    )
     return f"{settings.model.name} on {settings.data.name}: dense vs {settings.mode.value}{detail}"
 
 

@@ -24,10 +24,11 @@ from polar_sparsity.data.store import ActivationStore, StoreError
 from polar_sparsity.reporting import format_table, write_json_atomic
 from polar_sparsity.routers import summary
 from polar_sparsity.routers.bundle import router_path, save_router
+from polar_sparsity.routers.checks import check_finite_net, check_layer_finite
 from polar_sparsity.routers.data import RouterDataModule, RouterTarget
 from polar_sparsity.routers.metrics import HeadSelectionMetrics, MlpSelectionMetrics
 from polar_sparsity.routers.module import RouterModule, make_metrics
-from polar_sparsity.routers.nets import build_net
+from polar_sparsity.routers.nets import build_net, import_class, router_class
 from polar_sparsity.routers.targets import topk_count
 from polar_sparsity.schema import RouterKind, TrainRunConfig
 
@@ -46,7 +47,12 @@ def open_store(settings: TrainRunConfig) -> ActivationStore:
     """The store at ``paths.store``, checked against the configured model, data and layer."""
     store = ActivationStore(settings.paths.store)
     manifest = store.manifest
-    for key, expected in (("model", settings.model.name), ("data", settings.data.name)):
+    expected_identity = (
+        ("model", settings.model.name),
+        ("weights", settings.model.weights.value),
+        ("data", settings.data.name),
+    )
+    for key, expected in expected_identity:
         if manifest[key] != expected:
             raise StoreError(
                 f"the store at {store.root} holds {key} {manifest[key]!r}, but this run is for "
@@ -63,6 +69,7 @@ def open_store(settings: TrainRunConfig) -> ActivationStore:
             f"router=mlp needs a ReLU MLP, but {settings.model.name} has a {store.geometry.mlp_kind.value} "
             f"MLP (no exact zeros, so no neuron labels are stored); train router=mha for this model"
         )
+    check_layer_finite(store, settings.layer, settings.router.kind.value, settings.train.samples)
     return store
 
 
@@ -88,6 +95,8 @@ def net_spec(settings: TrainRunConfig, store: ActivationStore, target: RouterTar
     """{'class', 'kwargs'} of the router net: the configured ones plus the store's sizes."""
     kwargs = {k: v for k, v in settings.router.net.items() if k != "_target_"}
     sizes = {"in_features": store.geometry.hidden_size, "out_features": target.units}
+    import_class(settings.router.net["_target_"])  # an unknown class is named first
+    router_class(settings.router.net["_target_"])  # evaluation loads only the project's routers
     clashes = {k: kwargs[k] for k in sizes if k in kwargs and kwargs[k] != sizes[k]}
     if clashes:
         raise ValueError(
@@ -120,6 +129,8 @@ def run_train(
     _record(result, output_dir, started)
     if _sweep_dir() is None:
         print(format_table([summary.result_row(result)], title=f"Router ({summary.title_of(result)})"))
+        if summary.vs_static(result) == "worse":
+            print("warning: this router does not beat the static baseline (vs_static=worse)")
     return result
 
 
@@ -154,6 +165,7 @@ def _train(settings: TrainRunConfig, output_dir: Path, logger: Any) -> dict[str,
     if module.trainer.is_global_zero:
         path = router_path(settings.paths.routers, target.kind, target.layer, settings.router.topk)
         meta = _bundle_meta(settings, store, target, spec, result)
+        check_finite_net(module.net, path)
         result["router_file"] = str(save_router(path, module.net, meta))
         log.info("router written to %s", result["router_file"])
     if not settings.train.keep_checkpoints:
