@@ -449,7 +449,7 @@ def _checked_spec(root: Path, manifest: dict[str, Any], identity: dict[str, Any]
         ) from None
     differences = spec.mismatches(identity)
     if manifest.get("rows") != spec.samples:
-        differences["rows"] = (manifest.get("rows"), spec.samples)
+        differences["rows"] = (spec.samples, manifest.get("rows"))
     if differences:
         details = ", ".join(f"{k}: {new!r} vs {old!r}" for k, (old, new) in differences.items())
         raise StoreError(
