@@ -237,20 +237,6 @@ class EvalConfig:
             raise ValueError("nothing to evaluate: eval.tasks is empty and eval.perplexity.enabled=false")
 
 
-def _check_applies(mode: Mode, sparsity: SparsityConfig) -> None:
-    """Refuse router-only settings in the oracle and random modes: nothing there would apply them."""
-    if mode not in (Mode.sparse_attn, Mode.random_attn):
-        return
-    for name in ("mlp_topk", "router_topk"):
-        value = getattr(sparsity, name)
-        if value is not None:
-            raise ValueError(
-                f"sparsity.{name}={value} applies only to mode=sparse (trained routers); mode={mode.value} "
-                f"masks attention heads only and keeps every MLP neuron. Set sparsity.{name}=null, or "
-                f"use mode=sparse"
-            )
-
-
 @dataclass
 class EvaluateRunConfig:
     """Primary config of ``evaluate.py``."""
@@ -269,7 +255,6 @@ class EvaluateRunConfig:
     sweep_dir: Optional[str] = None  # where the sweep CSV is appended; null: Hydra's sweep dir (or run dir)
 
     def __post_init__(self) -> None:
-        _check_applies(self.mode, self.sparsity)
         last_n = parse_positions(self.sparsity.positions)
         if self.mode != Mode.dense and last_n is not None and self.eval.tasks and self.eval.batch_size != 1:
             # HFLM right-pads batches without an attention mask: a row's true end is unknown at batch > 1.

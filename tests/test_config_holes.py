@@ -1,8 +1,9 @@
-"""Configuration that nothing would apply is refused; weights kinds get their own paths; every launch
-gets its own run and sweep folder."""
+"""Misspelt configuration is refused and what a mode does not apply is said; weights kinds get their
+own paths; every launch gets its own run and sweep folder."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -55,29 +56,29 @@ def test_free_form_sections_still_take_any_key() -> None:
     assert settings.router.net["dropout"] == 0.1  # build_net names it if the class lacks it
 
 
-@pytest.mark.parametrize("mode", ["sparse_attn", "random_attn"])
-@pytest.mark.parametrize("setting", ["sparsity.mlp_topk=0.5", "sparsity.router_topk=0.5"])
-def test_router_settings_are_refused_where_nothing_applies_them(mode: str, setting: str) -> None:
-    name = setting.partition("=")[0]
-    with pytest.raises(ValueError, match=rf"{name}=0.5 applies only to mode=sparse .* mode={mode}"):
-        to_settings(_compose("evaluate", f"mode={mode}", setting, "model=tiny-llama"), EvaluateRunConfig)
-
-
-def test_evaluation_title_names_only_what_applies() -> None:
-    from polar_sparsity.evaluation.runner import _title
+def test_evaluation_says_what_applies(caplog) -> None:
+    """A sweep over modes shares its settings: each run's title, row and log say what it applied."""
+    from polar_sparsity.evaluation.runner import _sweep_row, _title, build_plan
     from polar_sparsity.models.families import family_for_config
     from polar_sparsity.models.loading import load_hf_config
     from polar_sparsity.schema import Mode
     from polar_sparsity.sparsity.masking import SparsityPlan
 
-    settings = to_settings(
-        _compose("evaluate", "mode=sparse_attn", "sparsity.attn_topk=0.25"), EvaluateRunConfig
-    )
+    overrides = ("mode=sparse_attn", "sparsity.attn_topk=0.25", "sparsity.mlp_topk=0.5", "model=tiny-llama")
+    settings = to_settings(_compose("evaluate", *overrides), EvaluateRunConfig)
     hf_config = load_hf_config(settings.model)
     geometry = family_for_config(hf_config).geometry(hf_config)
-    plan = SparsityPlan(mode=Mode.sparse_attn, attn_topk=0.25)
-    assert "(attn_topk=0.25, MLP dense," in _title(settings, plan, geometry)
+    with caplog.at_level(logging.WARNING):
+        plan, _ = build_plan(settings, geometry)
+    assert "mode=sparse_attn does not apply sparsity.mlp_topk=0.5 (the MLP stays dense)" in caplog.text
+    title = _title(settings, plan, geometry)
+    assert "(attn_topk=0.25, MLP dense," in title and "mlp_topk" not in title
+    payload = {"sparsity": {"masked_mlp_layers": plan.mlp_layers(geometry)}}
+    assert _sweep_row(settings, payload, {}, {}, Path("run"))["mlp_topk"] is None
+
     settings = to_settings(_compose("evaluate", "mode=sparse", "sparsity.mlp_topk=0.5"), EvaluateRunConfig)
+    hf_config = load_hf_config(settings.model)  # tiny-opt: a ReLU MLP, where mode=sparse applies it
+    geometry = family_for_config(hf_config).geometry(hf_config)
     plan = SparsityPlan(mode=Mode.sparse, attn_topk=0.5, mlp_topk=0.5)
     assert "mlp_topk=0.5" in _title(settings, plan, geometry)
 

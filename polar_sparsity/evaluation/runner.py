@@ -124,11 +124,24 @@ def build_plan(settings: EvaluateRunConfig, geometry: ModelGeometry) -> tuple[Sp
         seed=settings.seed,
     )
     check_plan(plan, geometry, routers=False)  # layer ranges and MLP kind, before touching the bundle
+    _warn_unapplied(settings, plan, geometry)
     bundle = None
     if settings.mode == Mode.sparse:
         plan.head_routers, plan.mlp_routers, bundle = _load_bundle(settings, plan, geometry)
         check_plan(plan, geometry)
     return plan, bundle
+
+
+def _warn_unapplied(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: ModelGeometry) -> None:
+    """Say which configured settings this mode ignores (a sweep over modes shares one set of them)."""
+    sp = settings.sparsity
+    ignored = []
+    if sp.mlp_topk is not None and not plan.mlp_layers(geometry):
+        ignored.append(f"sparsity.mlp_topk={sp.mlp_topk} (the MLP stays dense)")
+    if sp.router_topk is not None and settings.mode != Mode.sparse:
+        ignored.append(f"sparsity.router_topk={sp.router_topk} (no routers)")
+    if ignored:
+        log.warning("mode=%s does not apply %s", settings.mode.value, "; ".join(ignored))
 
 
 def _load_bundle(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: ModelGeometry):
@@ -309,7 +322,7 @@ def _sweep_row(settings: EvaluateRunConfig, payload: dict, dense: dict, sparse: 
         "model": settings.model.name,
         "mode": settings.mode.value,
         "attn_topk": 1.0 if settings.mode == Mode.dense else sp.attn_topk,
-        "mlp_topk": sp.mlp_topk,
+        "mlp_topk": sp.mlp_topk if payload["sparsity"]["masked_mlp_layers"] else None,  # only if applied
         "positions": sp.positions,
         "measured_attn_density": measured.get("attn"),
         "measured_mlp_density": measured.get("mlp"),
