@@ -18,7 +18,16 @@ import polar_sparsity
 from polar_sparsity.collect.capture import Captured, capture_activations
 from polar_sparsity.collect.checks import check_batch_memory, check_seq_len, sequences_needed
 from polar_sparsity.collect.summary import plot_summary, store_summary
-from polar_sparsity.data.store import IDENTITY, MANIFEST, ActivationStore, StoreSpec, StoreWriter, read_json
+from polar_sparsity.data.store import (
+    IDENTITY,
+    MANIFEST,
+    ActivationStore,
+    StoreSpec,
+    StoreWriter,
+    finish_interrupted_swap,
+    read_json,
+    staging_dir,
+)
 from polar_sparsity.data.store_lock import store_lock
 from polar_sparsity.data.tokens import batched, load_texts, packed_sequences
 from polar_sparsity.models.families import MlpKind, family_for_config
@@ -73,6 +82,10 @@ def run_collect(
     root = Path(settings.paths.store)
     device = resolve_device(settings.device)
     spec = store_spec(settings)
+    if not root.exists() and staging_dir(root).exists():
+        with store_lock(root):
+            if finish_interrupted_swap(root):
+                log.warning("store %s: finished an overwrite that was interrupted while swapping in", root)
     if not settings.collect.overwrite and _is_complete_copy(root, spec):
         # Read only: a finished store (possibly on a read-only disk) is summarised, never rewritten.
         log.info("store %s is already complete for this model and data; summarising it", root)

@@ -142,6 +142,18 @@ def _swap_in(staging: Path, root: Path) -> None:
         shutil.rmtree(retired)
 
 
+def finish_interrupted_swap(root: Path) -> bool:
+    """A run killed between ``_swap_in``'s two renames left no store at ``root`` but a finished one
+    beside it: move that one into place (and drop the retired copy). True when it did."""
+    staging, retired = staging_dir(root), root.parent / f".{root.name}.replaced"
+    if root.exists() or not (staging / MANIFEST).exists():
+        return False
+    os.rename(staging, root)
+    if retired.exists():
+        remove_store(retired)
+    return True
+
+
 def rows_written(root: Path) -> int:
     """Rows an incomplete store holds (0 when it died before recording any progress)."""
     if not (root / PROGRESS).exists():

@@ -168,3 +168,14 @@ def test_a_second_writer_is_told_another_run_holds_the_store(tmp_path: Path) -> 
             assert time.monotonic() < deadline
             time.sleep(0.05)
     assert lock_path(root) == tmp_path / ".s.lock"
+
+
+def test_an_overwrite_killed_between_its_renames_is_finished(tmp_path: Path) -> None:
+    root = _finished(tmp_path / "s")
+    writer = StoreWriter(root, _spec(model="other"), overwrite=True)
+    _append(writer, 10, seed=2, first_sequence=0)
+    store_module.write_json_atomic(writer.root / MANIFEST, {**writer.spec.as_dict(), "format": 1, "rows": 10})
+    root.rename(tmp_path / ".s.replaced")  # killed after the first rename of the swap
+    assert store_module.finish_interrupted_swap(root)
+    assert ActivationStore(root).manifest["model"] == "other"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
