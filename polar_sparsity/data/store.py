@@ -369,7 +369,15 @@ class StoreWriter:
         """Make the rows so far durable, then record them: progress never claims unflushed rows."""
         for array in self._arrays.values():
             array.flush()
-        write_json_atomic(self.root / PROGRESS, {"rows": self.rows, "sequences": self.sequences})
+        try:
+            write_json_atomic(self.root / PROGRESS, {"rows": self.rows, "sequences": self.sequences})
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise StoreError(
+                f"the disk holding {self.root} is full: progress could not be recorded ({error}). The "
+                f"store keeps its last checkpoint; free some space, then continue with collect.resume=true"
+            ) from error
         self._last_checkpoint = time.monotonic()
 
     def finish(self, extra: dict[str, Any]) -> Path:
@@ -403,16 +411,20 @@ def _reserve_blocks(path: Path) -> None:
         os.close(fd)
 
 
+_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
 def check_array_file(path: Path, shape: tuple[int, ...], dtype: Any) -> None:
     """An array file has the shape and dtype the store's manifest promises, and all of its bytes."""
     try:
         with path.open("rb") as handle:
             version = np.lib.format.read_magic(handle)
-            reader = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else (np.lib.format.read_array_header_2_0)
-            )
+            reader = _HEADER_READERS.get(version)
+            if reader is None:
+                raise ValueError(f"unsupported .npy format version {version}")
             file_shape, _, file_dtype = reader(handle)
             data_offset = handle.tell()
     except FileNotFoundError:

@@ -179,3 +179,24 @@ def test_an_overwrite_killed_between_its_renames_is_finished(tmp_path: Path) -> 
     assert store_module.finish_interrupted_swap(root)
     assert ActivationStore(root).manifest["model"] == "other"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_a_disk_that_fills_during_collect_is_reported_and_resume_still_works(
+    tmp_path: Path, monkeypatch
+) -> None:
+    root = tmp_path / "s"
+    writer = StoreWriter(root, _spec(), checkpoint_seconds=0)
+    _append(writer, 4, seed=1, first_sequence=0)  # checkpointed: 4 rows
+
+    def full(path, payload):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(store_module, "write_json_atomic", full)
+    with pytest.raises(StoreError, match=r"is full: progress could not be recorded .* collect.resume=true"):
+        _append(writer, 3, seed=2, first_sequence=1)
+    monkeypatch.undo()
+    resumed = StoreWriter(root, _spec(), resume=True)
+    assert (resumed.rows, resumed.sequences) == (4, 1)
+    _append(resumed, 6, seed=3, first_sequence=1)
+    resumed.finish({})
+    assert ActivationStore(root).num_samples == 10
