@@ -151,7 +151,12 @@ def _load_bundle(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: Mode
     device = resolve_device(settings.device)
     router_topk = settings.sparsity.router_topk or settings.sparsity.attn_topk
     head_layers, mlp_layers = plan.attn_layers(geometry), plan.mlp_layers(geometry)
-    common = {"device": device, "model": settings.model.name, "weights": settings.model.weights.value}
+    common = {
+        "device": device,
+        "model": settings.model.name,
+        "weights": settings.model.weights.value,
+        "geometry": geometry.as_dict(),
+    }
     heads = load_routers(bundle_dir, "mha", router_topk, head_layers, **common) if head_layers else {}
     mlps = load_routers(bundle_dir, "mlp", None, mlp_layers, **common) if mlp_layers else {}
     if not heads and not mlps:

@@ -141,6 +141,18 @@ def check_placement(
         raise BundleError(f"{path} does not belong where it is in the bundle ({details}); re-export it")
 
 
+def check_geometry(path: Path, meta: dict[str, Any], geometry: dict[str, Any]) -> None:
+    """A router file was trained for a model of this shape (its recorded geometry and input size)."""
+    recorded = meta.get("geometry") or {}
+    differing = {k: (recorded[k], v) for k, v in geometry.items() if k in recorded and recorded[k] != v}
+    in_features = (meta.get("net") or {}).get("kwargs", {}).get("in_features")
+    if in_features is not None and in_features != geometry.get("hidden_size", in_features):
+        differing["in_features"] = (in_features, geometry["hidden_size"])
+    if differing:
+        details = ", ".join(f"{k}: file {old!r}, model {new!r}" for k, (old, new) in differing.items())
+        raise BundleError(f"{path} was trained for a model of another shape ({details})")
+
+
 @dataclass
 class LoadedRouter:
     """A rebuilt router: ``scores(x)`` gives logits (higher = more likely active), one per unit."""
@@ -218,15 +230,17 @@ def load_routers(
     model: str | None = None,
     dtype: torch.dtype | None = None,
     weights: str | None = None,
+    geometry: dict[str, Any] | None = None,
 ) -> dict[int, LoadedRouter]:
     """Load a bundle's routers of one kind (and top-k for head routers) as {layer: LoadedRouter}.
 
     ``topk`` may be omitted when the bundle holds head routers for a single top-k. ``layers``: None
     loads every layer present; requested layers that are missing are named in the error. ``model``:
     the expected model name (a bundle trained for another model is refused); ``weights``: the expected
-    weights kind (pretrained | random). ``dtype`` casts the nets. Every file is checked against its
-    place in the bundle (kind, layer, top-k), must hold finite values, and may only name one of the
-    project's router classes.
+    weights kind (pretrained | random); ``geometry``: the model's ``ModelGeometry.as_dict()``, which
+    the file's recorded geometry and input size must match. ``dtype`` casts the nets. Every file is
+    checked against its place in the bundle (kind, layer, top-k), must hold finite values, and may
+    only name one of the project's router classes.
     """
     directory = _resolve_kind_dir(Path(bundle_dir), kind, topk)
     on_disk = _layers_in(directory)
@@ -242,6 +256,8 @@ def load_routers(
         path = on_disk[layer]
         meta = read_meta(path)
         check_placement(path, meta, kind, layer, topk_dir, model, weights)
+        if geometry is not None:
+            check_geometry(path, meta, geometry)
         routers[layer] = LoadedRouter(layer=layer, net=_rebuild(path, meta, device, dtype), meta=meta)
     return routers
 

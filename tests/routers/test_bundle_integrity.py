@@ -109,3 +109,17 @@ def test_a_diverged_router_is_never_exported(tmp_path: Path) -> None:
         FloatingPointError, match=r"non-finite weights \(proj.bias\); .*layer_000.safetensors was not"
     ):
         check_finite_net(net, tmp_path / "layer_000.safetensors")
+
+
+def test_routers_for_a_model_of_another_shape_are_refused(tmp_path: Path) -> None:
+    _write(tmp_path, "mha", [0], topk=0.5)  # in_features 16
+    path = router_path(tmp_path, "mha", 0, 0.5)
+    with pytest.raises(
+        BundleError,
+        match=r"layer_000.safetensors was trained for a model of another shape \(in_features: file 16",
+    ):
+        load_routers(tmp_path, "mha", 0.5, geometry={"hidden_size": 32})
+    _rewrite(path, geometry={"hidden_size": 16, "num_heads": 4})
+    with pytest.raises(BundleError, match=r"another shape \(num_heads: file 4, model 8\)"):
+        load_routers(tmp_path, "mha", 0.5, geometry={"hidden_size": 16, "num_heads": 8})
+    assert list(load_routers(tmp_path, "mha", 0.5, geometry={"hidden_size": 16, "num_heads": 4})) == [0]
