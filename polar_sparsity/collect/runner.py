@@ -79,7 +79,7 @@ def run_collect(
     from then until the summary is written.
     """
     faulthandler.enable()  # a fatal signal (e.g. a bus error) still prints where it happened
-    root = Path(settings.paths.store)
+    root = Path(settings.paths.store).resolve()  # a symlinked store is replaced where it really is
     device = resolve_device(settings.device)
     spec = store_spec(settings)
     if not root.exists() and staging_dir(root).exists():

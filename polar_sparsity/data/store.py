@@ -231,7 +231,8 @@ class StoreWriter:
         overwrite: bool = False,
         checkpoint_seconds: float = 30.0,
     ):
-        self.final_root = Path(root)
+        # Resolved: an overwrite builds and swaps beside the real directory, not beside a symlink to it.
+        self.final_root = Path(root).resolve()
         self.root = self.final_root  # where rows are written: the staging sibling while overwriting
         self.spec = spec
         # Flushing memory maps is a disk sync: do it (and record progress) at most this often.

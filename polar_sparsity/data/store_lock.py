@@ -21,7 +21,7 @@ class StoreBusyError(RuntimeError):
 
 
 def lock_path(root: str | Path) -> Path:
-    root = Path(root).absolute()
+    root = Path(root).resolve()  # one lock per store, whichever path (or symlink) names it
     return root.parent / f".{root.name}.lock"
 
 

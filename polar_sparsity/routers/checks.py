@@ -37,6 +37,27 @@ def check_layer_finite(store: ActivationStore, layer: int, kind: str, samples: i
                 )
 
 
+def check_row_provenance(store: ActivationStore, samples: int | None = None) -> None:
+    """Sequence ids never decrease and positions lie inside a sequence (the validation split and
+    its held-out sequences rely on both)."""
+    rows = store.num_samples if samples is None else min(samples, store.num_samples)
+    sequence_ids = np.asarray(store.sequence_ids()[:rows])
+    positions = np.asarray(store.positions()[:rows])
+    seq_len = int(store.manifest["seq_len"])
+    backwards = np.flatnonzero(np.diff(sequence_ids) < 0)
+    if len(backwards):
+        raise StoreError(
+            f"{store.root / 'sequence_ids.npy'} goes backwards at row {int(backwards[0]) + 1}: "
+            f"the store is damaged; collect it again"
+        )
+    outside = np.flatnonzero((positions < 0) | (positions >= seq_len))
+    if len(outside):
+        raise StoreError(
+            f"{store.root / 'positions.npy'} holds position {int(positions[outside[0]])} at row "
+            f"{int(outside[0])}, outside 0..{seq_len - 1}: the store is damaged; collect it again"
+        )
+
+
 def check_finite_net(net: nn.Module, path: str | Path) -> None:
     """Refuse to export a router whose weights are not finite (it would score every unit NaN)."""
     bad = [name for name, tensor in net.state_dict().items() if not tensor.isfinite().all()]

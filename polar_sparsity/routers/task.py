@@ -24,7 +24,7 @@ from polar_sparsity.data.store import ActivationStore, StoreError
 from polar_sparsity.reporting import format_table, write_json_atomic
 from polar_sparsity.routers import summary
 from polar_sparsity.routers.bundle import router_path, save_router
-from polar_sparsity.routers.checks import check_finite_net, check_layer_finite
+from polar_sparsity.routers.checks import check_finite_net, check_layer_finite, check_row_provenance
 from polar_sparsity.routers.data import RouterDataModule, RouterTarget
 from polar_sparsity.routers.metrics import HeadSelectionMetrics, MlpSelectionMetrics
 from polar_sparsity.routers.module import RouterModule, make_metrics
@@ -69,6 +69,7 @@ def open_store(settings: TrainRunConfig) -> ActivationStore:
             f"router=mlp needs a ReLU MLP, but {settings.model.name} has a {store.geometry.mlp_kind.value} "
             f"MLP (no exact zeros, so no neuron labels are stored); train router=mha for this model"
         )
+    check_row_provenance(store, settings.train.samples)
     check_layer_finite(store, settings.layer, settings.router.kind.value, settings.train.samples)
     return store
 

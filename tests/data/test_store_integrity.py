@@ -200,3 +200,15 @@ def test_a_disk_that_fills_during_collect_is_reported_and_resume_still_works(
     _append(resumed, 6, seed=3, first_sequence=1)
     resumed.finish({})
     assert ActivationStore(root).num_samples == 10
+
+
+def test_overwrite_through_a_symlink_replaces_the_real_store(tmp_path: Path) -> None:
+    real = _finished(tmp_path / "real")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    writer = StoreWriter(link, _spec(model="other"), overwrite=True)
+    _append(writer, 10, seed=2, first_sequence=0)
+    writer.finish({})
+    assert link.is_symlink() and ActivationStore(link).manifest["model"] == "other"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    assert lock_path(link) == lock_path(real)

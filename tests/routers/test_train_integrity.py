@@ -45,6 +45,26 @@ def test_non_finite_training_rows_fail_naming_the_file(
         run_train(settings, resolved)
 
 
+@pytest.mark.parametrize(
+    ("name", "row", "value", "message"),
+    [
+        ("sequence_ids.npy", 500, 0, r"sequence_ids.npy goes backwards at row 500"),
+        ("positions.npy", 77, 4096, r"positions.npy holds position 4096 at row 77, outside 0..127"),
+    ],
+)
+def test_damaged_row_provenance_is_refused(
+    tmp_path: Path, opt_store: Path, no_training: None, name: str, row: int, value: int, message: str
+) -> None:
+    store = tmp_path / "stores" / "tiny-opt" / "python-docs"
+    shutil.copytree(opt_store, store)
+    array = np.load(store / name, mmap_mode="r+")
+    array[row] = value
+    array.flush()
+    settings, resolved = train_settings(tmp_path, store, "layer=0")
+    with pytest.raises(StoreError, match=message):
+        run_train(settings, resolved)
+
+
 def test_a_store_of_other_weights_is_refused(tmp_path: Path, opt_store: Path, no_training: None) -> None:
     settings, resolved = train_settings(tmp_path, opt_store, "layer=1", "model.weights=random")
     with pytest.raises(StoreError, match=r"holds weights 'pretrained', but this run is for weights='random'"):
