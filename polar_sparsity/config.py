@@ -6,8 +6,12 @@ and the OmegaConf resolvers used by ``conf/``. Entry points import it before ``@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import netrc
 import os
+import secrets
+import typing
 from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
@@ -39,11 +43,32 @@ def wandb_offline() -> bool:
         return True
 
 
+def weights_tag(weights: Any) -> str:
+    """Path suffix of a weights kind: none for pretrained (the usual paths), '-random-weights' else.
+
+    Stores and bundles of random-weight models live apart from the pretrained model's, so routers
+    trained on one are never picked up for the other by default.
+    """
+    kind = getattr(weights, "value", weights)
+    return "" if kind == "pretrained" else f"-{kind}-weights"
+
+
+def run_token() -> str:
+    """A short random token, fixed for this launch (cached): run and sweep dirs never collide."""
+    return secrets.token_hex(3)
+
+
 def _register() -> None:
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", asset_path)
     if not OmegaConf.has_resolver("run_group"):
         OmegaConf.register_new_resolver("run_group", run_group)
+    if not OmegaConf.has_resolver("weights_tag"):
+        OmegaConf.register_new_resolver("weights_tag", weights_tag)
+    if not OmegaConf.has_resolver("run_token"):
+        # Cached: Hydra copies the resolver cache into every job's config, so all jobs of a sweep
+        # agree on their sweep dir, as they do for ${now:...}.
+        OmegaConf.register_new_resolver("run_token", run_token, use_cache=True)
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
     store = ConfigStore.instance()
@@ -107,12 +132,39 @@ def to_settings(cfg: DictConfig, schema: type[T]) -> T:
     """Validate a composed config against its schema and return the typed object.
 
     Runs the schemas' range checks (``__post_init__``); errors name the bad value and what is valid.
+    Keys the schema does not know are refused, however they were added (``+collect.sampels=100``).
     """
+    unknown = unknown_keys(cfg, schema)
+    if unknown:
+        raise ValueError(f"invalid configuration: {'; '.join(unknown)}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as error:
         raise ValueError(f"invalid configuration: {error}") from error
+
+
+def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Keys of ``node`` that are not fields of the dataclass ``schema`` (recursively), each with a hint.
+
+    Fields typed as free-form (``Any``, ``dict``: the logger config, ``router.net``) are not looked into.
+    """
+    if not isinstance(node, DictConfig) or not dataclasses.is_dataclass(schema):
+        return []
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    problems = []
+    for key in node:
+        name = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(fields)})"
+            problems.append(f"unknown key {name}{hint}")
+            continue
+        field_type = hints.get(str(key))
+        if dataclasses.is_dataclass(field_type):
+            problems += unknown_keys(node._get_node(key), field_type, f"{name}.")  # type: ignore[arg-type]
+    return problems
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import faulthandler
 import logging
 import platform
 import time
@@ -16,11 +16,29 @@ from tqdm import tqdm
 
 import polar_sparsity
 from polar_sparsity.collect.capture import Captured, capture_activations
+from polar_sparsity.collect.checks import check_batch_memory, check_seq_len, sequences_needed
 from polar_sparsity.collect.summary import plot_summary, store_summary
-from polar_sparsity.data.store import IDENTITY, MANIFEST, ActivationStore, StoreSpec, StoreWriter
+from polar_sparsity.data.store import (
+    IDENTITY,
+    MANIFEST,
+    ActivationStore,
+    StoreSpec,
+    StoreWriter,
+    finish_interrupted_swap,
+    read_json,
+    staging_dir,
+)
+from polar_sparsity.data.store_lock import store_lock
 from polar_sparsity.data.tokens import batched, load_texts, packed_sequences
 from polar_sparsity.models.families import MlpKind, family_for_config
-from polar_sparsity.models.loading import LoadedModel, load_hf_config, load_model
+from polar_sparsity.models.loading import (
+    LoadedModel,
+    load_hf_config,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    torch_dtype,
+)
 from polar_sparsity.reporting import format_table, write_csv
 from polar_sparsity.schema import CollectRunConfig
 
@@ -30,6 +48,7 @@ log = logging.getLogger(__name__)
 def store_spec(settings: CollectRunConfig) -> StoreSpec:
     """What the store will hold, from the model's config alone (no weights loaded yet)."""
     hf_config = load_hf_config(settings.model)
+    check_seq_len(settings.collect.seq_len, hf_config, "collect.seq_len")
     geometry = family_for_config(hf_config).geometry(hf_config)
     return StoreSpec(
         model=settings.model.name,
@@ -47,16 +66,32 @@ def _is_complete_copy(root: Path, spec: StoreSpec) -> bool:
     """A finished store of exactly this spec: nothing to do (re-running a pipeline is cheap)."""
     if not (root / MANIFEST).exists():
         return False
-    return not spec.mismatches(json.loads((root / IDENTITY).read_text()))
+    return not spec.mismatches(read_json(root / IDENTITY))
 
 
 def run_collect(
     settings: CollectRunConfig, resolved_config: dict[str, Any], logger: Any = None
 ) -> list[dict[str, Any]]:
-    """Collect (or finish) the store at ``paths.store``; returns the per-layer summary rows."""
-    root = Path(settings.paths.store)
+    """Collect (or finish) the store at ``paths.store``; returns the per-layer summary rows.
+
+    Everything that can fail early (device, model config, sequence length, stream size, memory,
+    disk, what is at the path) is checked before the store is touched; the store's lock is held
+    from then until the summary is written.
+    """
+    faulthandler.enable()  # a fatal signal (e.g. a bus error) still prints where it happened
+    root = Path(settings.paths.store).resolve()  # a symlinked store is replaced where it really is
+    device = resolve_device(settings.device)
     spec = store_spec(settings)
-    if settings.collect.overwrite or not _is_complete_copy(root, spec):
+    if not root.exists() and staging_dir(root).exists():
+        with store_lock(root):
+            if finish_interrupted_swap(root):
+                log.warning("store %s: finished an overwrite that was interrupted while swapping in", root)
+    if not settings.collect.overwrite and _is_complete_copy(root, spec):
+        # Read only: a finished store (possibly on a read-only disk) is summarised, never rewritten.
+        log.info("store %s is already complete for this model and data; summarising it", root)
+        return _summarise(ActivationStore(root), settings, logger, write=False)
+    with store_lock(root):
+        batch_size = _checked_batch_size(settings, spec, device)
         writer = StoreWriter(
             root,
             spec,
@@ -65,17 +100,31 @@ def run_collect(
             checkpoint_seconds=settings.collect.checkpoint_seconds,
         )
         log.info("store %s: %.2f GiB for %d samples", root, spec.total_bytes() / 2**30, spec.samples)
-        loaded = load_model(settings.model, settings.device, settings.seed)
-        log.info("weights: %s; tokenizer: %s", loaded.weights_source, loaded.tokenizer_source)
-        started = time.perf_counter()
-        _fill(writer, loaded, settings)
-        writer.finish(_provenance(settings, loaded, resolved_config, time.perf_counter() - started))
-    else:
-        log.info("store %s is already complete for this model and data; summarising it", root)
-    return _summarise(ActivationStore(root), settings, logger)
+        try:
+            loaded = load_model(settings.model, settings.device, settings.seed)
+            log.info("weights: %s; tokenizer: %s", loaded.weights_source, loaded.tokenizer_source)
+            started = time.perf_counter()
+            _fill(writer, loaded, settings, batch_size)
+            writer.finish(_provenance(settings, loaded, resolved_config, time.perf_counter() - started))
+        except BaseException:
+            writer.abandon()  # overwrite: the old store stays as it was
+            raise
+        return _summarise(ActivationStore(root), settings, logger, write=True)
 
 
-def _fill(writer: StoreWriter, loaded: LoadedModel, settings: CollectRunConfig) -> None:
+def _checked_batch_size(settings: CollectRunConfig, spec: StoreSpec, device: torch.device) -> int:
+    """Sequences per forward pass: never more than the whole run needs, and known to fit in memory."""
+    cfg = settings.collect
+    tokenizer, _ = load_tokenizer(settings.model)
+    needed = sequences_needed(settings.data, tokenizer, cfg.seq_len, spec.geometry["vocab_size"], cfg.samples)
+    batch = min(cfg.batch_size, needed)
+    if settings.model.device_map is None:  # sharded models spread the pass over devices: no estimate
+        model_bytes = torch_dtype(settings.model.dtype).itemsize
+        check_batch_memory(spec.geometry, batch, cfg.batch_size, cfg.seq_len, model_bytes, device)
+    return batch
+
+
+def _fill(writer: StoreWriter, loaded: LoadedModel, settings: CollectRunConfig, batch_size: int) -> None:
     """Stream batches through the model until the store holds ``collect.samples`` tokens."""
     cfg = settings.collect
     texts = load_texts(settings.data)
@@ -91,7 +140,7 @@ def _fill(writer: StoreWriter, loaded: LoadedModel, settings: CollectRunConfig) 
         capture_activations(loaded.model, loaded.adapter, loaded.geometry) as captured,
         torch.inference_mode(),
     ):
-        for batch in batched(sequences, cfg.batch_size, loaded.tokenizer.pad_token_id):
+        for batch in batched(sequences, batch_size, loaded.tokenizer.pad_token_id):
             if writer.remaining == 0:
                 break
             # The hooks capture everything; the vocabulary logits are unused (one position's are cheap).
@@ -147,15 +196,21 @@ def _provenance(
     }
 
 
-def _summarise(store: ActivationStore, settings: CollectRunConfig, logger: Any) -> list[dict[str, Any]]:
+def _summarise(
+    store: ActivationStore, settings: CollectRunConfig, logger: Any, write: bool
+) -> list[dict[str, Any]]:
+    """Print (and log) the per-layer table; ``write``: also (re)write summary.csv/png in the store."""
     from polar_sparsity.tracking import log_image, log_rows
 
     rows = store_summary(store)
     title = f"{settings.model.name} on {settings.data.name}: {store.num_samples} tokens"
-    csv_path = write_csv(store.root / "summary.csv", rows)
-    png_path = plot_summary(rows, title, store.root / "summary.png")
+    csv_path, png_path = store.root / "summary.csv", store.root / "summary.png"
+    if write:
+        write_csv(csv_path, rows)
+        plot_summary(rows, title, png_path)
     print(format_table(rows, title=f"Per-layer summary ({title})"))
     print(f"store: {store.root}\nsummary: {csv_path}\nplot: {png_path}")
     log_rows(logger, "collect", rows, step_key="layer")
-    log_image(logger, "collect/summary", png_path)
+    if png_path.exists():
+        log_image(logger, "collect/summary", png_path)
     return rows

@@ -150,7 +150,7 @@ def build_plan(
     head_layers, mlp_layers = unrouted.sparse_attn_layers(geometry), unrouted.sparse_mlp_layers(geometry)
     if (head_layers or mlp_layers) and bundle_dir is None:
         raise ValueError("mode=sparse needs a router bundle (paths.routers); train routers with train.py")
-    load = dict(device=device, model=model_name, dtype=dtype)
+    load = dict(device=device, model=model_name, dtype=dtype, geometry=geometry.as_dict())
     router_topk = sparsity.router_topk or sparsity.attn_topk
     head_routers = load_routers(bundle_dir, "mha", router_topk, head_layers, **load) if head_layers else {}
     mlp_routers = load_routers(bundle_dir, "mlp", layers=mlp_layers, **load) if mlp_layers else {}

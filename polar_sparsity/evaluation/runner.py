@@ -18,6 +18,7 @@ from typing import Any
 from lightning.pytorch.loggers import Logger
 
 from polar_sparsity import runs
+from polar_sparsity.collect.checks import check_seq_len
 from polar_sparsity.evaluation.harness import TaskSet, local_tasks_dir, resolve_tasks, run_harness
 from polar_sparsity.evaluation.perplexity import perplexity
 from polar_sparsity.evaluation.results import (
@@ -62,6 +63,8 @@ def run_evaluate(settings: EvaluateRunConfig, resolved_config: dict[str, Any], l
     out_dir, sweep_dir = run_dirs(settings)
     tasks = resolve_tasks(settings.eval.tasks) if settings.eval.tasks else None
     hf_config = load_hf_config(settings.model)
+    if settings.eval.perplexity.enabled:
+        check_seq_len(settings.eval.perplexity.seq_len, hf_config, "eval.perplexity.seq_len")
     geometry = family_for_config(hf_config).geometry(hf_config)
     plan, bundle = build_plan(settings, geometry)
     key = dense_key(settings, tasks)
@@ -95,7 +98,7 @@ def run_evaluate(settings: EvaluateRunConfig, resolved_config: dict[str, Any], l
     csv_path = append_row(sweep_dir / SWEEP_CSV, sweep_row)
     # The sweep plot so far (one point in a single run); the multirun callback redraws it at the end.
     png = plot_sweep(read_csv_rows(csv_path), sweep_dir / SWEEP_PNG, f"evaluate {sweep_dir.name}")
-    print(format_table(rows, title=_title(settings, payload)))
+    print(format_table(rows, title=_title(settings, plan, geometry)))
     print(f"results: {results_path}\nsweep table: {csv_path}\nplot: {png}\ndense baseline: {dense_source}")
     print(f"evaluate took {payload['seconds']:.1f}s")
     _log(logger, rows, sweep_row, png)
@@ -127,6 +130,7 @@ def build_plan(settings: EvaluateRunConfig, geometry: ModelGeometry) -> tuple[Sp
     )
     check_plan(plan, geometry, routers=False)  # layer ranges and MLP kind, before touching the bundle
     _warn_if_dense(settings, plan, geometry)
+    _warn_unapplied(settings, plan, geometry)
     bundle = None
     if settings.mode == Mode.sparse:
         calibration = _calibrated_keep(settings, plan, geometry) if sp.mlp_batch_size is not None else None
@@ -197,6 +201,18 @@ def _warn_if_dense(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: Mo
     )
 
 
+def _warn_unapplied(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: ModelGeometry) -> None:
+    """Say which configured settings this mode ignores (a sweep over modes shares one set of them)."""
+    sp = settings.sparsity
+    ignored = []
+    if sp.mlp_topk is not None and not plan.mlp_layers(geometry):
+        ignored.append(f"sparsity.mlp_topk={sp.mlp_topk} (the MLP stays dense)")
+    if sp.router_topk is not None and settings.mode != Mode.sparse:
+        ignored.append(f"sparsity.router_topk={sp.router_topk} (no routers)")
+    if ignored:
+        log.warning("mode=%s does not apply %s", settings.mode.value, "; ".join(ignored))
+
+
 def _load_bundle(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: ModelGeometry):
     from polar_sparsity.routers.bundle import load_routers, router_path
 
@@ -204,7 +220,12 @@ def _load_bundle(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: Mode
     device = resolve_device(settings.device)
     router_topk = settings.sparsity.router_topk or settings.sparsity.attn_topk
     head_layers, mlp_layers = plan.attn_layers(geometry), plan.mlp_layers(geometry)
-    common = {"device": device, "model": settings.model.name}
+    common = {
+        "device": device,
+        "model": settings.model.name,
+        "weights": settings.model.weights.value,
+        "geometry": geometry.as_dict(),
+    }
     heads = (
         load_routers(bundle_dir, RouterKind.mha, router_topk, head_layers, **common) if head_layers else {}
     )
@@ -384,17 +405,18 @@ def _sparsity_summary(settings: EvaluateRunConfig, plan: SparsityPlan, geometry:
     }
 
 
-def _title(settings: EvaluateRunConfig, payload: dict[str, Any]) -> str:
-    sp, summary = settings.sparsity, payload["sparsity"]
-    detail = (
-        ""
-        if settings.mode == Mode.dense
-        else (
-            f" ({_attn_setting(sp)}: {summary['attn_kept']}, {_mlp_label(sp)}, "
-            f"positions={sp.positions}, dense attention layers {summary['dense_attn_layers']}"
-            f"{'; KEEPS EVERY UNIT: same as dense' if summary['keeps_everything'] else ''})"
+def _title(settings: EvaluateRunConfig, plan: SparsityPlan, geometry: ModelGeometry) -> str:
+    """The comparison's title: only the settings that the masking applies in this run."""
+    sp = settings.sparsity
+    detail = ""
+    if settings.mode != Mode.dense:
+        mlp = _mlp_label(sp) if plan.mlp_layers(geometry) else "MLP dense"
+        everything = not (plan.attn_layers(geometry) or plan.mlp_layers(geometry))
+        detail = (
+            f" ({_attn_setting(sp)}: {k_of_n(sp, geometry)}, {mlp}, positions={sp.positions}, "
+            f"dense attention layers {sorted(plan.dense_attn_layers)}"
+            f"{'; KEEPS EVERY UNIT: same as dense' if everything else ''})"
         )
-    )
     return f"{settings.model.name} on {settings.data.name}: dense vs {settings.mode.value}{detail}"
 
 
@@ -418,7 +440,7 @@ def _sweep_row(settings: EvaluateRunConfig, payload: dict, dense: dict, sparse: 
         "mode": settings.mode.value,
         "attn_topk": 1.0 if settings.mode == Mode.dense else payload["sparsity"]["attn_fraction"],
         "attn_kept": payload["sparsity"]["attn_kept"],
-        "mlp_topk": sp.mlp_topk,
+        "mlp_topk": sp.mlp_topk if payload["sparsity"]["masked_mlp_layers"] else None,  # only if applied
         "mlp_batch_size": sp.mlp_batch_size,
         "positions": sp.positions,
         "measured_attn_density": measured.get("attn"),

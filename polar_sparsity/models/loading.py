@@ -192,3 +192,8 @@ def _offline_tokenizer(cfg: ModelConfig) -> tuple[Tokenizer, str]:
     )
     log.warning("model %s: using the %s", cfg.name, source)
     return AutoTokenizer.from_pretrained(path), source
+
+
+def load_tokenizer(cfg: ModelConfig) -> tuple[Tokenizer, str]:
+    """The tokenizer ``load_model`` would use, without loading any weights (for checks before a run)."""
+    return _load_tokenizer(cfg, load_hf_config(cfg).vocab_size)

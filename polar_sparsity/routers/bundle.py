@@ -78,11 +78,88 @@ def save_router(path: str | Path, net: nn.Module, meta: dict[str, Any]) -> Path:
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """A router file's metadata, without loading its tensors."""
-    with safe_open(str(path), framework="pt") as handle:
-        raw = (handle.metadata() or {}).get(META_KEY)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(META_KEY)
+    except Exception as error:  # safetensors raises its own error type for damaged files
+        raise BundleError(
+            f"{path} cannot be read as safetensors ({error}); re-export it with train.py"
+        ) from None
     if raw is None:
         raise BundleError(f"{path} is not a polar-sparsity router (no {META_KEY!r} metadata)")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise BundleError(f"{path}: its {META_KEY!r} metadata is not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{path}: its {META_KEY!r} metadata is not a JSON object")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A router file's tensors; damaged files and non-finite values (NaN, Inf) are refused by name."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error type for damaged files
+        raise BundleError(
+            f"{path} cannot be read as safetensors ({error}); re-export it with train.py"
+        ) from None
+    bad = [
+        name for name, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()
+    ]
+    if bad:
+        raise BundleError(
+            f"{path} holds non-finite values (NaN or Inf) in {', '.join(sorted(bad))}: the file is "
+            f"damaged or the router diverged; retrain this router"
+        )
+    return tensors
+
+
+def check_placement(
+    path: Path, meta: dict[str, Any], kind: str, layer: int, topk_dir: str | None, model: str | None,
+    weights: str | None,
+) -> None:  # fmt: skip
+    """A router file's metadata agrees with where it sits in the bundle and with what is asked for."""
+    expected: dict[str, Any] = {"kind": kind, "layer": layer}
+    if model is not None:
+        expected["model"] = model
+    if weights is not None:
+        expected["weights"] = weights
+    wrong = {key: meta.get(key) for key, value in expected.items() if meta.get(key) != value}
+    if kind == "mha" and topk_dir is not None:
+        topk = meta.get("topk")
+        if not isinstance(topk, (int, float)) or f"topk={format_topk(topk)}" != topk_dir:
+            wrong["topk"] = topk
+            expected["topk"] = topk_dir.removeprefix("topk=")
+    if "model" in wrong:
+        raise BundleError(
+            f"{path} was trained for model {meta.get('model')!r}, not {model!r}; "
+            f"point paths.routers at {model}'s bundle"
+        )
+    if "weights" in wrong:
+        raise BundleError(
+            f"{path} was trained on a store of {meta.get('weights')!r} weights, but this run uses "
+            f"model.weights={weights}; train routers for these weights (their bundle path differs)"
+        )
+    if wrong:
+        details = ", ".join(
+            f"{key}: file says {value!r}, place says {expected[key]!r}" for key, value in wrong.items()
+        )
+        raise BundleError(f"{path} does not belong where it is in the bundle ({details}); re-export it")
+
+
+def check_geometry(path: Path, meta: dict[str, Any], geometry: dict[str, Any]) -> None:
+    """A router file was trained for a model of this shape (its recorded geometry and input size)."""
+    recorded = meta.get("geometry") or {}
+    # The layer count is not a router's business: model.num_layers=N keeps real layers, fewer of them.
+    shape = {k: v for k, v in geometry.items() if k != "num_layers"}
+    differing = {k: (recorded[k], v) for k, v in shape.items() if k in recorded and recorded[k] != v}
+    in_features = (meta.get("net") or {}).get("kwargs", {}).get("in_features")
+    if in_features is not None and in_features != geometry.get("hidden_size", in_features):
+        differing["in_features"] = (in_features, geometry["hidden_size"])
+    if differing:
+        details = ", ".join(f"{k}: file {old!r}, model {new!r}" for k, (old, new) in differing.items())
+        raise BundleError(f"{path} was trained for a model of another shape ({details})")
 
 
 @dataclass
@@ -159,12 +236,18 @@ def load_routers(
     device: str | torch.device = "cpu",
     model: str | None = None,
     dtype: torch.dtype | None = None,
+    weights: str | None = None,
+    geometry: dict[str, Any] | None = None,
 ) -> dict[int, LoadedRouter]:
     """Load a bundle's routers of one kind (and top-k for head routers) as {layer: LoadedRouter}.
 
     ``topk`` may be omitted when the bundle holds head routers for a single top-k. ``layers``: None
     loads every layer present; requested layers that are missing are named in the error. ``model``:
-    the expected model name (a bundle trained for another model is refused). ``dtype`` casts the nets.
+    the expected model name (a bundle trained for another model is refused); ``weights``: the expected
+    weights kind (pretrained | random); ``geometry``: the model's ``ModelGeometry.as_dict()``, which
+    the file's recorded geometry and input size must match. ``dtype`` casts the nets. Every file is
+    checked against its place in the bundle (kind, layer, top-k), must hold finite values, and may
+    only name one of the project's router classes.
     """
     directory = _resolve_kind_dir(Path(bundle_dir), _kind(kind), topk)
     on_disk = _layers_in(directory)
@@ -175,15 +258,34 @@ def load_routers(
             f"{directory} has no router for layer(s) {_describe(missing)} (present: {_describe(on_disk)})"
         )
     routers = {}
+    topk_dir = directory.name if kind == "mha" else None
     for layer in wanted:
-        meta = read_meta(on_disk[layer])
-        if model is not None and meta.get("model") != model:
-            raise BundleError(
-                f"{on_disk[layer]} was trained for model {meta.get('model')!r}, not {model!r}; "
-                f"point paths.routers at {model}'s bundle"
-            )
-        net = build_net(meta["net"]["class"], meta["net"]["kwargs"])
-        net.load_state_dict(load_file(str(on_disk[layer])))
-        net = net.to(device=device, dtype=dtype).eval()
-        routers[layer] = LoadedRouter(layer=layer, net=net, meta=meta)
+        path = on_disk[layer]
+        meta = read_meta(path)
+        check_placement(path, meta, kind, layer, topk_dir, model, weights)
+        if geometry is not None:
+            check_geometry(path, meta, geometry)
+        routers[layer] = LoadedRouter(layer=layer, net=_rebuild(path, meta, device, dtype), meta=meta)
     return routers
+
+
+def _rebuild(
+    path: Path, meta: dict[str, Any], device: str | torch.device, dtype: torch.dtype | None
+) -> nn.Module:
+    """The router net a file describes, with its weights; every failure names the file."""
+    spec = meta.get("net")
+    if not isinstance(spec, dict) or not isinstance(spec.get("kwargs"), dict):
+        raise BundleError(f"{path}: its metadata has no net class and kwargs; re-export it with train.py")
+    try:
+        net = build_net(str(spec.get("class")), spec["kwargs"], allowed_only=True)
+    except ValueError as error:
+        raise BundleError(f"{path}: {error}") from None
+    tensors = _read_tensors(path)
+    try:
+        net.load_state_dict(tensors)
+    except RuntimeError as error:
+        raise BundleError(f"{path}: its tensors do not fit its own net description ({error})") from None
+    outputs, built = meta.get("num_outputs"), spec["kwargs"].get("out_features")
+    if outputs != built:
+        raise BundleError(f"{path}: the net scores {built} units but its metadata says num_outputs={outputs}")
+    return net.to(device=device, dtype=dtype).eval()

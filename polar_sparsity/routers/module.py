@@ -66,6 +66,7 @@ class RouterModule(L.LightningModule):
         self.stage_metrics = nn.ModuleDict(
             {f"{s}_metrics": make_metrics(target, mean_active) for s in STAGES}
         )
+        self.non_finite_losses: dict[str, torch.Tensor | int] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -79,6 +80,8 @@ class RouterModule(L.LightningModule):
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch["x"])
         loss = weighted_bce(logits, self.labels(batch["target"]), self.neg_weight)
+        # Counted on the device (no synchronisation per step); checked once per stage epoch.
+        self.non_finite_losses[stage] = self.non_finite_losses.get(stage, 0) + (~torch.isfinite(loss)).int()
         training = stage == "train"
         self.log(
             f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=training,
@@ -87,7 +90,18 @@ class RouterModule(L.LightningModule):
         self.stage_metrics[f"{stage}_metrics"].update(logits.detach(), batch["target"])
         return loss
 
+    def _check_losses(self, stage: str) -> None:
+        """A NaN or Inf loss fails the run (it would export a router that scores everything NaN)."""
+        count = int(self.non_finite_losses.pop(stage, 0))
+        if count:
+            raise FloatingPointError(
+                f"{count} {stage} batch(es) of epoch {self.current_epoch} had a NaN or Inf loss "
+                f"({self.target.kind} router, layer {self.target.layer}): training diverged or the inputs "
+                f"are not finite; lower router.lr"
+            )
+
     def _log_stage_metrics(self, stage: str) -> None:
+        self._check_losses(stage)
         metrics = self.stage_metrics[f"{stage}_metrics"]
         values = metrics.compute()  # synced over DDP ranks
         self.log_dict(

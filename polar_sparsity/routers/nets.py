@@ -49,6 +49,23 @@ class MlpRouter(nn.Module):
         return self.fc2(self.norm(self.act(self.fc1(x))))
 
 
+# The classes a router bundle may name: the loader builds nothing else, and checks this before it
+# imports anything (a bundle's metadata must not make it import arbitrary installed modules).
+ROUTER_CLASSES = {
+    f"{__name__}.HeadRouter": HeadRouter,
+    f"{__name__}.MlpRouter": MlpRouter,
+}
+
+
+def router_class(path: str) -> type[nn.Module]:
+    """One of the project's router classes by its dotted path; anything else is refused unimported."""
+    if path not in ROUTER_CLASSES:
+        raise ValueError(
+            f"router net class {path!r} is not one of the project's routers {sorted(ROUTER_CLASSES)}"
+        )
+    return ROUTER_CLASSES[path]
+
+
 def import_class(path: str) -> type[nn.Module]:
     """The nn.Module class named by a dotted path, with an error that names the path."""
     module_name, _, name = path.rpartition(".")
@@ -61,9 +78,12 @@ def import_class(path: str) -> type[nn.Module]:
     return cls
 
 
-def build_net(class_path: str, kwargs: dict[str, Any]) -> nn.Module:
-    """Instantiate a router net; unknown or missing arguments fail with the class's signature."""
-    cls = import_class(class_path)
+def build_net(class_path: str, kwargs: dict[str, Any], allowed_only: bool = False) -> nn.Module:
+    """Instantiate a router net; unknown or missing arguments fail with the class's signature.
+
+    ``allowed_only``: only the project's router classes (``ROUTER_CLASSES``), as the bundle loader does.
+    """
+    cls = router_class(class_path) if allowed_only else import_class(class_path)
     try:
         return cls(**kwargs)
     except TypeError as error:

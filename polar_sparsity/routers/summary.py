@@ -35,6 +35,23 @@ def title_of(result: dict[str, Any]) -> str:
     return f"{result.get('model')} on {result.get('data')}"
 
 
+def vs_static(result: dict[str, Any]) -> str | None:
+    """'worse' when a trained router does not beat the static baseline on its kind's primary metric.
+
+    A router that loses to "always the same units" is exported (evaluation may still compare it) but
+    flagged, so it is never mistaken for a good one. None for failed jobs or missing metrics.
+    """
+    if result.get("status") != "ok":
+        return None
+    metric, better = _COLUMNS[result["kind"]][0]
+    ours = result.get("metrics", {}).get(metric)
+    static = result.get("baselines", {}).get("static", {}).get(metric)
+    if ours is None or static is None:
+        return None
+    beats = ours > static if better == "max" else ours < static
+    return "better" if beats else "worse"
+
+
 def result_row(result: dict[str, Any]) -> dict[str, Any]:
     """One table row: the router's metrics next to the static and random baselines."""
     kind = result["kind"]
@@ -45,6 +62,7 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
         "kept": f"{result['k']} of {result['units']}" if result.get("k") is not None else None,
         "layer": result["layer"],
         "status": result["status"],
+        "vs_static": vs_static(result),
     }
     metrics, baselines = result.get("metrics", {}), result.get("baselines", {})
     for name, _ in _COLUMNS[kind]:
@@ -121,6 +139,8 @@ def print_summary(sweep_dir: str | Path, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if r["status"] != "ok":
             print(f"  {r['kind']} layer {r['layer']} failed: {r.get('error')}")
+        elif r.get("vs_static") == "worse":
+            print(f"  {r['kind']} layer {r['layer']}: the router does not beat the static baseline")
     print(f"summary: {Path(sweep_dir) / SUMMARY_CSV}\nplot: {Path(sweep_dir) / SUMMARY_PNG}")
 
 

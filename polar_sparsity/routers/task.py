@@ -24,7 +24,7 @@ from polar_sparsity.reporting import format_table
 from polar_sparsity.routers import records, summary
 from polar_sparsity.routers.baselines import baseline_metrics, mean_active_count
 from polar_sparsity.routers.bundle import router_path, save_router
-from polar_sparsity.routers.checks import check_monitor, make_target, net_spec, open_store
+from polar_sparsity.routers.checks import check_finite_net, check_monitor, make_target, net_spec, open_store
 from polar_sparsity.routers.data import RouterDataModule
 from polar_sparsity.routers.module import RouterModule
 from polar_sparsity.routers.nets import build_net
@@ -50,6 +50,8 @@ def run_train(
     records.record(result, output_dir, started)
     if runs.sweep_dir() is None:
         print(format_table([summary.result_row(result)], title=f"Router ({summary.title_of(result)})"))
+        if summary.vs_static(result) == "worse":
+            print("warning: this router does not beat the static baseline (vs_static=worse)")
     return result
 
 
@@ -84,6 +86,7 @@ def _train(settings: TrainRunConfig, output_dir: Path, logger: Any) -> dict[str,
     if module.trainer.is_global_zero:
         path = router_path(settings.paths.routers, target.kind, target.layer, settings.router.topk)
         meta = records.bundle_meta(settings, store, target, spec, result)
+        check_finite_net(module.net, path)
         result["router_file"] = str(save_router(path, module.net, meta))
         log.info("router written to %s", result["router_file"])
     if not settings.train.keep_checkpoints:

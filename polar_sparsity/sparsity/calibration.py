@@ -506,7 +506,16 @@ def calibrate(
     """
     store = ActivationStore(store_root)
     require_mlp_activity(store)
-    routers = load_routers(bundle_dir, "mlp", layers=layers, device=device, model=model, dtype=torch.float32)
+    routers = load_routers(
+        bundle_dir,
+        "mlp",
+        layers=layers,
+        device=device,
+        model=model,
+        dtype=torch.float32,
+        weights=store.manifest.get("weights"),  # routers fitted on the store's own kind of weights
+        geometry=store.geometry.as_dict(),
+    )
     check_routers(store, routers)
     sequence_ids = np.asarray(store.sequence_ids())
     entries: dict[tuple[int, int], CalibrationEntry] = {}

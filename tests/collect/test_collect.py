@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +119,91 @@ def test_interrupted_run_resumes_to_the_same_store(tmp_path: Path, monkeypatch) 
         np.testing.assert_array_equal(a.router_inputs(layer)[:], b.router_inputs(layer)[:])
         np.testing.assert_array_equal(a.mlp_active_packed(layer)[:], b.mlp_active_packed(layer)[:])
     np.testing.assert_array_equal(a.sequence_ids()[:], b.sequence_ids()[:])
+
+
+# --- real processes: kill -9, resume, overwrite ---------------------------------------------------
+
+# Enough batches that a run is still going when the test kills it (checkpointed after every batch).
+LONG = ["collect.samples=20000", "collect.seq_len=64", "collect.batch_size=2", "collect.checkpoint_seconds=0"]
+
+
+def _collect_process(artifacts: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "collect.py", f"paths.artifacts={artifacts}", "logger=none", *overrides]
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str]:
+    out, err = process.communicate(timeout=600)
+    return process.returncode, out + err
+
+
+def _kill_once_rows_are_recorded(process: subprocess.Popen, store: Path) -> None:
+    """SIGKILL the collect as soon as it has checkpointed rows, while it is still running."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        progress = store / "progress.json"
+        if progress.exists() and json.loads(progress.read_text() or "{}").get("rows", 0) > 0:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed: " + _finish(process)[1][-2000:]
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (store / MANIFEST).exists(), "the run finished before the kill landed"
+
+
+def _array_bytes(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*.npy"))}
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_store(tmp_path: Path) -> None:
+    whole = _collect_process(tmp_path, f"paths.store={tmp_path / 'whole'}", *LONG)
+    parts = tmp_path / "parts"
+    killed = _collect_process(tmp_path, f"paths.store={parts}", *LONG)
+    _kill_once_rows_are_recorded(killed, parts)
+
+    settings, resolved = _settings(tmp_path, f"paths.store={parts}", *LONG)
+    with pytest.raises(StoreError, match=r"incomplete \(\d+/20000 samples\).*collect.resume=true"):
+        run_collect(settings, resolved)  # an incomplete store is never reused silently
+    code, output = _finish(_collect_process(tmp_path, f"paths.store={parts}", *LONG, "collect.resume=true"))
+    assert code == 0, output[-3000:]
+    code, output = _finish(whole)
+    assert code == 0, output[-3000:]
+    assert _array_bytes(parts) == _array_bytes(tmp_path / "whole")
+    assert ActivationStore(parts).num_samples == 20000
+
+
+def test_overwrite_checks_first_and_only_ever_replaces_a_finished_store(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    settings, resolved = _settings(tmp_path, f"paths.store={store}")
+    run_collect(settings, resolved)
+    before = {**_array_bytes(store), MANIFEST: (store / MANIFEST).read_bytes()}
+    user_dir = tmp_path / "mine"
+    user_dir.mkdir()
+    (user_dir / "f").write_text("x")
+
+    # A device that is not there, and a folder that is not a store: refused, nothing deleted.
+    on_gpu = _collect_process(tmp_path, f"paths.store={store}", "collect.overwrite=true", "device=cuda")
+    on_user_dir = _collect_process(tmp_path, f"paths.store={user_dir}", "collect.overwrite=true", *SMALL[:3])
+    code, output = _finish(on_gpu)
+    assert code != 0 and "CUDA is not available" in output
+    code, output = _finish(on_user_dir)
+    assert code != 0 and "is not an activation store of this project" in output
+    assert (user_dir / "f").read_text() == "x"
+    assert {**_array_bytes(store), MANIFEST: (store / MANIFEST).read_bytes()} == before
+
+    # Killed while building the replacement: the old store is still complete and unchanged.
+    replacing = _collect_process(tmp_path, f"paths.store={store}", "collect.overwrite=true", *LONG)
+    _kill_once_rows_are_recorded(replacing, tmp_path / ".store.overwrite")
+    assert ActivationStore(store).num_samples == 600
+    assert {**_array_bytes(store), MANIFEST: (store / MANIFEST).read_bytes()} == before
+
+    # Finished: the new store replaces the old one, and nothing is left beside it.
+    settings, resolved = _settings(
+        tmp_path, f"paths.store={store}", "collect.overwrite=true", "collect.samples=900"
+    )
+    run_collect(settings, resolved)
+    assert ActivationStore(store).num_samples == 900
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".store")) == [".store.lock"]

@@ -111,13 +111,19 @@ def test_other_model_or_data_is_refused_and_nothing_is_lost(tmp_path) -> None:
     assert ActivationStore(root).num_samples == 10
 
 
-def test_overwrite_starts_over(tmp_path) -> None:
+def test_overwrite_starts_over_and_replaces_the_old_store_only_when_done(tmp_path) -> None:
     root = tmp_path / "s"
     writer = StoreWriter(root, _spec())
     _append(writer, 10, seed=1, first_sequence=0)
     writer.finish({})
     fresh = StoreWriter(root, _spec(model="other"), overwrite=True)
-    assert fresh.rows == 0 and not (root / MANIFEST).exists()
+    assert fresh.rows == 0
+    # Until the new store is finished, the old one is complete and readable where it was.
+    assert ActivationStore(root).manifest["model"] == "m"
+    _append(fresh, 10, seed=2, first_sequence=0)
+    fresh.finish({})
+    assert ActivationStore(root).manifest["model"] == "other"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no staging or retired copy left
 
 
 def test_refuses_when_disk_is_too_small(tmp_path, monkeypatch) -> None:

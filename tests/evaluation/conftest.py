@@ -32,7 +32,13 @@ def evaluate_settings(tmp_path: Path, *overrides: str) -> tuple[EvaluateRunConfi
 
 
 def write_head_bundle(
-    bundle_dir: Path, model: str, layers: list[int], in_features: int, units: int, topk: float = 0.5
+    bundle_dir: Path,
+    model: str,
+    layers: list[int],
+    in_features: int,
+    units: int,
+    topk: float = 0.5,
+    weights: str = "pretrained",
 ) -> None:
     """A router bundle of random head routers in the router engineer's format (save_router)."""
     from polar_sparsity.routers.bundle import router_path, save_router
@@ -46,6 +52,7 @@ def write_head_bundle(
             "layer": layer,
             "topk": topk,
             "model": model,
+            "weights": weights,
             "unit": "head",
             "num_outputs": units,
             "net": {

@@ -20,9 +20,16 @@ from polar_sparsity.routers.bundle import (
 from polar_sparsity.routers.nets import HeadRouter, MlpRouter
 
 
-def _meta(kind: str, layer: int, net: torch.nn.Module, kwargs: dict, model: str = "tiny-opt") -> dict:
+def _meta(
+    kind: str,
+    layer: int,
+    net: torch.nn.Module,
+    kwargs: dict,
+    model: str = "tiny-opt",
+    topk: float | None = None,
+) -> dict:
     cls = type(net)
-    return {"kind": kind, "layer": layer, "model": model, "num_outputs": kwargs["out_features"],
+    return {"kind": kind, "layer": layer, "topk": topk, "model": model, "num_outputs": kwargs["out_features"],
             "net": {"class": f"{cls.__module__}.{cls.__qualname__}", "kwargs": kwargs}}  # fmt: skip
 
 
@@ -33,7 +40,7 @@ def _write(bundle: Path, kind: str, layers: list[int], topk: float | None = None
             "in_features": 16, "out_features": 32, "hidden": 8}  # fmt: skip
         torch.manual_seed(layer)
         net = HeadRouter(**kwargs) if kind == "mha" else MlpRouter(**kwargs)
-        save_router(router_path(bundle, kind, layer, topk), net, _meta(kind, layer, net, kwargs, model))
+        save_router(router_path(bundle, kind, layer, topk), net, _meta(kind, layer, net, kwargs, model, topk))
         nets[layer] = net
     return nets
 
