@@ -96,8 +96,8 @@ class RouterModule(L.LightningModule):
         if count:
             raise FloatingPointError(
                 f"{count} {stage} batch(es) of epoch {self.current_epoch} had a NaN or Inf loss "
-                f"({self.target.kind} router, layer {self.target.layer}): training diverged or the inputs "
-                f"are not finite; lower router.lr"
+                f"({self.target.kind.value} router, layer {self.target.layer}): training diverged or the "
+                f"inputs are not finite; lower router.lr"
             )
 
     def _log_stage_metrics(self, stage: str) -> None:
