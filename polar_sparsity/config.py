@@ -161,10 +161,18 @@ def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
             hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(fields)})"
             problems.append(f"unknown key {name}{hint}")
             continue
-        field_type = hints.get(str(key))
-        if dataclasses.is_dataclass(field_type):
+        field_type = _dataclass_of(hints.get(str(key)))
+        if field_type is not None:
             problems += unknown_keys(node._get_node(key), field_type, f"{name}.")  # type: ignore[arg-type]
     return problems
+
+
+def _dataclass_of(field_type: Any) -> type | None:
+    """The dataclass a field holds, also through ``Optional[...]`` (e.g. ``model.architecture``)."""
+    if dataclasses.is_dataclass(field_type):
+        return field_type  # type: ignore[return-value]
+    inner = [arg for arg in typing.get_args(field_type) if dataclasses.is_dataclass(arg)]
+    return inner[0] if len(inner) == 1 else None
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:

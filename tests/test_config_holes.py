@@ -58,7 +58,7 @@ def test_free_form_sections_still_take_any_key() -> None:
 
 def test_evaluation_says_what_applies(caplog) -> None:
     """A sweep over modes shares its settings: each run's title, row and log say what it applied."""
-    from polar_sparsity.evaluation.runner import _sweep_row, _title, build_plan
+    from polar_sparsity.evaluation.runner import _sparsity_summary, _sweep_row, _title, build_plan
     from polar_sparsity.models.families import family_for_config
     from polar_sparsity.models.loading import load_hf_config
     from polar_sparsity.schema import Mode
@@ -72,8 +72,8 @@ def test_evaluation_says_what_applies(caplog) -> None:
         plan, _ = build_plan(settings, geometry)
     assert "mode=sparse_attn does not apply sparsity.mlp_topk=0.5 (the MLP stays dense)" in caplog.text
     title = _title(settings, plan, geometry)
-    assert "(attn_topk=0.25, MLP dense," in title and "mlp_topk" not in title
-    payload = {"sparsity": {"masked_mlp_layers": plan.mlp_layers(geometry)}}
+    assert "(attn_topk=0.25: 1 of 2 KV groups, MLP dense," in title and "mlp_topk" not in title
+    payload = {"sparsity": _sparsity_summary(settings, plan, geometry)}
     assert _sweep_row(settings, payload, {}, {}, Path("run"))["mlp_topk"] is None
 
     settings = to_settings(_compose("evaluate", "mode=sparse", "sparsity.mlp_topk=0.5"), EvaluateRunConfig)
