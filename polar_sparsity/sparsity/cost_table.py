@@ -10,11 +10,16 @@ CSV format (one row per (batch_size, k)): ``batch_size,k,latency_us,dense_us``.
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from polar_sparsity.reporting import atomic_path
 
+COST_TABLE_CSV = "cost_table.csv"  # beside calibration.json when measured at calibration time
 COST_COLUMNS = ("batch_size", "k", "latency_us", "dense_us")
 
 
@@ -93,3 +98,49 @@ def write_cost_table(table: CostTable, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return Path(path)
+
+
+def measure_cost_table(
+    batch_sizes: list[int] | tuple[int, ...],
+    ks: list[int],
+    ffn_dim: int,
+    hidden_size: int,
+    device: torch.device,
+) -> CostTable:
+    """Time the ReLU MLP on random fp16 weights of (ffn_dim, hidden_size) on a CUDA device: the dense
+    cuBLAS MLP and the sparse one (``selective_up`` + ``selective_down``) keeping each k, per batch size.
+
+    Same timer and kernels as ``polar_sparsity.kernels.dense_fallback.measure_mlp_crossover``.
+    """
+    from polar_sparsity.kernels import _tuning  # noqa: PLC0415  (Triton: imported only when measuring)
+    from polar_sparsity.kernels.selective_mlp_down import selective_down  # noqa: PLC0415
+    from polar_sparsity.kernels.selective_mlp_up import selective_up  # noqa: PLC0415
+
+    if device.type != "cuda":
+        raise CostTableError(
+            f"measuring a cost table needs a CUDA device (got {device}); pass calibrate.cost_table=PATH"
+        )
+    dt = torch.float16
+    w_up = torch.randn(ffn_dim, hidden_size, device=device, dtype=dt) / math.sqrt(hidden_size)
+    b_up = torch.randn(ffn_dim, device=device, dtype=dt)
+    w_down_t = torch.randn(ffn_dim, hidden_size, device=device, dtype=dt) / math.sqrt(ffn_dim)
+    timer = _tuning.GraphTimer(device)
+    sparse: dict[int, dict[int, float]] = {}
+    dense: dict[int, float] = {}
+    for batch_size in batch_sizes:
+        x = torch.randn(int(batch_size), hidden_size, device=device, dtype=dt)
+        dense[int(batch_size)] = timer(lambda x=x: torch.mm(torch.relu(F.linear(x, w_up, b_up)), w_down_t))
+        sparse[int(batch_size)] = {}
+        for k in ks:
+            idx = torch.randperm(ffn_dim, device=device)[: int(k)].int()
+
+            def run(x: torch.Tensor = x, idx: torch.Tensor = idx) -> torch.Tensor:
+                return selective_down(
+                    selective_up(x, w_up, idx, b_up, validate=False), w_down_t, idx, validate=False
+                )
+
+            run()  # eager first: tunes (or looks up) this k's kernel configuration before timing
+            sparse[int(batch_size)][int(k)] = timer(run)
+    return CostTable(
+        sparse_us=sparse, dense_us=dense, source=f"measured on {torch.cuda.get_device_name(device)}"
+    )

@@ -91,3 +91,52 @@ def test_bad_latency_inputs_fail_clearly(tmp_path: Path, opt_mlp_bundle: tuple[P
     partial = CostTable(sparse_us={1: {64: 1.0}}, dense_us={1: 2.0}, source="partial.csv")
     with pytest.raises(CostTableError, match="partial.csv has no latency for batch_size=1 at k=\\[128"):
         calibrate(bundle, store, latency_settings(0.5), layers=[0], model="tiny-opt", cost_table=partial)
+
+
+def test_latency_settings_are_validated_at_config_time(tmp_path: Path) -> None:
+    from .test_calibration import _calibrate_settings
+
+    with pytest.raises(ValueError, match=r"calibrate.latency_budget=1.5 must be in \(0, 1\]"):
+        _calibrate_settings(tmp_path, "calibrate.objective=latency", "calibrate.latency_budget=1.5")
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(CostTableError, match="nope.csv' does not exist"):
+        _calibrate_settings(tmp_path, "calibrate.objective=latency", f"calibrate.cost_table={missing}")
+    bad = tmp_path / "gemm.csv"
+    bad.write_text("batch_size,k,latency_us\n1,64,3.0\n")
+    with pytest.raises(CostTableError, match=r"gemm.csv lacks columns \['dense_us'\]"):
+        _calibrate_settings(tmp_path, "calibrate.objective=latency", f"calibrate.cost_table={bad}")
+    good = synthetic_table(tmp_path / "cost.csv", dense_us=60.0)
+    settings, _ = _calibrate_settings(tmp_path, "calibrate.objective=latency", f"calibrate.cost_table={good}")
+    assert settings.calibrate.cost_table == str(good) and settings.calibrate.latency_budget == 0.5
+
+
+def test_calibrate_entry_point_without_gpu_or_cost_table_says_what_to_provide(
+    tmp_path: Path, opt_mlp_bundle: tuple[Path, Path]
+) -> None:
+    from polar_sparsity.sparsity.calibrate_task import run_calibrate
+
+    from .test_calibration import _calibrate_settings
+
+    store, bundle = opt_mlp_bundle
+    settings, resolved = _calibrate_settings(
+        tmp_path, f"paths.store={store}", f"paths.routers={bundle}", "calibrate.objective=latency"
+    )
+    with pytest.raises(CalibrationError, match="calibrate.cost_table=PATH.*or run on a CUDA GPU"):
+        run_calibrate(settings, resolved)
+
+
+@pytest.mark.gpu
+def test_cost_table_measured_on_cuda_for_a_small_shape(tmp_path: Path) -> None:
+    import torch
+
+    from polar_sparsity.sparsity.cost_table import measure_cost_table
+
+    ks = [128, 256, 512, 1024]
+    table = measure_cost_table((1, 16), ks, ffn_dim=1024, hidden_size=256, device=torch.device("cuda"))
+    assert sorted(table.sparse_us) == [1, 16] and all(sorted(table.sparse_us[b]) == ks for b in (1, 16))
+    assert all(us > 0 for row in table.sparse_us.values() for us in row.values())
+    assert all(us > 0 for us in table.dense_us.values())
+    again = read_cost_table(write_cost_table(table, tmp_path / "cost.csv"))
+    assert again.sparse_us == pytest.approx(table.sparse_us) and again.dense_us == pytest.approx(
+        table.dense_us
+    )
