@@ -164,6 +164,12 @@ def _report(table: CalibrationTable, seconds: float, json_path: Path, csv_path: 
             "recall": e["recall"],
             "check": e["check_recall"],
             "full": "yes" if e["at_full_width"] else "",
+            "mlp_MB": e["mlp_bytes"] / 1e6,
+            **(
+                {"latency_us": e["latency_us"], "over": "yes" if e["over_budget"] else ""}
+                if e["latency_us"] is not None
+                else {}
+            ),
         }
         for e in table.rows()
     ]
