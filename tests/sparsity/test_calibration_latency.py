@@ -140,3 +140,29 @@ def test_cost_table_measured_on_cuda_for_a_small_shape(tmp_path: Path) -> None:
     assert again.sparse_us == pytest.approx(table.sparse_us) and again.dense_us == pytest.approx(
         table.dense_us
     )
+
+
+def test_calibrate_entry_point_with_a_cost_table_writes_the_latency_table(
+    tmp_path: Path, opt_mlp_bundle: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from polar_sparsity.sparsity.calibrate_task import run_calibrate
+    from polar_sparsity.sparsity.calibration import load_calibration
+
+    from .test_calibration import _calibrate_settings
+
+    store, bundle = opt_mlp_bundle
+    copy = shutil.copytree(bundle, tmp_path / "bundle")  # the session bundle stays as other tests need it
+    costs = synthetic_table(tmp_path / "cost.csv", dense_us=60.0)
+    settings, resolved = _calibrate_settings(
+        tmp_path, f"paths.store={store}", f"paths.routers={copy}", "calibrate.objective=latency",
+        f"calibrate.cost_table={costs}", "calibrate.batch_sizes=[1,8]", "calibrate.granularity=64",
+        "calibrate.batches=48", "calibrate.layers=[0]",
+    )  # fmt: skip
+    run_calibrate(settings, resolved)
+    table = load_calibration(copy, model="tiny-opt")
+    assert table is not None and table.meta["objective"] == "latency"
+    assert table.meta["settings"]["latency_budget"] == 0.5 and table.meta["cost_source"] == str(costs)
+    assert table.keep(0, 1) == 320 and table.keep(0, 8) == 192
+    assert "latency_us" in capsys.readouterr().out
