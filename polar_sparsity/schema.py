@@ -578,6 +578,7 @@ class TrainRunConfig:
 
 class CalibrateObjective(str, Enum):
     recall = "recall"  # the smallest k (per layer and batch size) meeting target_recall (paper)
+    latency = "latency"  # the largest k whose measured MLP latency fits latency_budget x dense
 
 
 PAPER_CALIBRATION_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 48, 64, 128, 256]
@@ -621,8 +622,18 @@ class CalibrateConfig:
     check_fraction: float = 0.25  # share of the routers' held-out sequences kept back to check the k
     weight_bytes: int = 2  # bytes per MLP weight for the reported bytes per step (fp16/bf16: 2)
     layers: Optional[list[int]] = None  # null: every MLP router in the bundle
+    # objective=latency: sparse MLP latency may be at most this fraction of the dense MLP's, per batch
+    # size; latencies measured on the GPU at calibration time, or read from cost_table (CSV) without one.
+    latency_budget: float = 0.5
+    cost_table: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.latency_budget <= 1.0:
+            raise ValueError(f"calibrate.latency_budget={self.latency_budget} must be in (0, 1]")
+        if self.cost_table is not None:
+            from polar_sparsity.sparsity.cost_table import read_cost_table  # noqa: PLC0415
+
+            read_cost_table(self.cost_table)  # exists and has the needed columns
         check_calibration(
             self.batch_sizes,
             self.target_recall,

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from polar_sparsity.data.store import ActivationStore, StoreError
@@ -20,13 +21,23 @@ from polar_sparsity.schema import CalibrateRunConfig
 from polar_sparsity.sparsity.calibration import (
     CALIBRATION_CSV,
     CALIBRATION_PNG,
+    NO_COST_TABLE,
+    CalibrationError,
     CalibrationSettings,
     CalibrationTable,
     calibrate,
     calibration_path,
+    candidate_ks,
     entries_by_batch,
     require_mlp_activity,
     save_calibration,
+)
+from polar_sparsity.sparsity.cost_table import (
+    COST_TABLE_CSV,
+    CostTable,
+    measure_cost_table,
+    read_cost_table,
+    write_cost_table,
 )
 from polar_sparsity.tracking import log_image, log_rows
 
@@ -48,11 +59,14 @@ def run_calibrate(settings: CalibrateRunConfig, resolved_config: dict[str, Any],
         seed=settings.seed,
         weight_bytes=cfg.weight_bytes,
         max_batches=cfg.max_batches,
+        objective=cfg.objective.value,
+        latency_budget=cfg.latency_budget,
     )
     _check_store(settings)
     bundle = Path(settings.paths.routers)
     device = resolve_device(settings.device)
     layers = cfg.layers
+    cost_table = _cost_table(settings, fit_settings, device)
     with tqdm(
         desc=f"calibrate {settings.model.name}", unit="layer", total=len(layers) if layers else None
     ) as bar:
@@ -69,6 +83,7 @@ def run_calibrate(settings: CalibrateRunConfig, resolved_config: dict[str, Any],
             device=device,
             model=settings.model.name,
             on_layer=on_layer,
+            cost_table=cost_table,
         )
     seconds = round(time.perf_counter() - started, 2)
     table.meta["seconds"] = seconds
@@ -82,6 +97,25 @@ def run_calibrate(settings: CalibrateRunConfig, resolved_config: dict[str, Any],
     log_rows(logger, "calibrate/summary", table.summary_rows(), step_key="batch_size")
     log_image(logger, "calibrate/plot", png_path)
     return table.to_dict()
+
+
+def _cost_table(settings: CalibrateRunConfig, fit: CalibrationSettings, device: Any) -> CostTable | None:
+    """objective=latency: the CSV given, else measured on the CUDA device (and saved beside the table)."""
+    cfg = settings.calibrate
+    if fit.objective != "latency":
+        return None
+    if cfg.cost_table is not None:
+        return read_cost_table(cfg.cost_table)
+    if torch.device(device).type != "cuda":
+        raise CalibrationError(NO_COST_TABLE + "; or run on a CUDA GPU (device=cuda) to measure it")
+    geometry = ActivationStore(settings.paths.store).geometry
+    ks = [int(k) for k in candidate_ks(geometry.ffn_dim, fit.granularity)]
+    table = measure_cost_table(
+        fit.batch_sizes, ks, geometry.ffn_dim, geometry.hidden_size, torch.device(device)
+    )
+    path = write_cost_table(table, calibration_path(settings.paths.routers).with_name(COST_TABLE_CSV))
+    log.info("measured MLP cost table written to %s", path)
+    return table
 
 
 def _check_store(settings: CalibrateRunConfig) -> None:
@@ -130,6 +164,12 @@ def _report(table: CalibrationTable, seconds: float, json_path: Path, csv_path: 
             "recall": e["recall"],
             "check": e["check_recall"],
             "full": "yes" if e["at_full_width"] else "",
+            "mlp_MB": e["mlp_bytes"] / 1e6,
+            **(
+                {"latency_us": e["latency_us"], "over": "yes" if e["over_budget"] else ""}
+                if e["latency_us"] is not None
+                else {}
+            ),
         }
         for e in table.rows()
     ]

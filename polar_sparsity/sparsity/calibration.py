@@ -38,6 +38,7 @@ from polar_sparsity.evaluation.results import file_digest
 from polar_sparsity.reporting import write_json_atomic
 from polar_sparsity.routers.bundle import LoadedRouter, kind_dir, load_routers, router_path
 from polar_sparsity.schema import PAPER_CALIBRATION_BATCH_SIZES, check_calibration
+from polar_sparsity.sparsity.cost_table import CostTable
 from polar_sparsity.sparsity.selection import batch_neuron_scores, topk_mask
 
 CALIBRATION_JSON = "calibration.json"
@@ -54,6 +55,12 @@ class CalibrationError(RuntimeError):
     """A calibration that cannot run (bad inputs) or a table that is corrupt or belongs elsewhere."""
 
 
+NO_COST_TABLE = (
+    "calibrate.objective=latency needs MLP latencies per (batch size, k): pass calibrate.cost_table=PATH "
+    "(a CSV with columns batch_size,k,latency_us,dense_us, written by a GPU calibration)"
+)
+
+
 @dataclass(frozen=True)
 class CalibrationSettings:
     """What the calibration fits; validated on construction (before any work starts)."""
@@ -68,8 +75,16 @@ class CalibrationSettings:
     seed: int = 0
     weight_bytes: int = 2  # bytes per MLP weight when reporting bytes read per step (fp16/bf16: 2)
     max_batches: int = 4096
+    # "recall": smallest k meeting target_recall (paper). "latency": largest k whose measured sparse MLP
+    # latency (cost_table) is at most latency_budget x the dense MLP's at that batch size.
+    objective: str = "recall"
+    latency_budget: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.objective not in ("recall", "latency"):
+            raise ValueError(f"calibrate.objective={self.objective!r} must be 'recall' or 'latency'")
+        if not 0.0 < self.latency_budget <= 1.0:
+            raise ValueError(f"calibrate.latency_budget={self.latency_budget} must be in (0, 1]")
         check_calibration(
             list(self.batch_sizes),
             self.target_recall,
@@ -95,6 +110,10 @@ class CalibrationEntry:
     union_density: float  # mean |union of truly active neurons| / ffn_dim (no router involved)
     at_full_width: bool  # the target is not met below the full width: k = ffn_dim
     mlp_bytes: int  # MLP weight bytes read per decode step at this k (up rows + down columns)
+    # objective=latency only: the cost table's sparse MLP latency at this k, and whether even the
+    # smallest k exceeds the budget (then k is the smallest candidate).
+    latency_us: float | None = None
+    over_budget: bool = False
 
 
 @dataclass
@@ -466,13 +485,26 @@ def calibrate_layer(
     check: dict[int, np.ndarray],
     settings: CalibrationSettings,
     hidden_size: int,
+    cost_table: CostTable | None = None,
 ) -> list[CalibrationEntry]:
-    """Entries for one layer: per batch size, fit k on ``fit`` batches, then measure it on ``check``."""
+    """Entries for one layer: per batch size, fit k on ``fit`` batches, then measure it on ``check``.
+
+    objective=latency takes k from ``cost_table`` (largest grid k within the budget) and reports the
+    recall it buys on the same fit batches.
+    """
     ffn_dim = layer_batches.ffn_dim
     entries = []
     for batch_size in settings.batch_sizes:
         fit_chunks = layer_batches.chunks(fit[batch_size])
-        k, recall = fit_k(fit_chunks, settings.target_recall, settings.granularity, ffn_dim)
+        latency_us, over_budget = None, False
+        if settings.objective == "latency":
+            if cost_table is None:
+                raise CalibrationError(NO_COST_TABLE)
+            ks = [int(k) for k in candidate_ks(ffn_dim, settings.granularity)]
+            k, latency_us, over_budget = cost_table.pick_k(batch_size, ks, settings.latency_budget)
+            recall = _mean(fit_chunks, lambda s, u, k=k: union_recall(s, u, k))
+        else:
+            k, recall = fit_k(fit_chunks, settings.target_recall, settings.granularity, ffn_dim)
         entries.append(
             CalibrationEntry(
                 layer=layer,
@@ -486,6 +518,8 @@ def calibrate_layer(
                 union_density=_mean(fit_chunks, lambda s, u: float(u.float().mean())),
                 at_full_width=k == ffn_dim,
                 mlp_bytes=2 * k * hidden_size * settings.weight_bytes,
+                latency_us=latency_us,
+                over_budget=over_budget,
             )
         )
     return entries
@@ -499,8 +533,11 @@ def calibrate(
     device: str | torch.device = "cpu",
     model: str | None = None,
     on_layer: Callable[[int, float], None] | None = None,
+    cost_table: CostTable | None = None,
 ) -> CalibrationTable:
     """Fit the table for ``layers`` (None: every MLP router in the bundle). Checks everything first.
+
+    objective=latency needs ``cost_table`` covering every batch size and grid k of this model's width.
 
     ``on_layer(layer, seconds)`` is called after each layer (progress and timing).
     """
@@ -517,6 +554,11 @@ def calibrate(
         geometry=store.geometry.as_dict(),
     )
     check_routers(store, routers)
+    if settings.objective == "latency":
+        if cost_table is None:
+            raise CalibrationError(NO_COST_TABLE)
+        ks = [int(k) for k in candidate_ks(store.geometry.ffn_dim, settings.granularity)]
+        cost_table.check_covers(settings.batch_sizes, ks)
     sequence_ids = np.asarray(store.sequence_ids())
     entries: dict[tuple[int, int], CalibrationEntry] = {}
     timings = {}
@@ -526,13 +568,17 @@ def calibrate(
         fit, check = plans[layer]
         drawn = np.concatenate([b.ravel() for b in (*fit.values(), *check.values())])
         layer_batches = LayerBatches.from_store(store, layer, router, drawn)
-        for entry in calibrate_layer(layer_batches, layer, fit, check, settings, store.geometry.hidden_size):
+        for entry in calibrate_layer(
+            layer_batches, layer, fit, check, settings, store.geometry.hidden_size, cost_table
+        ):
             entries[(entry.layer, entry.batch_size)] = entry
         del layer_batches
         timings[layer] = round(time.perf_counter() - started, 3)
         if on_layer is not None:
             on_layer(layer, timings[layer])
     meta = _table_meta(bundle_dir, store, routers, settings, timings)
+    if cost_table is not None and settings.objective == "latency":
+        meta["cost_source"] = cost_table.source
     return CalibrationTable(
         entries=entries,
         ffn_dim=store.geometry.ffn_dim,
@@ -593,7 +639,7 @@ def _table_meta(
         },
         "routers": files,
         "settings": {**asdict(settings), "batch_sizes": list(settings.batch_sizes)},
-        "objective": "recall",
+        "objective": settings.objective,
         "batch_rule": "selection.batch_neuron_scores (sum of sigmoid probabilities over the batch), top-k",
         "recall": "mean over batches of |kept & union of active| / |union|",
         "hidden_size": store.geometry.hidden_size,

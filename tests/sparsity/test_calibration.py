@@ -302,7 +302,7 @@ def test_unknown_objective_names_the_valid_ones(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigCompositionException) as info:
         _calibrate_settings(tmp_path, "calibrate.objective=latncy")
-    assert "expected one of [recall]" in str(info.value.__cause__)
+    assert "expected one of [recall, latency]" in str(info.value.__cause__)
 
 
 def test_per_layer_k_masks_exactly_k_neurons_per_token() -> None:
