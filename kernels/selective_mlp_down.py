@@ -16,6 +16,8 @@ arrive adds the partials in split order (deterministic), adds the bias and casts
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +33,17 @@ def _down_epilogue(acc, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS: tl
         acc += tl.load(BIAS + rd, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     o_ptrs = OUT + rm[:, None].to(tl.int64) * stride_om + rd[None, :]
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _down_step(acc, a, W, rows, rd, mask_d, n_rows, stride_wn, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ W[rows, rd]. Out-of-range rows (padding slots, bad indices) read as zeros: only the
+    weight mask depends on the loaded indices (a mask built from loaded values makes a load
+    synchronous, so the activation tile must not have one)."""
+    ok = (rows >= 0) & (rows < n_rows)
+    w_ptrs = W + tl.where(ok, rows, 0).to(tl.int64)[:, None] * stride_wn + rd[None, :]
+    w_mask = ok[:, None] if EVEN_D else ok[:, None] & mask_d[None, :]
+    return dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), acc, UPCAST)
 
 
 @triton.jit
@@ -72,22 +85,25 @@ def _down_kernel(
     j_start = sid * k_chunk
     j_end = tl.minimum(j_start + k_chunk, n_sel)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # The weight addresses depend on the indices: load the next step's indices one iteration ahead
-    # so the weight loads of a step never wait on an index load.
+    a_rows = A + rm_load[:, None] * stride_am
+    # The weight addresses depend on the indices: load the next step's indices one iteration ahead,
+    # so the weight copies of a step never wait on an index load and pipeline like the activation
+    # copies (see kernels/bench/compiled.py). Slots past the end read index -1 (a zero weight row).
     rj_next = j_start + tl.arange(0, BLOCK_K)
-    rows_next = tl.load(IDX + rj_next, mask=rj_next < j_end, other=0)
-    for j0 in range(j_start, j_end, BLOCK_K):
+    rows_next = tl.load(IDX + rj_next, mask=rj_next < j_end, other=-1)
+    # Whole steps first, with no activation mask: a mask ending at an odd k would make the
+    # activation load element-wise, which cannot be an asynchronous copy. The partial step after.
+    j_full = j_start + (j_end - j_start) // BLOCK_K * BLOCK_K
+    for j0 in range(j_start, j_full, BLOCK_K):
         rj = j0 + tl.arange(0, BLOCK_K)
-        mj = rj < j_end
         rows = rows_next
-        rows_next = tl.load(IDX + rj + BLOCK_K, mask=rj + BLOCK_K < j_end, other=0)
-        ok = mj & (rows >= 0) & (rows < n_rows)
-        rows = tl.where(ok, rows, 0).to(tl.int64)
-        # Padding / invalid neurons get zero activations, so their (valid, clamped) weight rows add 0.
-        a = tl.load(A + rm_load[:, None] * stride_am + rj[None, :], mask=ok[None, :], other=0.0)
-        w_ptrs = W + rows[:, None] * stride_wn + rd[None, :]
-        w = tl.load(w_ptrs) if EVEN_D else tl.load(w_ptrs, mask=mask_d[None, :], other=0.0)
-        acc = dot(a, w, acc, UPCAST)
+        rows_next = tl.load(IDX + rj + BLOCK_K, mask=rj + BLOCK_K < j_end, other=-1)
+        a = tl.load(a_rows + rj[None, :])
+        acc = _down_step(acc, a, W, rows, rd, mask_d, n_rows, stride_wn, EVEN_D, UPCAST)
+    if j_full < j_end:
+        rj = j_full + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows + rj[None, :], mask=(rj < j_end)[None, :], other=0.0)
+        acc = _down_step(acc, a, W, rows_next, rd, mask_d, n_rows, stride_wn, EVEN_D, UPCAST)
 
     mask = mask_m[:, None] & mask_d[None, :]
     if SPLIT:
@@ -134,19 +150,23 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
     M <= 64: 128-column tiles (64 when d / 128 gives less than half a wave at M > 16), 64 neurons per
-    step, and split-K so that tiles x splits fills about 4 waves (M <= 16) or 3 (M <= 64): more,
+    step, and split-K so that tiles x splits fills about 3 waves (M <= 16) or 2 (M <= 64): more,
     shorter programs hide the index -> weight-row load chain better than a few long ones. M > 64:
-    128 x 128 tensor-core tiles and split-K up to one wave (fp32 partials cost 8 bytes per row and
-    column of each split).
+    128-row tensor-core tiles, 256 columns wide when many neurons are selected (else 64), split-K to
+    about 1.5 waves (fp32 partials cost 8 bytes per row and column of each split). From the H200
+    graph-timed sweep at M = 1-256 (2026-11-29).
     """
     if M > 64:
-        bm, bd, bk, nw, ns, waves = 128, 128, 64, 8, 3, 1
+        bm, bk, ns, waves = 128, 64, 3, 1.5
+        bd, nw = (256, 8) if n_sel >= 6144 else (64, 4)
     else:
         bm = _block_m(M)
         bd = 128 if bm <= 16 or C.cdiv(d, 128) >= sms / 2 else 64
-        bk, nw, ns, waves = 64, 4, 4, (4 if bm <= 16 else 3)
+        bk, nw = 64, 4
+        ns, waves = (3, 3) if bm <= 16 else (4, 2)
     tiles = C.cdiv(M, bm) * C.cdiv(d, bd)
-    splits = max(1, min(waves * sms // tiles, n_sel // (2 * bk)))
+    fill = waves * sms / tiles
+    splits = max(1, min(math.ceil(fill) if M > 64 else int(fill), n_sel // (2 * bk)))
     return {
         "BLOCK_M": bm,
         "BLOCK_D": bd,
@@ -184,6 +204,8 @@ def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
     tiles_by_bm = [(_block_m(M), t) for t in _TILES[16 if M <= 16 else 64]]
     if M > 64:  # the two best 64-row tiles of the H100 M=256 tuning, then the 128-row ones
         tiles_by_bm = [(64, (256, 64, 4, 3)), (64, (128, 64, 4, 4))] + [(128, t) for t in _TILES[128]]
+        if M > 128:  # one tile over the whole batch: each weight row is read exactly once
+            tiles_by_bm += [(256, (64, 64, 8, 3)), (256, (128, 64, 8, 3))]
     out = []
     for bm, (bd, bk, nw, ns) in tiles_by_bm:
         tiles = C.cdiv(M, bm) * C.cdiv(d, bd)
@@ -273,13 +295,14 @@ def selective_down(
 def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
     M, n_sel = a.shape
     d = w_down_t.shape[1]
-    if M > 16 and a.stride(0) % 16:
-        # Rows of `a` not 32-byte aligned (odd k): the kernel's (M x BLOCK_K) activation loads would be
-        # element-wise. Re-pitch once (M * k * 4 bytes moved, ~1% of the weight bytes at M=64); OPT-66B
-        # M=64, k=25805: 341 -> 242 us (docs/performance.md, run 7).
+    if M > 1 and a.stride(0) % 16:
+        # Rows of `a` not 32-byte aligned (odd k): the kernel's activation loads would be element-wise
+        # and could not be asynchronous copies. Re-pitch once (M * k * 4 bytes moved, ~1% of the
+        # weight bytes at M = 64). selective_up's own outputs are pitched already; one row needs none.
         padded = torch.empty((M, C.cdiv(n_sel, 16) * 16), device=a.device, dtype=a.dtype)
         padded[:, :n_sel].copy_(a)
         a = padded[:, :n_sel]
+    stride_am = a.stride(0) if M > 1 else 0  # one row: any stride, and 0 tells the compiler it aligns
     bm, bd, bk = cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["BLOCK_K"]
     splits = max(1, min(cfg["splits"], C.cdiv(n_sel, bk)))
     k_chunk = C.cdiv(C.cdiv(n_sel, splits), bk) * bk
@@ -307,7 +330,7 @@ def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
         k_chunk,
         num_m,
         splits,
-        a.stride(0),
+        stride_am,
         w_down_t.stride(0),
         out.stride(0),
         BLOCK_M=bm,

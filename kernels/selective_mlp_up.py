@@ -178,14 +178,18 @@ def _stage_bytes(bm: int, bn: int, bk: int, gated: bool) -> int:
 def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> _tuning.Config:
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
-    M > 64: 128 x 128 tensor-core tiles, so the selected weight rows are re-read once per 128 batch
-    rows only; split-d up to one wave. 16 < M <= 64: the widest ``BLOCK_N`` that still gives about
-    half a wave of programs (wider tiles re-read the activation tile fewer times; narrow tiles take
-    longer K-steps), no split then (tuning split only one of 20 such keys). M <= 16: 64 neurons x 128
-    per step when that gives a quarter wave of programs, else 32; split-d to one wave.
+    M > 64: 128 x 64 tensor-core tiles (the selected weight rows are re-read once per 128 batch rows
+    only; wider tiles, two accumulators when gated, ran slower), 64-row tiles when that leaves under
+    half a wave of programs, and no split-d (H200 sweep at M = 256). 16 < M <= 64: the widest
+    ``BLOCK_N`` that still gives about half a wave of programs (wider tiles re-read the activation
+    tile fewer times; narrow tiles take longer K-steps), no split then (tuning split only one of 20
+    such keys). M <= 16: 64 neurons x 128 per step when that gives a quarter wave of programs, else
+    32; split-d to one wave.
     """
     if M > 64:
-        bm, bn, bk, nw, ns = 128, 128, 64, 8, 3
+        bm, bn, bk, nw, ns = 128, 64, (128 if gated else 64), (8 if gated else 4), 3
+        if C.cdiv(M, bm) * C.cdiv(n_sel, bn) < sms / 2:  # few neurons: 64-row tiles, twice the programs
+            bm, bk, nw, ns = 64, 128, 4, 4
     elif M <= 16:
         bm, bk, nw, ns = 16, 128, 4, 4
         bn = 64 if C.cdiv(n_sel, 64) >= sms / 4 else 32
@@ -201,7 +205,8 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
         "BLOCK_K": bk,
         "num_warps": nw,
         "num_stages": C.fit_stages(ns, _stage_bytes(bm, bn, bk, gated), smem),
-        "splits": _splits_for(programs, d, bk, sms if bm in (16, 128) else sms // 2),
+        # M > 64: never split d (fp32 partials of a large batch cost more than the waves they fill).
+        "splits": 1 if M > 64 else _splits_for(programs, d, bk, sms if bm == 16 else sms // 2),
     }
 
 
@@ -227,6 +232,8 @@ def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
     tiles = [(_block_m(M), *t) for t in _TILES[16 if M <= 16 else 64]]
     if M > 64:  # the two best 64-row tiles of the H100 M=256 tuning, then the 128-row ones
         tiles = [(64, 64, 128, 4, 4), (64, 16, 256, 4, 4)] + [(128, *t) for t in _TILES[128]]
+        if M > 128:  # one tile over the whole batch: each weight row is read exactly once
+            tiles += [(256, 64, 64, 8, 3), (256, 128, 64, 8, 3)]
     out = []
     for bm, bn, bk, nw, ns in tiles:
         programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)

@@ -136,14 +136,18 @@ def main(argv: list[str] | None = None) -> None:
             _tuning.set_force_tune(False)
             tune = False
     if args.save_table:
-        keys = _tuning.tuned_keys() if args.tune else set(_tuning.chosen())
+        if args.tune:  # what the sweeps recorded (the per-process memo is reset when tuning stops)
+            cached = _tuning.user_cache(torch.device("cuda")).section("configs")
+            configs = {k: v for k, v in cached.items() if k in _tuning.tuned_keys()}
+        else:
+            configs = _tuning.chosen()
         table = {
             "gpu": env["gpu"],
             "triton": env["triton"],
             "tuning": _tuning.mode(),
             "source": f"python -m polar_sparsity.kernels.bench {args.bench} on {env['gpu']}",
             "env": env,
-            "configs": {k: v for k, v in sorted(_tuning.chosen().items()) if k in keys},
+            "configs": dict(sorted(configs.items())),
         }
         args.save_table.write_text(json.dumps(table, indent=1) + "\n")
 

@@ -27,11 +27,16 @@ def _inputs(M, d, n, k, device, gen):
     return x, w_gate, w_up, b, idx
 
 
-def test_heuristic_uses_128_row_tiles_above_64_rows():
-    assert selective_mlp_up._heuristic(256, 4096, 4096, 132, False, 228 * 1024)["BLOCK_M"] == 128
-    assert selective_mlp_down._heuristic(256, 4096, 4096, 132, 228 * 1024)["BLOCK_M"] == 128
-    assert any(c["BLOCK_M"] == 128 for c in selective_mlp_up._candidates(256, 4096, 4096, 132))
-    assert any(c["BLOCK_M"] == 128 for c in selective_mlp_down._candidates(256, 4096, 4096, 132))
+def test_large_batches_get_tensor_core_tiles_and_whole_batch_candidates():
+    for gated in (False, True):
+        assert selective_mlp_up._heuristic(256, 4096, 4096, 132, gated, 228 * 1024)["BLOCK_M"] >= 64
+    assert selective_mlp_down._heuristic(256, 4096, 4096, 132, 228 * 1024)["BLOCK_M"] >= 64
+    for candidates in (
+        selective_mlp_up._candidates(256, 4096, 4096, 132),
+        selective_mlp_down._candidates(256, 4096, 4096, 132),
+    ):
+        assert {128, 256} <= {c["BLOCK_M"] for c in candidates}
+    assert max(c["BLOCK_M"] for c in selective_mlp_down._candidates(128, 4096, 4096, 132)) == 128
 
 
 @pytest.mark.parametrize("M", [130])
@@ -66,3 +71,19 @@ def test_split_paths_with_128_row_tiles(force_config, device, gen):
     down = selective_down(a, w_up, idx)
     ref_d = selective_down_reference(a.cpu(), w_up.cpu(), idx.cpu(), dtype=torch.float64)
     assert_rel_close(down.cpu(), ref_d, F16, "down BM128 split 3")
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_whole_batch_256_row_tiles_with_an_odd_neuron_count(splits, force_config, device, gen):
+    """256-row tiles over a 200-row batch; k = 157 leaves a partial last step in every split."""
+    M, d, n, k = 200, 128, 300, 157
+    x, w_gate, w_up, b, idx = _inputs(M, d, n, k, device, gen)
+    cfg = {"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "splits": splits}
+    force_config(cfg)
+    gated = selective_gated_up(x, w_gate, w_up, idx)
+    ref_g = selective_gated_up_reference(x.cpu(), w_gate.cpu(), w_up.cpu(), idx.cpu(), dtype=torch.float64)
+    assert_rel_close(gated.cpu(), ref_g, F16, "gated up BM256")
+    force_config({**cfg, "BLOCK_D": 64, "BLOCK_K": 32})
+    down = selective_down(gated, w_up, idx, b[:d].contiguous())
+    ref_d = selective_down_reference(gated.cpu(), w_up.cpu(), idx.cpu(), b[:d].cpu(), dtype=torch.float64)
+    assert_rel_close(down.cpu(), ref_d, F16, "down BM256")

@@ -123,3 +123,22 @@ def test_split_k_gpu_deterministic_under_graph_replay(splits, force_config):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, first)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_out_of_range_indices_add_nothing(splits, force_config, device, gen):
+    """Unchecked (validate=False, as in a CUDA graph) bad indices read no memory outside the weight
+    and contribute zero: the result is the sum over the valid neurons only."""
+    force_config(
+        {"BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "splits": splits}
+    )
+    M, d, n, k = 3, 64, 90, 40
+    a, w_t, b, idx = _case(M, d, n, k, torch.float16, device, gen)
+    bad = torch.tensor([3, 17, 38])
+    idx[bad.to(device)] = torch.tensor([-1, n, n + 1000], dtype=torch.int32, device=device)
+    out = poisoned((M, d), torch.float16, device)
+    selective_down(a, w_t, idx, b, out=out, validate=False)
+    keep = torch.ones(k, dtype=torch.bool)
+    keep[bad] = False
+    ref = selective_down_reference(a.cpu()[:, keep], w_t.cpu(), idx.cpu()[keep], b.cpu(), dtype=torch.float64)
+    assert_rel_close(out.cpu(), ref, torch.float16, "out-of-range indices")
