@@ -6,6 +6,8 @@ Each op lives in its own module beside its torch reference (``<op>_reference``):
   of an MLP up projection (ReLU or SwiGLU), compact (M, k) output.
 - :func:`selective_down` (``selective_mlp_down``): down projection from the compact activations, on the
   transposed weight made once by :func:`prepare_down_weight`.
+- :func:`batch_firing_scores`: the decode batch's score of each MLP neuron (sum of firing
+  probabilities), whose top-k is the batch-shared selection.
 - :func:`selective_head_attention` (MHA), :func:`selective_group_attention` (GQA) and
   :func:`dense_decode_attention`: decode attention over a static ``(B, H_kv, N_max, D)`` KV cache with
   per-sequence lengths on the device (CUDA-graph safe) and split-K for long contexts.
@@ -17,6 +19,7 @@ faster. See docs/kernels.md for layouts, tuning, tests and benchmarks.
 """
 
 from ._tuning import warm_up
+from .batch_firing_scores import batch_firing_scores, batch_firing_scores_reference
 from .dense_decode_attention import dense_decode_attention, dense_decode_attention_reference
 from .dense_fallback import use_sparse_attention, use_sparse_mlp
 from .selective_group_attention import selective_group_attention, selective_group_attention_reference
@@ -30,6 +33,8 @@ from .selective_mlp_up import (
 )
 
 __all__ = [
+    "batch_firing_scores",
+    "batch_firing_scores_reference",
     "dense_decode_attention",
     "dense_decode_attention_reference",
     "prepare_down_weight",

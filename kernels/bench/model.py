@@ -2,9 +2,10 @@
 
 Like the paper's single-block simulation: synthetic weights at real shapes, one decode step for a
 batch of B sequences, dense vs sparse, each timed as one CUDA graph. Routers are plain torch matmuls:
-the MLP router is low-rank (d -> 1024 -> n_neurons), its scores summed over the batch and the top-k
-neurons shared by the batch; the head router is one linear d -> n_heads (n_kv_groups for GQA) with a
-per-sequence top-k. RoPE is left out (the same cost dense or sparse).
+the MLP router is low-rank (d -> 1024 -> n_neurons), its firing probabilities summed over the batch
+(:func:`batch_firing_scores`, as the decoding engine does) and the top-k neurons shared by the
+batch; the head router is one linear d -> n_heads (n_kv_groups for GQA) with a per-sequence top-k.
+RoPE is left out (the same cost dense or sparse).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import (
+    batch_firing_scores,
     dense_decode_attention,
     selective_down,
     selective_gated_up,
@@ -54,7 +56,7 @@ class _Mlp:
         return out + self.b_down if self.b_down is not None else out
 
     def route(self, x, k: int):
-        scores = F.linear(F.linear(x, self.r1), self.r2).float().sum(0)
+        scores = batch_firing_scores(F.linear(F.linear(x, self.r1), self.r2))  # the decoding engine's rule
         return torch.topk(scores, k, sorted=False).indices.int()
 
     def sparse(self, x, k: int, idx=None):

@@ -110,4 +110,9 @@ def batch_neuron_scores(logits: torch.Tensor) -> torch.Tensor:
     ReLU-clipped logits: a very negative logit of one token cannot veto a neuron the others need,
     and every neuron keeps a rank (no ties at zero).
     """
+    if logits.is_cuda and logits.dim() == 2 and logits.stride(-1) == 1:
+        # One pass over the logits on the GPU (the decode step's hot path); the same sum.
+        from polar_sparsity.kernels.batch_firing_scores import batch_firing_scores
+
+        return batch_firing_scores(logits)
     return torch.sigmoid(logits.float()).sum(dim=-2)
