@@ -124,9 +124,17 @@ def check_contiguous_vector(name: str, t: torch.Tensor) -> None:
         )
 
 
-def check_index_tensor(name: str, idx: torch.Tensor, device: torch.device) -> None:
-    if idx.dtype != torch.int32:
-        raise TypeError(f"{name} has dtype {idx.dtype}; expected torch.int32 (convert once with .int())")
+# Unit indices (heads, KV groups, neurons) may be int32 or torch.topk's own int64: no conversion
+# kernel between a router's top-k and the op that uses it.
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_index_tensor(
+    name: str, idx: torch.Tensor, device: torch.device, allowed: Sequence[torch.dtype] = (torch.int32,)
+) -> None:
+    if idx.dtype not in allowed:
+        expected = " or ".join(str(d) for d in allowed)
+        raise TypeError(f"{name} has dtype {idx.dtype}; expected {expected}")
     check_device(name, idx, device)
 
 

@@ -336,7 +336,7 @@ def _check_inputs(q, k_cache, v_cache, seqlens, kv_idx, out) -> None:
     C.check_contiguous_vector("seqlens", seqlens)
     if kv_idx is not None:
         C.check_ndim("head/group indices", kv_idx, 2, "(batch, k)")
-        C.check_index_tensor("head/group indices", kv_idx, device)
+        C.check_index_tensor("head/group indices", kv_idx, device, C.INDEX_DTYPES)
         if kv_idx.shape[0] != B or not 1 <= kv_idx.shape[1] <= Hkv:
             raise ValueError(
                 f"head/group indices have shape {tuple(kv_idx.shape)}; expected (batch={B}, k) "
@@ -366,7 +366,7 @@ def decode_attention(
     """Decode attention over the KV heads in ``kv_idx`` (all KV heads when None).
 
     q: (B, H_q, D); k_cache, v_cache: (B, H_kv, N_max, D); seqlens: (B,) int32 (valid prefix of the
-    cache per sequence); kv_idx: (B, k) int32 KV-head indices, duplicate-free. Returns (B, H_q, D) in
+    cache per sequence); kv_idx: (B, k) int32 or int64 KV-head indices, duplicate-free. Returns (B, H_q, D) in
     q's dtype; the query heads of unselected KV heads are zero, or left untouched in ``out`` when
     ``zero_unselected=False``. ``validate`` range-checks indices and lengths on the host (one sync;
     skipped during CUDA-graph capture); out-of-range indices are skipped in-kernel either way.

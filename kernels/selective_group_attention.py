@@ -24,7 +24,7 @@ def selective_group_attention(
     zero_unselected: bool = True,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Decode attention for the KV groups ``group_idx`` ((B, k) int32, duplicate-free) per sequence.
+    """Decode attention for the KV groups ``group_idx`` ((B, k) int32 or int64, duplicate-free) per sequence.
 
     q: (B, H_q, D); k_cache, v_cache: (B, H_kv, N_max, D) with H_q a multiple of H_kv; seqlens: (B,)
     int32 on the device. Returns (B, H_q, D); the query heads of unselected groups are zero (or

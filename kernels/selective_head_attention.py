@@ -31,7 +31,7 @@ def selective_head_attention(
     zero_unselected: bool = True,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Decode attention for the heads ``head_idx`` ((B, k) int32, duplicate-free) of each sequence.
+    """Decode attention for the heads ``head_idx`` ((B, k) int32 or int64, duplicate-free) of each sequence.
 
     q: (B, H, D); k_cache, v_cache: (B, H, N_max, D); seqlens: (B,) int32 on the device.
     Returns (B, H, D); unselected heads are zero (or untouched in ``out`` if ``zero_unselected=False``).

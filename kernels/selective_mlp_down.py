@@ -235,7 +235,7 @@ def _check(a, w_down_t, idx, bias, out) -> None:
     C.check_last_dim_contiguous("w_down_t", w_down_t)
     n, d = w_down_t.shape
     C.check_ndim("idx", idx, 1, "(k,) neuron indices")
-    C.check_index_tensor("idx", idx, a.device)
+    C.check_index_tensor("idx", idx, a.device, C.INDEX_DTYPES)
     if idx.shape[0] != a.shape[1]:
         raise ValueError(f"idx has {idx.shape[0]} entries but a has k={a.shape[1]} columns; they must match")
     if not 1 <= idx.shape[0] <= n:

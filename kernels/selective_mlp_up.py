@@ -277,7 +277,7 @@ def _check(x, weights, bias, idx, out) -> None:
         C.check_same_dtype("bias", bias, x.dtype)
         C.check_device("bias", bias, x.device)
     C.check_ndim("idx", idx, 1, "(k,) neuron indices")
-    C.check_index_tensor("idx", idx, x.device)
+    C.check_index_tensor("idx", idx, x.device, C.INDEX_DTYPES)
     if not 1 <= idx.shape[0] <= n:
         raise ValueError(f"idx has {idx.shape[0]} entries; expected 1..{n} (one per selected neuron)")
     C.check_contiguous_vector("idx", idx)
@@ -373,7 +373,7 @@ def selective_up(
     out: torch.Tensor | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """act(x @ w_up[idx].T + bias[idx]) -> (M, k). x: (M, d); w_up: (n, d); idx: (k,) int32."""
+    """act(x @ w_up[idx].T + bias[idx]) -> (M, k). x: (M, d); w_up: (n, d); idx: (k,) int32 or int64."""
     if activation not in ("relu", "none"):
         raise ValueError(f"activation {activation!r} is not supported; use 'relu' or 'none'")
     _check(x, [("w_up", w_up)], bias, idx, out)

@@ -57,7 +57,7 @@ class _Mlp:
 
     def route(self, x, k: int):
         scores = batch_firing_scores(F.linear(F.linear(x, self.r1), self.r2))  # the decoding engine's rule
-        return torch.topk(scores, k, sorted=False).indices.int()
+        return torch.topk(scores, k, sorted=False).indices
 
     def sparse(self, x, k: int, idx=None):
         idx = self.route(x, k) if idx is None else idx
@@ -181,7 +181,7 @@ class _Block:
         elif point is None:
             o = dense_decode_attention(q, self.k_cache, self.v_cache, self.seqlens, validate=False)
         else:
-            idx = torch.topk(F.linear(h, self.w_router), point.heads, dim=1, sorted=False).indices.int()
+            idx = torch.topk(F.linear(h, self.w_router), point.heads, dim=1, sorted=False).indices
             o = selective_group_attention(q, self.k_cache, self.v_cache, self.seqlens, idx, validate=False)
         x = x + F.linear(o.reshape(c["B"], -1), self.w_o)
         h2 = self._norm(x)

@@ -116,8 +116,8 @@ class DecodeOps:
     ) -> torch.Tensor:
         """(B, H_q, D) decode attention over the first ``seqlens`` cache slots of each sequence.
 
-        ``kv_idx`` (B, k) int32: the heads (MHA) or KV groups (GQA) each sequence keeps; the query heads
-        of the others come out zero. None: every head (dense).
+        ``kv_idx`` (B, k) int32 or int64: the heads (MHA) or KV groups (GQA) each sequence keeps; the
+        query heads of the others come out zero. None: every head (dense).
         """
         mha = q.shape[1] == k_cache.shape[1]
         if self.backend == "triton":
@@ -139,7 +139,7 @@ class DecodeOps:
     def relu_up(
         self, x: torch.Tensor, w_up: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor
     ) -> torch.Tensor:
-        """relu(x @ w_up[idx].T + bias[idx]) -> (M, k) for the batch-shared neurons ``idx`` (k,) int32."""
+        """relu(x @ w_up[idx].T + bias[idx]) -> (M, k) for the batch-shared neurons ``idx`` (k,) int64."""
         if self.backend == "triton":
             return selective_up(x, w_up, idx, bias, activation="relu", validate=False)
         return selective_up_reference(x, w_up, idx, bias, activation="relu", dtype=torch.float32).to(x.dtype)

@@ -192,12 +192,12 @@ def _without_full_fractions(plan: DecodePlan, geometry: ModelGeometry) -> Decode
 
 
 def head_indices(router: Scorer, router_input: torch.Tensor, keep: int) -> torch.Tensor:
-    """(B, keep) int32: the heads (KV groups) each sequence keeps, ranked by its router's logits."""
+    """(B, keep) int64: the heads (KV groups) each sequence keeps, ranked by its router's logits."""
     scores = router.scores(router_input)
-    return topk_indices(scores, keep).to(torch.int32).contiguous()
+    return topk_indices(scores, keep).contiguous()  # the kernels take top-k's int64 as is
 
 
 def neuron_indices(router: Scorer, router_input: torch.Tensor, keep: int) -> torch.Tensor:
-    """(keep,) int32: the neurons the batch shares, ranked by the batch's score (the calibration's rule)."""
+    """(keep,) int64: the neurons the batch shares, ranked by the batch's score (the calibration's rule)."""
     scores = batch_neuron_scores(router.scores(router_input))
-    return topk_indices(scores, keep).to(torch.int32).contiguous()
+    return topk_indices(scores, keep).contiguous()

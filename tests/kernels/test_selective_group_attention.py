@@ -122,3 +122,11 @@ def test_real_shape_gpu(dtype, k_sel):
     out = poisoned(q.shape, dtype, dev)
     selective_group_attention(q, k, v, sl, idx, out=out)
     assert_rel_close(out, selective_group_attention_reference(q, k, v, sl, idx), dtype, "real shape")
+
+
+def test_top_k_int64_indices_need_no_conversion(device, gen):
+    q, k, v, sl = _inputs(2, 8, 4, 40, 64, torch.float16, device, gen)
+    idx = random_rows(2, 4, 2, device, gen)
+    torch.testing.assert_close(
+        selective_group_attention(q, k, v, sl, idx.long()), selective_group_attention(q, k, v, sl, idx)
+    )

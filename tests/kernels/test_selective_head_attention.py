@@ -107,7 +107,7 @@ def test_default_zeroes_unselected(device, gen):
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
-        (lambda a: a.update(idx=a["idx"].long()), TypeError, "int32"),
+        (lambda a: a.update(idx=a["idx"].short()), TypeError, "int32 or torch.int64"),
         (lambda a: a.update(idx=a["idx"] + 4), ValueError, "valid indices are 0..3"),
         (lambda a: a.update(idx=torch.zeros(2, 5, dtype=torch.int32)), ValueError, "1 <= k <= 4"),
         (lambda a: a.update(sl=a["sl"] + 100), ValueError, "seqlens holds index"),
@@ -207,3 +207,11 @@ def test_low_density_configs_gpu(splits, merge_here, force_config):
     again = poisoned(q.shape, torch.float16, dev)
     selective_head_attention(q, k, v, sl, idx, out=again)
     assert torch.equal(out, again), "not bitwise repeatable"
+
+
+def test_top_k_int64_indices_need_no_conversion(device, gen):
+    q, k, v, sl = _inputs(2, 4, 40, 64, torch.float16, device, gen)
+    idx = random_rows(2, 4, 2, device, gen)
+    torch.testing.assert_close(
+        selective_head_attention(q, k, v, sl, idx.long()), selective_head_attention(q, k, v, sl, idx)
+    )

@@ -142,3 +142,9 @@ def test_out_of_range_indices_add_nothing(splits, force_config, device, gen):
     keep[bad] = False
     ref = selective_down_reference(a.cpu()[:, keep], w_t.cpu(), idx.cpu()[keep], b.cpu(), dtype=torch.float64)
     assert_rel_close(out.cpu(), ref, torch.float16, "out-of-range indices")
+
+
+def test_top_k_int64_indices_need_no_conversion(device, gen):
+    """torch.topk's int64 indices go straight in (no conversion kernel): the same result as int32."""
+    a, w_t, b, idx = _case(9, 64, 90, 33, torch.float16, device, gen)
+    torch.testing.assert_close(selective_down(a, w_t, idx.long(), b), selective_down(a, w_t, idx, b))

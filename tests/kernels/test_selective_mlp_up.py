@@ -111,8 +111,8 @@ def test_argument_errors(device, gen):
     idx = _idx(20, 5, device, gen)
     with pytest.raises(ValueError, match="valid indices are 0..19"):
         selective_up(x, w, idx + 20)
-    with pytest.raises(TypeError, match="idx has dtype torch.int64"):
-        selective_up(x, w, idx.long())
+    with pytest.raises(TypeError, match="idx has dtype torch.int16; expected torch.int32 or torch.int64"):
+        selective_up(x, w, idx.short())
     with pytest.raises(ValueError, match="second dim must equal x's d=64"):
         selective_up(x, w[:, :32].contiguous(), idx)
     with pytest.raises(TypeError, match="w_up has dtype torch.bfloat16"):
