@@ -152,29 +152,50 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
     M <= 64: 128-column tiles (64 when d / 128 gives less than half a wave at M > 16), 64 neurons per
     step, and split-K so that tiles x splits fills about 3 waves (M <= 16) or 2 (M <= 64): more,
     shorter programs hide the index -> weight-row load chain better than a few long ones. M > 64:
-    128-row tensor-core tiles, 256 columns wide when many neurons are selected (else 64), split-K to
-    about 1.5 waves (fp32 partials cost 8 bytes per row and column of each split). From the H200
-    graph-timed sweep at M = 1-256 (2026-11-29).
+    128-row tensor-core tiles, 256 columns wide when many neurons are selected (else 64), and the
+    split-K count that fills whole waves of resident programs without too much fp32 partial traffic
+    (:func:`_large_batch_splits`). From the H200 graph-timed sweep at M = 1-256 (2026-11-29).
     """
     if M > 64:
-        bm, bk, ns, waves = 128, 64, 3, 1.5
+        bm, bk = 128, 64
         bd, nw = (256, 8) if n_sel >= 6144 else (64, 4)
+        stages = C.fit_stages(3, (bm * bk + bk * bd) * 2, smem)
+        slots = sms * _resident_programs(nw, stages * (bm * bk + bk * bd) * 2, smem)
+        splits = _large_batch_splits(C.cdiv(M, bm) * C.cdiv(d, bd), slots, bm, n_sel, bk)
     else:
         bm = _block_m(M)
         bd = 128 if bm <= 16 or C.cdiv(d, 128) >= sms / 2 else 64
         bk, nw = 64, 4
         ns, waves = (3, 3) if bm <= 16 else (4, 2)
-    tiles = C.cdiv(M, bm) * C.cdiv(d, bd)
-    fill = waves * sms / tiles
-    splits = max(1, min(math.ceil(fill) if M > 64 else int(fill), n_sel // (2 * bk)))
+        stages = C.fit_stages(ns, (bm * bk + bk * bd) * 2, smem)
+        splits = max(1, min(waves * sms // (C.cdiv(M, bm) * C.cdiv(d, bd)), n_sel // (2 * bk)))
     return {
         "BLOCK_M": bm,
         "BLOCK_D": bd,
         "BLOCK_K": bk,
         "num_warps": nw,
-        "num_stages": C.fit_stages(ns, (bm * bk + bk * bd) * 2, smem),
+        "num_stages": stages,
         "splits": splits,
     }
+
+
+def _resident_programs(num_warps: int, smem_per_program: int, smem: int) -> int:
+    """Programs one SM holds at once: by shared memory, and by registers (a tensor-core tile program
+    takes ~168 of the 64K 32-bit registers per thread, so 8 warps hold an SM alone)."""
+    return max(1, min(smem // max(smem_per_program, 1), 65536 // (num_warps * 32 * 168)))
+
+
+def _large_batch_splits(tiles: int, slots: int, bm: int, n_sel: int, bk: int) -> int:
+    """The split-K count with the least (waves of programs x work per program) + fp32 partials.
+
+    Relative to one tile's weight bytes (k x BLOCK_D x 2), s splits cost ceil(tiles * s / slots) / s
+    in waves of shorter programs, plus 4 * BLOCK_M / k per split for the partials (BLOCK_M x BLOCK_D
+    fp32, written and read). A partial last wave is paid in full: 160 programs of one per SM on 132
+    SMs took 1.5x as long as 128 (H200, Llama-3-8B down at M = 256).
+    """
+    most = max(1, min(16, n_sel // (2 * bk)))
+    cost = {s: math.ceil(tiles * s / slots) / s + s * 4 * bm / n_sel for s in range(1, most + 1)}
+    return min(cost, key=cost.get)
 
 
 # (BLOCK_D, BLOCK_K, num_warps, num_stages) tried per batch-tile size (kept small: each compiles).

@@ -179,16 +179,18 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
     M > 64: 128 x 64 tensor-core tiles (the selected weight rows are re-read once per 128 batch rows
-    only; wider tiles, two accumulators when gated, ran slower), 64-row tiles when that leaves under
-    half a wave of programs, and no split-d (H200 sweep at M = 256). 16 < M <= 64: the widest
-    ``BLOCK_N`` that still gives about half a wave of programs (wider tiles re-read the activation
-    tile fewer times; narrow tiles take longer K-steps), no split then (tuning split only one of 20
-    such keys). M <= 16: 64 neurons x 128 per step when that gives a quarter wave of programs, else
-    32; split-d to one wave.
+    only; wider tiles, two accumulators when gated, ran slower), 128-wide steps and 8 warps under one
+    wave of programs, 64-row tiles under half a wave, and no split-d (H200 sweep at M = 256).
+    16 < M <= 64: the widest ``BLOCK_N`` that still gives about half a wave of programs (wider tiles
+    re-read the activation tile fewer times; narrow tiles take longer K-steps), no split then (tuning
+    split only one of 20 such keys). M <= 16: 64 neurons x 128 per step when that gives a quarter
+    wave of programs, else 32; split-d to one wave.
     """
     if M > 64:
-        bm, bn, bk, nw, ns = 128, 64, (128 if gated else 64), (8 if gated else 4), 3
-        if C.cdiv(M, bm) * C.cdiv(n_sel, bn) < sms / 2:  # few neurons: 64-row tiles, twice the programs
+        bm, bn, ns = 128, 64, 3
+        tiles = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
+        bk, nw = (128, 8) if tiles < sms else (64, 4)  # under one wave: longer steps, more warps
+        if tiles < sms / 2:  # few neurons: 64-row tiles, twice the programs
             bm, bk, nw, ns = 64, 128, 4, 4
     elif M <= 16:
         bm, bk, nw, ns = 16, 128, 4, 4

@@ -87,3 +87,12 @@ def test_whole_batch_256_row_tiles_with_an_odd_neuron_count(splits, force_config
     down = selective_down(gated, w_up, idx, b[:d].contiguous())
     ref_d = selective_down_reference(gated.cpu(), w_up.cpu(), idx.cpu(), b[:d].cpu(), dtype=torch.float64)
     assert_rel_close(down.cpu(), ref_d, F16, "down BM256")
+
+
+def test_large_batch_split_count_fills_whole_waves():
+    split = selective_mlp_down._large_batch_splits
+    # 32 tiles, one program per SM on 132 SMs: 4 splits fill one wave; 5 would start a second.
+    assert split(32, 132, 128, 10035, 64) == 4
+    # Few neurons: the fp32 partials outweigh the waves they would fill.
+    assert split(288, 396, 128, 3686, 64) == 1
+    assert split(1, 132, 128, 200, 64) == 1  # 200 neurons: no room for two splits of >= 2 steps
