@@ -189,12 +189,13 @@ def _large_batch_splits(tiles: int, slots: int, bm: int, n_sel: int, bk: int) ->
     """The split-K count with the least (waves of programs x work per program) + fp32 partials.
 
     Relative to one tile's weight bytes (k x BLOCK_D x 2), s splits cost ceil(tiles * s / slots) / s
-    in waves of shorter programs, plus 4 * BLOCK_M / k per split for the partials (BLOCK_M x BLOCK_D
-    fp32, written and read). A partial last wave is paid in full: 160 programs of one per SM on 132
-    SMs took 1.5x as long as 128 (H200, Llama-3-8B down at M = 256).
+    in waves of shorter programs, plus 8 * BLOCK_M / k per split for the partials (BLOCK_M x BLOCK_D
+    fp32 written, then read by the tile's last program one split after another: twice their bytes).
+    A partial last wave is paid in full: 160 programs of one per SM on 132 SMs took 1.5x as long as
+    128 (H200, Llama-3-8B down at M = 256).
     """
     most = max(1, min(16, n_sel // (2 * bk)))
-    cost = {s: math.ceil(tiles * s / slots) / s + s * 4 * bm / n_sel for s in range(1, most + 1)}
+    cost = {s: math.ceil(tiles * s / slots) / s + s * 8 * bm / n_sel for s in range(1, most + 1)}
     return min(cost, key=cost.get)
 
 

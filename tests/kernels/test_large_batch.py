@@ -92,7 +92,7 @@ def test_whole_batch_256_row_tiles_with_an_odd_neuron_count(splits, force_config
 def test_large_batch_split_count_fills_whole_waves():
     split = selective_mlp_down._large_batch_splits
     # 32 tiles, one program per SM on 132 SMs: 4 splits fill one wave; 5 would start a second.
-    assert split(32, 132, 128, 10035, 64) == 4
+    assert split(32, 132, 128, 14336, 64) == 4
     # Few neurons: the fp32 partials outweigh the waves they would fill.
     assert split(288, 396, 128, 3686, 64) == 1
     assert split(1, 132, 128, 200, 64) == 1  # 200 neurons: no room for two splits of >= 2 steps
