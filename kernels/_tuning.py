@@ -29,7 +29,7 @@ import re
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -216,6 +216,45 @@ def user_cache(device: torch.device) -> TuningCache:
 # ----------------------------------------------------------------------------------------------
 
 
+def event_median_us(call: Callable[[], object], reps: int) -> float:
+    """Median microseconds of ``call`` between two CUDA events, over ``reps`` calls."""
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def graph_replay_us(
+    fns: Sequence[Callable[[], object]], reps: int, device: torch.device | None = None
+) -> float:
+    """Median microseconds of one replay of a CUDA graph that runs ``fns`` in order.
+
+    Each function first runs once eagerly on a side stream (compiles, picks configs, allocates; a
+    config that does not fit raises here), then all are captured in one graph, replayed once to warm
+    up and timed by :func:`event_median_us`. Graph replay removes the host launch overhead that
+    would dominate 10-100 us kernels.
+    """
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for f in fns:
+            f()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    return event_median_us(graph.replay, reps)
+
+
 class GraphTimer:
     """Microseconds per launch, each from a cold L2, timed like the benchmarks.
 
@@ -236,27 +275,7 @@ class GraphTimer:
         torch.sum(self._flush, dim=0, dtype=torch.float32, out=self._sink)
 
     def _replay_us(self, body: Callable[[], object]) -> float:
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            body()  # compiles; raises here for a config that does not fit
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(self.calls):
-                body()
-        graph.replay()
-        torch.cuda.synchronize(self.device)
-        times = []
-        for _ in range(self.reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        return statistics.median(times)
+        return graph_replay_us([body] * self.calls, self.reps, self.device)
 
     def __call__(self, launch: Callable[[], object]) -> float:
         if self._reads_us is None:

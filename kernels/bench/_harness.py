@@ -13,13 +13,14 @@ import datetime
 import json
 import math
 import platform
-import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+from .._tuning import graph_replay_us
 
 REPS = 25
 
@@ -52,29 +53,7 @@ def rotations(bytes_per_call: float, most: int = 16) -> int:
 
 def time_graph(fns: Sequence[Callable[[], object]], reps: int = REPS) -> float:
     """Median microseconds per call of ``fns`` (one call each), timed by CUDA-graph replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # eager warm-up: compiles, picks configs, allocates
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    del graph
-    return statistics.median(times) / len(fns)
+    return graph_replay_us(fns, reps) / len(fns)
 
 
 @triton.jit

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -146,18 +145,12 @@ def layers_that_fit(geometry, case: Case, free_bytes: int) -> int:
 
 def time_steps(step: Callable[[], object], warmup: int = 5, reps: int = 40) -> float:
     """Median seconds per call of ``step`` (CUDA events around each call, after warm-up)."""
+    from polar_sparsity.kernels._tuning import event_median_us
+
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return statistics.median(times)
+    return event_median_us(step, reps) * 1e-6
 
 
 def time_hf_static(hf_config, case: Case, compile_model: bool) -> float:
