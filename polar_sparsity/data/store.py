@@ -510,6 +510,11 @@ class ActivationStore:
     def num_samples(self) -> int:
         return int(self.manifest["rows"])
 
+    def provenance(self) -> dict[str, Any]:
+        """Which store this is, as router records and calibration tables record it."""
+        keys = ("model", "data", "rows", "weights", "dtype")
+        return {"path": str(self.root.resolve()), **{key: self.manifest.get(key) for key in keys}}
+
     @property
     def has_mlp(self) -> bool:
         return self.geometry.mlp_kind == MlpKind.relu

@@ -107,14 +107,7 @@ def bundle_meta(
             "samples": settings.train.samples,
             "val_fraction": settings.train.val_fraction,
         },
-        "store": {
-            "path": str(store.root.resolve()),
-            "model": manifest["model"],
-            "data": manifest["data"],
-            "rows": manifest["rows"],
-            "weights": manifest.get("weights"),
-            "dtype": manifest.get("dtype"),
-        },
+        "store": store.provenance(),
         "package_version": polar_sparsity.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

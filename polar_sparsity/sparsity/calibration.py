@@ -329,17 +329,17 @@ def held_out_rows(store: ActivationStore, router_meta: dict[str, Any]) -> np.nda
 def split_fit_check(
     rows: np.ndarray, sequence_ids: np.ndarray, check_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out rows -> (fit rows, check rows), whole sequences on each side."""
-    sequences = np.unique(sequence_ids[rows])
-    if len(sequences) < 2:
+    """Held-out rows -> (fit rows, check rows), whole sequences on each side (the training split's
+    rule, ``store.split_by_sequence``, applied to the held-out rows)."""
+    held_out = sequence_ids[rows]
+    sequences = len(np.unique(held_out))
+    if sequences < 2:
         raise CalibrationError(
-            f"the routers' held-out rows hold {len(sequences)} sequence(s); fitting and checking need at "
+            f"the routers' held-out rows hold {sequences} sequence(s); fitting and checking need at "
             f"least 2 (collect more samples, or train with a larger train.val_fraction)"
         )
-    n_check = min(len(sequences) - 1, max(1, round(check_fraction * len(sequences))))
-    check = np.random.default_rng(seed).choice(sequences, size=n_check, replace=False)
-    is_check = np.isin(sequence_ids[rows], check)
-    return rows[~is_check], rows[is_check]
+    fit, check = split_by_sequence(held_out, check_fraction, seed)
+    return rows[fit], rows[check]
 
 
 def draw_batches(
@@ -627,16 +627,9 @@ def _table_meta(
     for layer in routers:
         path = router_path(bundle, "mlp", layer)
         files[str(path.relative_to(bundle))] = file_digest(path)
-    manifest = store.manifest
     return {
-        "model": manifest["model"],
-        "store": {
-            "path": str(store.root.resolve()),
-            "model": manifest["model"],
-            "data": manifest["data"],
-            "rows": manifest["rows"],
-            "weights": manifest.get("weights"),
-        },
+        "model": store.manifest["model"],
+        "store": store.provenance(),
         "routers": files,
         "settings": {**asdict(settings), "batch_sizes": list(settings.batch_sizes)},
         "objective": settings.objective,
