@@ -94,6 +94,8 @@ def loop_report(ttgir: str) -> LoopReport:
     )
 
 
+ARCHS = (80, 86, 89, 90, 100, 120)  # tensor-core GPUs Triton compiles for (checked on Triton 3.9)
+
 # Representative launches: OPT-66B's MLP (d = 9216, 36,864 neurons, half selected) and attention
 # shapes, at the tile shapes the heuristics pick for small and large batches.
 _D, _N, _K = 9216, 36864, 18432
@@ -149,7 +151,14 @@ CASES = {
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m polar_sparsity.kernels.bench.compiled", description=__doc__)
-    p.add_argument("--arch", type=int, default=90, help="compute capability to compile for (80, 86, 89, 90)")
+    p.add_argument(
+        "--arch",
+        type=int,
+        default=90,
+        choices=ARCHS,
+        help="compute capability to compile for: 80 (A100), 86 / 89 (RTX 30xx / 40xx, L40S), 90 (H100, "
+        "H200), 100 / 120 (Blackwell)",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 when a main loop waits on a tile load")
     args = p.parse_args(argv)
     failed = []

@@ -19,3 +19,9 @@ def test_main_loops_wait_on_no_tile_load(arch):
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "| down M=64 | 0 |" in run.stdout, run.stdout
+
+
+def test_an_unknown_architecture_is_named_before_compiling():
+    cmd = [sys.executable, "-m", "polar_sparsity.kernels.bench.compiled", "--arch", "12"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "invalid choice: 12 (choose from 80, 86, 89, 90, 100, 120)" in run.stderr
