@@ -174,3 +174,34 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
         buf = torch.zeros(max(4096, next_pow2(n)), dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
     return buf
+
+
+def resident_programs(num_warps: int, smem_per_program: int, smem: int) -> int:
+    """Programs one SM holds at once: by shared memory, and by registers (a tensor-core tile program
+    takes ~168 of the 64K 32-bit registers per thread, so 8 warps hold an SM alone)."""
+    return max(1, min(smem // max(smem_per_program, 1), 65536 // (num_warps * 32 * 168)))
+
+
+def split_workspace(
+    out: torch.Tensor, shape: tuple[int, ...], tiles: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partial sums of ``shape`` (leading dim: partial slots per tile) and ``tiles`` arrival
+    counters; with one slot nothing is split, and ``out`` stands in, unread, for both."""
+    if shape[0] == 1:
+        return out, out
+    return torch.empty(shape, device=out.device, dtype=torch.float32), split_counters(out.device, tiles)
+
+
+def stream_k_plan(total: int, steps: int, programs: int, min_share: int = 2) -> tuple[int, int, int]:
+    """Stream-K schedule of a split reduction (GEMM or attention): deal ``total`` tile-major (tile, step)
+    iterations, ``steps`` per tile, to about ``programs`` programs (one per resident slot).
+
+    Returns (share, programs, slots): equal shares of >= ``min_share`` steps (a program pays its
+    pipeline start-up once per tile it touches), the programs that makes, and the most programs one
+    tile's steps can span (partial-sum slots per tile; 1 when shares hold whole tiles and nothing is
+    split). The kernels find a tile's programs as ``tile * steps // share`` to
+    ``((tile + 1) * steps - 1) // share``.
+    """
+    share = max(cdiv(total, programs), min(min_share, steps))
+    slots = 1 if share % steps == 0 else cdiv(steps - 1, share) + 1
+    return share, cdiv(total, share), slots

@@ -34,6 +34,210 @@ MASKED_MAX = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _attn_pair(
+    Q,
+    K,
+    V,
+    SEQLENS,
+    IDX,
+    pid,
+    n_sel,
+    n_kv,
+    n_max,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_vb,
+    stride_vh,
+    stride_ib,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+):
+    """The (sequence, selected group) pair ``pid``: its query tile, K/V bases and valid length."""
+    b = pid // n_sel
+    j = pid % n_sel
+    g = tl.load(IDX + b * stride_ib + j) if HAS_IDX else j
+    # Out-of-range indices do no work and write nothing (memory safety without a host check).
+    ok = (g >= 0) & (g < n_kv)
+    g = tl.where(ok, g, 0)
+    seqlen = tl.where(ok, tl.minimum(tl.load(SEQLENS + b), n_max), 0)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    # Row mask as a vector (scalar-and-tensor masks are not portable to the CPU interpreter).
+    mask_g = (offs_g < GROUP) & ((offs_g * 0 + ok.to(tl.int32)) != 0)
+    b64 = b.to(tl.int64)  # B * H * N_max * D overflows int32 at real cache sizes
+    g64 = g.to(tl.int64)
+    heads = g * GROUP + offs_g
+    q = tl.load(
+        Q + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_g[:, None] & (offs_d < HEAD_DIM)[None, :],
+        other=0.0,
+    )
+    k_base = K + b64 * stride_kb + g64 * stride_kh
+    v_base = V + b64 * stride_vb + g64 * stride_vh
+    return b, j, q, k_base, v_base, heads, mask_g, seqlen
+
+
+@triton.jit
+def _attn_range(
+    q,
+    k_base,
+    v_base,
+    start,
+    end,
+    qk_scale,
+    stride_kn,
+    stride_vn,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Unnormalised online-softmax state (running max, sum, P @ V) over the tokens start..end."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < HEAD_DIM
+    m_i = tl.full([BLOCK_G], MASKED_MAX, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        mask_n = cols < end
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if USE_DOT:
+            s = dot(q, tl.trans(k), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), UPCAST)
+        else:
+            # BLOCK_G == 1: a tensor-core tile would be 15/16 padding; reduce in registers instead.
+            s = tl.reshape(tl.sum(k.to(tl.float32) * q.to(tl.float32), 1), (1, BLOCK_N))
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if USE_DOT:
+            pv = dot(p.to(v.dtype), v, tl.zeros([BLOCK_G, BLOCK_D], tl.float32), UPCAST)
+        else:
+            pv = tl.sum(tl.reshape(p, (BLOCK_N,))[:, None] * v.to(tl.float32), 0)[None, :]
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _attn_store_partial(
+    PO,
+    PML,
+    slot,
+    m_i,
+    l_i,
+    acc,
+    mask_g,
+    mask_gd,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    slot = slot.to(tl.int64)
+    tl.store(PO + slot * (GROUP * HEAD_DIM) + offs_g[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_gd)
+    pml = PML + slot * (GROUP * 2) + offs_g * 2
+    tl.store(pml, m_i, mask=mask_g)
+    tl.store(pml + 1, l_i, mask=mask_g)
+
+
+@triton.jit
+def _attn_merge_here(
+    PO,
+    PML,
+    CNT,
+    OUT,
+    pid,
+    first_slot,
+    n_parts,
+    o_ptrs,
+    mask_g,
+    mask_gd,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """After storing its partial: count arrivals on pair ``pid``; the last of its ``n_parts`` programs
+    adds the partial states in slot order (deterministic whichever is last), writes the output and
+    resets the counter. No merge launch, no memset."""
+    tl.debug_barrier()  # every thread's partial is written before the (release) arrival
+    arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
+    if arrived == n_parts - 1:
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_t = tl.full([BLOCK_G], MASKED_MAX, tl.float32)
+        l_t = tl.zeros([BLOCK_G], tl.float32)
+        o_t = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for s in range(0, n_parts):
+            ps = (first_slot + s).to(tl.int64)
+            pml_s = PML + ps * (GROUP * 2) + offs_g * 2
+            m_s = tl.load(pml_s, mask=mask_g, other=MASKED_MAX, cache_modifier=".cg")
+            l_s = tl.load(pml_s + 1, mask=mask_g, other=0.0, cache_modifier=".cg")
+            po_s = PO + ps * (GROUP * HEAD_DIM) + offs_g[:, None] * HEAD_DIM + offs_d[None, :]
+            o_s = tl.load(po_s, mask=mask_gd, other=0.0, cache_modifier=".cg")
+            m_n = tl.maximum(m_t, m_s)
+            a_t = tl.exp2(m_t - m_n)
+            a_s = tl.exp2(m_s - m_n)
+            l_t = l_t * a_t + l_s * a_s
+            o_t = o_t * a_t[:, None] + o_s * a_s[:, None]
+            m_t = m_n
+        o = o_t / tl.where(l_t > 0, l_t, 1.0)[:, None]
+        tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=mask_gd)
+        tl.atomic_xchg(CNT + pid, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _attn_write(acc, l_i, OUT, o_ptrs, mask_gd):
+    """Normalise a whole pair's state and write it (an empty sequence gives zeros, not NaN)."""
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=mask_gd)
+
+
+@triton.jit
+def _attn_zero_unselected(
+    OUT,
+    IDX,
+    b,
+    n_sel,
+    n_q,
+    stride_ob,
+    stride_oh,
+    stride_ib,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Zeros to the query heads of sequence ``b``'s groups not in its index row (done by one program
+    of the sequence: no memset launch and no extra programs, which cost a scheduling slot each)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    sel = tl.load(IDX + b * stride_ib + offs_k, mask=offs_k < n_sel, other=-1)
+    offs_h = tl.arange(0, BLOCK_H)
+    hit = tl.sum(((offs_h // GROUP)[:, None] == sel[None, :]).to(tl.int32), 1)
+    mask_h = (offs_h < n_q) & (hit == 0)
+    z_ptrs = OUT + b.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
+    zeros = tl.zeros([BLOCK_H, BLOCK_D], tl.float32).to(OUT.dtype.element_ty)
+    tl.store(z_ptrs, zeros, mask=mask_h[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
 def _attn_chunk_kernel(
     Q,
     K,
@@ -76,115 +280,253 @@ def _attn_chunk_kernel(
     USE_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    """Split-K (flash-decoding) schedule: program (pair, split) attends over one context chunk."""
     pid = tl.program_id(0)  # one (sequence, selected group) pair
     sid = tl.program_id(1)  # one context chunk of it
-    b = pid // n_sel
-    j = pid % n_sel
-    g = tl.load(IDX + b * stride_ib + j) if HAS_IDX else j
-    # Out-of-range indices do no work and write nothing (memory safety without a host check).
-    ok = (g >= 0) & (g < n_kv)
-    g = tl.where(ok, g, 0)
-    seqlen = tl.minimum(tl.load(SEQLENS + b), n_max)
+    b, j, q, k_base, v_base, heads, mask_g, seqlen = _attn_pair(
+        Q,
+        K,
+        V,
+        SEQLENS,
+        IDX,
+        pid,
+        n_sel,
+        n_kv,
+        n_max,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kh,
+        stride_vb,
+        stride_vh,
+        stride_ib,
+        GROUP,
+        BLOCK_G,
+        HEAD_DIM,
+        BLOCK_D,
+        HAS_IDX,
+    )
     start = sid * chunk
     end = tl.minimum(start + chunk, seqlen)
-    end = tl.where(ok, end, start)
-
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    # Row mask as a vector (scalar-and-tensor masks are not portable to the CPU interpreter).
-    mask_g = (offs_g < GROUP) & ((offs_g * 0 + ok.to(tl.int32)) != 0)
-    mask_d = offs_d < HEAD_DIM
-    b64 = b.to(tl.int64)  # B * H * N_max * D overflows int32 at real cache sizes
-    g64 = g.to(tl.int64)
-    heads = g * GROUP + offs_g
-    q = tl.load(
-        Q + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=mask_g[:, None] & mask_d[None, :],
-        other=0.0,
+    m_i, l_i, acc = _attn_range(
+        q,
+        k_base,
+        v_base,
+        start,
+        end,
+        qk_scale,
+        stride_kn,
+        stride_vn,
+        BLOCK_G,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        USE_DOT,
+        UPCAST,
     )
-    k_base = K + b64 * stride_kb + g64 * stride_kh
-    v_base = V + b64 * stride_vb + g64 * stride_vh
-
-    m_i = tl.full([BLOCK_G], MASKED_MAX, tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        cols = n0 + offs_n
-        mask_n = cols < end
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        if USE_DOT:
-            s = dot(q, tl.trans(k), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), UPCAST)
-        else:
-            # BLOCK_G == 1: a tensor-core tile would be 15/16 padding; reduce in registers instead.
-            s = tl.reshape(tl.sum(k.to(tl.float32) * q.to(tl.float32), 1), (1, BLOCK_N))
-        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_DOT:
-            pv = dot(p.to(v.dtype), v, tl.zeros([BLOCK_G, BLOCK_D], tl.float32), UPCAST)
-        else:
-            pv = tl.sum(tl.reshape(p, (BLOCK_N,))[:, None] * v.to(tl.float32), 0)[None, :]
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-
-    mask_gd = mask_g[:, None] & mask_d[None, :]
-    o_ptrs = OUT + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_gd = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o_ptrs = OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     if SPLIT:
         # Unnormalised partial state of this chunk; the merge (a second kernel, or with MERGE_HERE
         # the last split of the pair to arrive) combines the chunks.
-        part = (pid * n_splits + sid).to(tl.int64)
-        po = PO + part * (GROUP * HEAD_DIM) + offs_g[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(po, acc, mask=mask_gd)
-        pml = PML + part * (GROUP * 2) + offs_g * 2
-        tl.store(pml, m_i, mask=mask_g)
-        tl.store(pml + 1, l_i, mask=mask_g)
+        _attn_store_partial(
+            PO, PML, pid * n_splits + sid, m_i, l_i, acc, mask_g, mask_gd, GROUP, HEAD_DIM, BLOCK_G, BLOCK_D
+        )
         if MERGE_HERE:
-            # Arrival counter per pair: the last split adds all partials in split order (deterministic
-            # whichever is last), writes the output and resets the counter: no merge launch, no memset.
-            tl.debug_barrier()  # every thread's partial is written before the (release) arrival
-            arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
-            if arrived == n_splits - 1:
-                m_t = tl.full([BLOCK_G], MASKED_MAX, tl.float32)
-                l_t = tl.zeros([BLOCK_G], tl.float32)
-                o_t = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-                for s in range(0, n_splits):
-                    ps = (pid * n_splits + s).to(tl.int64)
-                    pml_s = PML + ps * (GROUP * 2) + offs_g * 2
-                    m_s = tl.load(pml_s, mask=mask_g, other=MASKED_MAX, cache_modifier=".cg")
-                    l_s = tl.load(pml_s + 1, mask=mask_g, other=0.0, cache_modifier=".cg")
-                    po_s = PO + ps * (GROUP * HEAD_DIM) + offs_g[:, None] * HEAD_DIM + offs_d[None, :]
-                    o_s = tl.load(po_s, mask=mask_gd, other=0.0, cache_modifier=".cg")
-                    m_n = tl.maximum(m_t, m_s)
-                    a_t = tl.exp2(m_t - m_n)
-                    a_s = tl.exp2(m_s - m_n)
-                    l_t = l_t * a_t + l_s * a_s
-                    o_t = o_t * a_t[:, None] + o_s * a_s[:, None]
-                    m_t = m_n
-                o = o_t / tl.where(l_t > 0, l_t, 1.0)[:, None]
-                tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=mask_gd)
-                tl.atomic_xchg(CNT + pid, 0, sem="relaxed", scope="gpu")
+            _attn_merge_here(
+                PO,
+                PML,
+                CNT,
+                OUT,
+                pid,
+                pid * n_splits,
+                n_splits,
+                o_ptrs,
+                mask_g,
+                mask_gd,
+                GROUP,
+                HEAD_DIM,
+                BLOCK_G,
+                BLOCK_D,
+            )
     else:
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty sequence -> zeros, not NaN
-        tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=mask_gd)
-
+        _attn_write(acc, l_i, OUT, o_ptrs, mask_gd)
     if ZERO_FILL:  # noqa: SIM102 - a constexpr branch, kept apart from the runtime test below
-        # The first program of each sequence also writes zeros to the query heads of the groups not in
-        # its index row: no memset launch and no extra programs (at one or two resident programs per
-        # SM, even empty programs cost a scheduling slot each).
         if (j == 0) & (sid == 0):
-            offs_k = tl.arange(0, BLOCK_K)
-            sel = tl.load(IDX + b * stride_ib + offs_k, mask=offs_k < n_sel, other=-1)
-            offs_h = tl.arange(0, BLOCK_H)
-            hit = tl.sum(((offs_h // GROUP)[:, None] == sel[None, :]).to(tl.int32), 1)
-            mask_h = (offs_h < n_q) & (hit == 0)
-            z_ptrs = OUT + b64 * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
-            zeros = tl.zeros([BLOCK_H, BLOCK_D], tl.float32).to(OUT.dtype.element_ty)
-            tl.store(z_ptrs, zeros, mask=mask_h[:, None] & mask_d[None, :])
+            _attn_zero_unselected(
+                OUT,
+                IDX,
+                b,
+                n_sel,
+                n_q,
+                stride_ob,
+                stride_oh,
+                stride_ib,
+                GROUP,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_H,
+                BLOCK_K,
+            )
+
+
+@triton.jit
+def _attn_stream_k_kernel(
+    Q,
+    K,
+    V,
+    SEQLENS,
+    IDX,
+    OUT,
+    PO,
+    PML,
+    CNT,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_ib,
+    n_sel,
+    n_kv,
+    n_q,
+    n_max,
+    blocks,
+    share,
+    total,
+    slots,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ZERO_FILL: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Stream-K schedule: the pair-major (pair, BLOCK_N-token block of the cache) iterations are dealt
+    out in equal ``share``s, one per program, one program per resident slot of the GPU: no partial
+    last wave, one pipeline start-up per pair a program touches. A pair spanning several programs is
+    merged by the last of them to arrive. Shares follow the cache size ``n_max``; blocks past a
+    sequence's length cost a skipped loop."""
+    p = tl.program_id(0)
+    it = p * share
+    it_end = tl.minimum(it + share, total)
+    offs_d = tl.arange(0, BLOCK_D)
+    while it < it_end:
+        pid = it // blocks
+        blk_lo = it - pid * blocks
+        blk_hi = tl.minimum(it_end - pid * blocks, blocks)
+        b, j, q, k_base, v_base, heads, mask_g, seqlen = _attn_pair(
+            Q,
+            K,
+            V,
+            SEQLENS,
+            IDX,
+            pid,
+            n_sel,
+            n_kv,
+            n_max,
+            stride_qb,
+            stride_qh,
+            stride_kb,
+            stride_kh,
+            stride_vb,
+            stride_vh,
+            stride_ib,
+            GROUP,
+            BLOCK_G,
+            HEAD_DIM,
+            BLOCK_D,
+            HAS_IDX,
+        )
+        m_i, l_i, acc = _attn_range(
+            q,
+            k_base,
+            v_base,
+            blk_lo * BLOCK_N,
+            tl.minimum(blk_hi * BLOCK_N, seqlen),
+            qk_scale,
+            stride_kn,
+            stride_vn,
+            BLOCK_G,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            USE_DOT,
+            UPCAST,
+        )
+        mask_gd = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o_ptrs = OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        first = pid * blocks // share
+        n_parts = ((pid + 1) * blocks - 1) // share - first + 1
+        # Without partial slots (shares hold whole pairs) the split path is not compiled at all: its
+        # buffers are then stand-ins of another type.
+        if SPLIT:
+            if n_parts > 1:
+                _attn_store_partial(
+                    PO,
+                    PML,
+                    pid * slots + p - first,
+                    m_i,
+                    l_i,
+                    acc,
+                    mask_g,
+                    mask_gd,
+                    GROUP,
+                    HEAD_DIM,
+                    BLOCK_G,
+                    BLOCK_D,
+                )
+                _attn_merge_here(
+                    PO,
+                    PML,
+                    CNT,
+                    OUT,
+                    pid,
+                    pid * slots,
+                    n_parts,
+                    o_ptrs,
+                    mask_g,
+                    mask_gd,
+                    GROUP,
+                    HEAD_DIM,
+                    BLOCK_G,
+                    BLOCK_D,
+                )
+            else:
+                _attn_write(acc, l_i, OUT, o_ptrs, mask_gd)
+        else:
+            _attn_write(acc, l_i, OUT, o_ptrs, mask_gd)
+        if ZERO_FILL:  # noqa: SIM102 - a constexpr branch, kept apart from the runtime test below
+            if (j == 0) & (blk_lo == 0):
+                _attn_zero_unselected(
+                    OUT,
+                    IDX,
+                    b,
+                    n_sel,
+                    n_q,
+                    stride_ob,
+                    stride_oh,
+                    stride_ib,
+                    GROUP,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    BLOCK_H,
+                    BLOCK_K,
+                )
+        it = pid * blocks + blk_hi
 
 
 @triton.jit
@@ -265,7 +607,7 @@ def _heuristic(group: int, programs: int, n_max: int, sms: int, head_dim: int, s
     """
     splits = _split_options(programs, n_max, sms)
     target = next((s for s in splits if programs * s >= sms), splits[-1])
-    tile_bytes = 2 * C.next_pow2(head_dim) * 2  # one K row and one V row, fp16 / bf16
+    tile_bytes = _kv_row_bytes(head_dim)
     bn, nw, ns = (128, 8, 3) if group == 1 else (64, 4, 3)
     if group == 1 and C.fit_stages(ns, bn * tile_bytes, smem) < ns:
         bn, nw, ns = 64, 4, 2
@@ -287,17 +629,29 @@ _TILES = {
 }
 
 
-def _candidates(group: int, programs: int, n_max: int, sms: int) -> list[_tuning.Config]:
+def _candidates(
+    group: int, programs: int, n_max: int, sms: int, head_dim: int, smem: int
+) -> list[_tuning.Config]:
     # Split counts up to ~4 waves: at low density one long chunk per program (one or two waves, few
     # pipeline start-ups) can beat many short ones. The in-kernel merge is tried for <= 4 splits (its
     # last-arriving program reads the partials one after another). Tensor-core products only: the
-    # register reduction (use_dot=0) never won a tuning run on H100 or H200.
-    return [
-        {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "splits": s, "use_dot": 1, "merge_here": mh}
-        for bn, nw, ns in _TILES["mha" if group == 1 else "gqa"]
-        for s in _split_options(programs, n_max, sms)
-        for mh in ((0, 1) if 1 < s <= 4 else (0,))
-    ]
+    # register reduction (use_dot=0) never won a tuning run on H100 or H200. Stream-K (one program
+    # per SM, and as many as fit) where a grid of pairs leaves a partial last wave that matters: under
+    # 4 waves (it ran 1-4% slower than the best grid at every H200 benchmark shape, 2026-11-29).
+    out = []
+    for bn, nw, ns in _TILES["mha" if group == 1 else "gqa"]:
+        tile = {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "use_dot": 1}
+        for s in _split_options(programs, n_max, sms):
+            out += [{**tile, "splits": s, "merge_here": mh} for mh in ((0, 1) if 1 < s <= 4 else (0,))]
+        if programs < 4 * sms:
+            resident = C.resident_programs(nw, ns * bn * _kv_row_bytes(head_dim), smem)
+            out += [{**tile, "splits": 1, "merge_here": 0, "stream_k": r} for r in sorted({1, resident})]
+    return out
+
+
+def _kv_row_bytes(head_dim: int) -> int:
+    """Shared memory per cached token and pipeline stage: one K row and one V row, fp16 / bf16."""
+    return 2 * C.next_pow2(head_dim) * 2
 
 
 def config_key(head_dim: int, group: int, programs: int, n_max: int) -> str:
@@ -396,34 +750,92 @@ def decode_attention(
         key,
         q.device,
         lambda: _heuristic(group, programs, n_max, sms, D, smem),
-        lambda: _candidates(group, programs, n_max, sms),
+        lambda: _candidates(group, programs, n_max, sms, D, smem),
         launch,
     )
     launch(cfg)
     return out
 
 
+def _partial_states(out, seqlens, n_pairs: int, slots: int, group: int, merge_here: bool):
+    """fp32 partial softmax states (P @ V; running max and sum) of ``slots`` chunks per pair, and the
+    pairs' arrival counters for an in-kernel merge; unused tensors stand in where nothing is split."""
+    if slots == 1:
+        return out, out, seqlens
+    D = out.shape[-1]
+    po = torch.empty((n_pairs * slots, group, D), device=out.device, dtype=torch.float32)
+    pml = torch.empty((n_pairs * slots, group, 2), device=out.device, dtype=torch.float32)
+    return po, pml, C.split_counters(out.device, n_pairs) if merge_here else seqlens
+
+
 def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg, zero_fill=False) -> None:
     B, Hq, D = q.shape
     n_kv, n_max = k_cache.shape[1], k_cache.shape[2]
+    bn = cfg["BLOCK_N"]
     use_dot = bool(cfg["use_dot"]) or group > 1
-    block_g = max(16, C.next_pow2(group)) if use_dot else 1
     block_d = C.next_pow2(D)
-    splits = max(1, min(cfg["splits"], C.cdiv(n_max, cfg["BLOCK_N"])))
-    chunk = C.cdiv(C.cdiv(n_max, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    splits = C.cdiv(n_max, chunk)
     has_idx = kv_idx is not None
     idx = kv_idx if has_idx else seqlens  # dummy pointer, never read when HAS_IDX is False
     stride_ib = kv_idx.stride(0) if has_idx else 0
     n_pairs = B * n_sel
+    strides = (
+        q.stride(0),
+        q.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        *out.stride()[:2],
+        stride_ib,
+    )
+    meta = dict(
+        GROUP=group,
+        BLOCK_G=max(16, C.next_pow2(group)) if use_dot else 1,
+        HEAD_DIM=D,
+        BLOCK_D=block_d,
+        BLOCK_N=bn,
+        HAS_IDX=has_idx,
+        ZERO_FILL=zero_fill,
+        BLOCK_H=C.next_pow2(Hq) if zero_fill else 1,
+        BLOCK_K=C.next_pow2(n_sel) if zero_fill else 1,
+        USE_DOT=use_dot,
+        UPCAST=upcast_dot(q.dtype),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    blocks = C.cdiv(n_max, bn)
+    if cfg.get("stream_k", 0):
+        share, programs, slots = C.stream_k_plan(
+            n_pairs * blocks, blocks, C.num_sms(q.device) * cfg["stream_k"], C.cdiv(MIN_CHUNK, bn)
+        )
+        po, pml, cnt = _partial_states(out, seqlens, n_pairs, slots, group, merge_here=True)
+        _attn_stream_k_kernel[(programs,)](
+            q,
+            k_cache,
+            v_cache,
+            seqlens,
+            idx,
+            out,
+            po,
+            pml,
+            cnt,
+            scale,
+            *strides,
+            n_sel,
+            n_kv,
+            Hq,
+            n_max,
+            blocks,
+            share,
+            n_pairs * blocks,
+            slots,
+            SPLIT=slots > 1,
+            **meta,
+        )
+        return
+    splits = max(1, min(cfg["splits"], blocks))
+    chunk = C.cdiv(blocks, splits) * bn
+    splits = C.cdiv(n_max, chunk)
     merge_here = splits > 1 and bool(cfg.get("merge_here", 0))
-    if splits > 1:
-        po = torch.empty((n_pairs * splits, group, D), device=q.device, dtype=torch.float32)
-        pml = torch.empty((n_pairs * splits, group, 2), device=q.device, dtype=torch.float32)
-    else:
-        po = pml = out  # unused
-    cnt = C.split_counters(q.device, n_pairs) if merge_here else seqlens  # dummy when unused
-    meta = dict(GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d)
+    po, pml, cnt = _partial_states(out, seqlens, n_pairs, splits, group, merge_here)
     _attn_chunk_kernel[(n_pairs, splits)](
         q,
         k_cache,
@@ -435,34 +847,15 @@ def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg,
         pml,
         cnt,
         scale,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        out.stride(0),
-        out.stride(1),
-        stride_ib,
+        *strides,
         n_sel,
         n_kv,
         Hq,
         n_max,
         chunk,
         splits,
-        BLOCK_N=cfg["BLOCK_N"],
-        HAS_IDX=has_idx,
         SPLIT=splits > 1,
         MERGE_HERE=merge_here,
-        ZERO_FILL=zero_fill,
-        BLOCK_H=C.next_pow2(Hq) if zero_fill else 1,
-        BLOCK_K=C.next_pow2(n_sel) if zero_fill else 1,
-        USE_DOT=use_dot,
-        UPCAST=upcast_dot(q.dtype),
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
         **meta,
     )
     if splits > 1 and not merge_here:

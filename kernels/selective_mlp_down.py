@@ -47,6 +47,83 @@ def _down_step(acc, a, W, rows, rd, mask_d, n_rows, stride_wn, EVEN_D: tl.conste
 
 
 @triton.jit
+def _down_range(
+    a_rows,
+    W,
+    IDX,
+    rd,
+    mask_d,
+    n_rows,
+    stride_wn,
+    j_start,
+    j_end,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Sum over the selected neurons j_start..j_end of one output tile, in fp32."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # The weight addresses depend on the indices: load the next step's indices one iteration ahead,
+    # so the weight copies of a step never wait on an index load and pipeline like the activation
+    # copies (see kernels/bench/compiled.py). Slots past the end read index -1 (a zero weight row).
+    rj_next = j_start + tl.arange(0, BLOCK_K)
+    rows_next = tl.load(IDX + rj_next, mask=rj_next < j_end, other=-1)
+    # Whole steps first, with no activation mask: a mask ending at an odd k would make the
+    # activation load element-wise, which cannot be an asynchronous copy. The partial step after.
+    j_full = j_start + (j_end - j_start) // BLOCK_K * BLOCK_K
+    for j0 in range(j_start, j_full, BLOCK_K):
+        rj = j0 + tl.arange(0, BLOCK_K)
+        rows = rows_next
+        rows_next = tl.load(IDX + rj + BLOCK_K, mask=rj + BLOCK_K < j_end, other=-1)
+        a = tl.load(a_rows + rj[None, :])
+        acc = _down_step(acc, a, W, rows, rd, mask_d, n_rows, stride_wn, EVEN_D, UPCAST)
+    if j_full < j_end:
+        rj = j_full + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows + rj[None, :], mask=(rj < j_end)[None, :], other=0.0)
+        acc = _down_step(acc, a, W, rows_next, rd, mask_d, n_rows, stride_wn, EVEN_D, UPCAST)
+    return acc
+
+
+@triton.jit
+def _down_partial(
+    acc,
+    WS,
+    CNT,
+    BIAS,
+    OUT,
+    tile,
+    part,
+    n_parts,
+    rm,
+    rd,
+    mask,
+    mask_d,
+    M,
+    d,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """Store one of an output tile's ``n_parts`` fp32 partial sums (slot ``part``), then count
+    arrivals on the tile; the last to arrive adds all partials in slot order (deterministic whichever
+    program is last), applies the bias, writes the output and resets the counter. No second kernel,
+    no memset."""
+    ws_tile = WS + (rm[:, None] * d + rd[None, :]).to(tl.int64)
+    tl.store(ws_tile + (part * M * d).to(tl.int64), acc, mask=mask)
+    tl.debug_barrier()  # every thread's partial is written before the (release) arrival
+    arrived = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == n_parts - 1:
+        tot = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for s in range(0, n_parts):
+            tot += tl.load(ws_tile + (s * M * d).to(tl.int64), mask=mask, other=0.0, cache_modifier=".cg")
+        _down_epilogue(tot, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS)
+        tl.atomic_xchg(CNT + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _down_kernel(
     A,
     W,
@@ -73,55 +150,157 @@ def _down_kernel(
     EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    """Split-K schedule: program (tile, split) sums the split's ``k_chunk`` neurons of one tile."""
     pid = tl.program_id(0)
     pid_m = pid % num_m
     pid_d = pid // num_m
     sid = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rm < M
-    rm_load = tl.where(mask_m, rm, 0).to(tl.int64)
+    a_rows = A + tl.where(mask_m, rm, 0).to(tl.int64)[:, None] * stride_am
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = rd < d
     j_start = sid * k_chunk
     j_end = tl.minimum(j_start + k_chunk, n_sel)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    a_rows = A + rm_load[:, None] * stride_am
-    # The weight addresses depend on the indices: load the next step's indices one iteration ahead,
-    # so the weight copies of a step never wait on an index load and pipeline like the activation
-    # copies (see kernels/bench/compiled.py). Slots past the end read index -1 (a zero weight row).
-    rj_next = j_start + tl.arange(0, BLOCK_K)
-    rows_next = tl.load(IDX + rj_next, mask=rj_next < j_end, other=-1)
-    # Whole steps first, with no activation mask: a mask ending at an odd k would make the
-    # activation load element-wise, which cannot be an asynchronous copy. The partial step after.
-    j_full = j_start + (j_end - j_start) // BLOCK_K * BLOCK_K
-    for j0 in range(j_start, j_full, BLOCK_K):
-        rj = j0 + tl.arange(0, BLOCK_K)
-        rows = rows_next
-        rows_next = tl.load(IDX + rj + BLOCK_K, mask=rj + BLOCK_K < j_end, other=-1)
-        a = tl.load(a_rows + rj[None, :])
-        acc = _down_step(acc, a, W, rows, rd, mask_d, n_rows, stride_wn, EVEN_D, UPCAST)
-    if j_full < j_end:
-        rj = j_full + tl.arange(0, BLOCK_K)
-        a = tl.load(a_rows + rj[None, :], mask=(rj < j_end)[None, :], other=0.0)
-        acc = _down_step(acc, a, W, rows_next, rd, mask_d, n_rows, stride_wn, EVEN_D, UPCAST)
-
+    acc = _down_range(
+        a_rows,
+        W,
+        IDX,
+        rd,
+        mask_d,
+        n_rows,
+        stride_wn,
+        j_start,
+        j_end,
+        BLOCK_M,
+        BLOCK_D,
+        BLOCK_K,
+        EVEN_D,
+        UPCAST,
+    )
     mask = mask_m[:, None] & mask_d[None, :]
     if SPLIT:
-        # Store this split's fp32 partial, then count arrivals on the output tile; the last split to
-        # arrive adds all partials in split order (deterministic whichever program is last), applies
-        # the bias, writes the output and resets the counter. No second kernel, no memset.
-        ws_tile = WS + (rm[:, None] * d + rd[None, :]).to(tl.int64)
-        tl.store(ws_tile + (sid * M * d).to(tl.int64), acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the (release) arrival
-        arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_splits - 1:
-            tot = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for s in range(0, n_splits):
-                tot += tl.load(ws_tile + (s * M * d).to(tl.int64), mask=mask, other=0.0, cache_modifier=".cg")
-            _down_epilogue(tot, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS)
-            tl.atomic_xchg(CNT + pid, 0, sem="relaxed", scope="gpu")
+        _down_partial(
+            acc,
+            WS,
+            CNT,
+            BIAS,
+            OUT,
+            pid,
+            sid,
+            n_splits,
+            rm,
+            rd,
+            mask,
+            mask_d,
+            M,
+            d,
+            stride_om,
+            BLOCK_M,
+            BLOCK_D,
+            HAS_BIAS,
+        )
     else:
         _down_epilogue(acc, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _down_stream_k_kernel(
+    A,
+    W,
+    BIAS,
+    IDX,
+    OUT,
+    WS,
+    CNT,
+    M,
+    n_sel,
+    d,
+    n_rows,
+    steps,
+    share,
+    total,
+    num_m,
+    stride_am,
+    stride_wn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Stream-K schedule: the (tile, BLOCK_K step) iterations, tile-major, are dealt out in equal
+    ``share``s, one per program, and a program launches once per resident slot of the GPU. Every
+    program does the same work (no partial last wave); a tile whose steps span several programs is
+    finished by the last of them to arrive, as in split-K."""
+    p = tl.program_id(0)
+    it = p * share
+    it_end = tl.minimum(it + share, total)
+    while it < it_end:
+        tile = it // steps
+        s_lo = it - tile * steps
+        s_hi = tl.minimum(it_end - tile * steps, steps)
+        pid_m = tile % num_m
+        pid_d = tile // num_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = rm < M
+        a_rows = A + tl.where(mask_m, rm, 0).to(tl.int64)[:, None] * stride_am
+        rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = rd < d
+        j_start = s_lo * BLOCK_K
+        j_end = tl.minimum(s_hi * BLOCK_K, n_sel)
+        acc = _down_range(
+            a_rows,
+            W,
+            IDX,
+            rd,
+            mask_d,
+            n_rows,
+            stride_wn,
+            j_start,
+            j_end,
+            BLOCK_M,
+            BLOCK_D,
+            BLOCK_K,
+            EVEN_D,
+            UPCAST,
+        )
+        mask = mask_m[:, None] & mask_d[None, :]
+        # The tile's steps belong to programs first..last (shares are equal, so both are divisions).
+        first = tile * steps // share
+        n_parts = ((tile + 1) * steps - 1) // share - first + 1
+        # Without partial slots (shares hold whole tiles) the split path is not compiled at all: its
+        # workspace and counters are then stand-ins of another type.
+        if SPLIT:
+            if n_parts > 1:
+                _down_partial(
+                    acc,
+                    WS,
+                    CNT,
+                    BIAS,
+                    OUT,
+                    tile,
+                    p - first,
+                    n_parts,
+                    rm,
+                    rd,
+                    mask,
+                    mask_d,
+                    M,
+                    d,
+                    stride_om,
+                    BLOCK_M,
+                    BLOCK_D,
+                    HAS_BIAS,
+                )
+            else:
+                _down_epilogue(acc, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS)
+        else:
+            _down_epilogue(acc, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS)
+        it = tile * steps + s_hi
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +339,7 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
         bm, bk = 128, 64
         bd, nw = (256, 8) if n_sel >= 6144 else (64, 4)
         stages = C.fit_stages(3, (bm * bk + bk * bd) * 2, smem)
-        slots = sms * _resident_programs(nw, stages * (bm * bk + bk * bd) * 2, smem)
+        slots = sms * C.resident_programs(nw, stages * (bm * bk + bk * bd) * 2, smem)
         splits = _large_batch_splits(C.cdiv(M, bm) * C.cdiv(d, bd), slots, bm, n_sel, bk)
     else:
         bm = _block_m(M)
@@ -177,12 +356,6 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
         "num_stages": stages,
         "splits": splits,
     }
-
-
-def _resident_programs(num_warps: int, smem_per_program: int, smem: int) -> int:
-    """Programs one SM holds at once: by shared memory, and by registers (a tensor-core tile program
-    takes ~168 of the 64K 32-bit registers per thread, so 8 warps hold an SM alone)."""
-    return max(1, min(smem // max(smem_per_program, 1), 65536 // (num_warps * 32 * 168)))
 
 
 def _large_batch_splits(tiles: int, slots: int, bm: int, n_sel: int, bk: int) -> int:
@@ -222,7 +395,7 @@ def _split_options(tiles: int, n_sel: int, block_k: int, sms: int, base: int) ->
     return sorted(s for s in opts if s == 1 or (s <= 64 and n_sel // s >= 2 * block_k))
 
 
-def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
+def _candidates(M: int, n_sel: int, d: int, sms: int, smem: int) -> list[_tuning.Config]:
     tiles_by_bm = [(_block_m(M), t) for t in _TILES[16 if M <= 16 else 64]]
     if M > 64:  # the two best 64-row tiles of the H100 M=256 tuning, then the 128-row ones
         tiles_by_bm = [(64, (256, 64, 4, 3)), (64, (128, 64, 4, 4))] + [(128, t) for t in _TILES[128]]
@@ -230,19 +403,13 @@ def _candidates(M: int, n_sel: int, d: int, sms: int) -> list[_tuning.Config]:
             tiles_by_bm += [(256, (64, 64, 8, 3)), (256, (128, 64, 8, 3))]
     out = []
     for bm, (bd, bk, nw, ns) in tiles_by_bm:
+        tile = {"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
         tiles = C.cdiv(M, bm) * C.cdiv(d, bd)
         s = _splits_for(tiles, n_sel, bk, 2 * sms if bm <= 16 else sms)
-        for split in _split_options(tiles, n_sel, bk, sms, s):
-            out.append(
-                {
-                    "BLOCK_M": bm,
-                    "BLOCK_D": bd,
-                    "BLOCK_K": bk,
-                    "num_warps": nw,
-                    "num_stages": ns,
-                    "splits": split,
-                }
-            )
+        out += [{**tile, "splits": split} for split in _split_options(tiles, n_sel, bk, sms, s)]
+        if M > 64:  # stream-K: 1-8% faster at M = 256 on OPT-66B shapes; 0-34% slower at M <= 64 (H200)
+            resident = C.resident_programs(nw, ns * (bm * bk + bk * bd) * 2, smem)
+            out += [{**tile, "splits": 1, "stream_k": r} for r in sorted({1, resident})]
     return out
 
 
@@ -307,7 +474,7 @@ def selective_down(
         key,
         a.device,
         lambda: _heuristic(M, n_sel, d, sms, smem),
-        lambda: _candidates(M, n_sel, d, sms),
+        lambda: _candidates(M, n_sel, d, sms, smem),
         launch,
     )
     launch(cfg)
@@ -326,17 +493,49 @@ def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
         a = padded[:, :n_sel]
     stride_am = a.stride(0) if M > 1 else 0  # one row: any stride, and 0 tells the compiler it aligns
     bm, bd, bk = cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["BLOCK_K"]
-    splits = max(1, min(cfg["splits"], C.cdiv(n_sel, bk)))
-    k_chunk = C.cdiv(C.cdiv(n_sel, splits), bk) * bk
-    splits = C.cdiv(n_sel, k_chunk)
     num_m = C.cdiv(M, bm)
     tiles = num_m * C.cdiv(d, bd)
-    if splits > 1:
-        ws = torch.empty((splits, M, d), device=a.device, dtype=torch.float32)
-        cnt = C.split_counters(a.device, tiles)
-    else:
-        ws = cnt = out  # unused
+    steps = C.cdiv(n_sel, bk)
     b = bias if bias is not None else a  # dummy pointer when HAS_BIAS is False
+    meta = dict(
+        BLOCK_M=bm,
+        BLOCK_D=bd,
+        BLOCK_K=bk,
+        HAS_BIAS=bias is not None,
+        EVEN_D=d % bd == 0,
+        UPCAST=upcast_dot(a.dtype),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    strides = (stride_am, w_down_t.stride(0), out.stride(0))
+    if cfg.get("stream_k", 0):
+        share, programs, parts = C.stream_k_plan(tiles * steps, steps, C.num_sms(a.device) * cfg["stream_k"])
+        ws, cnt = C.split_workspace(out, (parts, M, d), tiles)
+        _down_stream_k_kernel[(programs,)](
+            a,
+            w_down_t,
+            b,
+            idx,
+            out,
+            ws,
+            cnt,
+            M,
+            n_sel,
+            d,
+            w_down_t.shape[0],
+            steps,
+            share,
+            tiles * steps,
+            num_m,
+            *strides,
+            SPLIT=parts > 1,
+            **meta,
+        )
+        return
+    splits = max(1, min(cfg["splits"], steps))
+    k_chunk = C.cdiv(steps, splits) * bk
+    splits = C.cdiv(n_sel, k_chunk)
+    ws, cnt = C.split_workspace(out, (splits, M, d), tiles)
     _down_kernel[(tiles, splits)](
         a,
         w_down_t,
@@ -352,18 +551,9 @@ def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
         k_chunk,
         num_m,
         splits,
-        stride_am,
-        w_down_t.stride(0),
-        out.stride(0),
-        BLOCK_M=bm,
-        BLOCK_D=bd,
-        BLOCK_K=bk,
-        HAS_BIAS=bias is not None,
+        *strides,
         SPLIT=splits > 1,
-        EVEN_D=d % bd == 0,
-        UPCAST=upcast_dot(a.dtype),
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        **meta,
     )
 
 

@@ -119,6 +119,30 @@ def _down_case(M: int, bm: int, bd: int, warps: int, k: int = _K) -> tuple:
     return down._down_kernel, args, consts, warps, 4
 
 
+def _stream_k(case: tuple, kernel, grid_args: tuple[str, str], steps: int, tiles: int, split: bool) -> tuple:
+    """A grid case as its stream-K launch. Without partial slots (``split`` False) the wrapper passes
+    the output as the workspace and counters, as this case does: the kernel must still compile."""
+    _, args, consts, warps, stages = case
+    for name in grid_args:
+        del args[name]
+    args |= dict(steps=steps, share=80 if split else 2 * steps, total=steps * tiles)
+    if not split:
+        args |= dict(WS=args["OUT"], CNT=args["OUT"])
+    return kernel, args, consts | dict(SPLIT=split), warps, stages
+
+
+def _up_stream_k_case(M: int, bm: int, bn: int, warps: int, split: bool) -> tuple:
+    tiles = _K // bn * (M // bm + 2)
+    case = _up_case(M, bm, bn, warps, False)
+    return _stream_k(case, up._up_stream_k_kernel, ("d_chunk", "n_splits"), _D // 64, tiles, split)
+
+
+def _down_stream_k_case(M: int, bm: int, bd: int, warps: int, split: bool) -> tuple:
+    tiles = _D // bd * (M // bm + 2)
+    case = _down_case(M, bm, bd, warps)
+    return _stream_k(case, down._down_stream_k_kernel, ("k_chunk", "n_splits"), _K // 64, tiles, split)
+
+
 def _attn_case(group: int, block_n: int, warps: int) -> tuple:
     n_max, kv_heads, head_dim = 8192, 8, 128
     q_heads = kv_heads * group
@@ -136,16 +160,30 @@ def _attn_case(group: int, block_n: int, warps: int) -> tuple:
     return attn._attn_chunk_kernel, args, consts, warps, 3
 
 
+def _attn_stream_k_case(group: int, block_n: int, warps: int) -> tuple:
+    _, args, consts, warps, stages = _attn_case(group, block_n, warps)
+    for name in ("chunk", "n_splits"):
+        del args[name]
+    args |= dict(blocks=8192 // block_n, share=48, total=8192 // block_n * 64, slots=2)
+    del consts["MERGE_HERE"]
+    return attn._attn_stream_k_kernel, args, consts, warps, stages
+
+
 CASES = {
     "up M=16": _up_case(16, 16, 64, 4, False),
     "up M=256": _up_case(256, 128, 128, 8, False),
     "gated up M=64": _up_case(64, 64, 128, 8, True),
+    "up M=64, stream-K": _up_stream_k_case(64, 64, 128, 8, split=True),
+    "up M=64, stream-K, whole tiles": _up_stream_k_case(64, 64, 128, 8, split=False),
     "down M=16": _down_case(16, 16, 128, 4),
     "down M=64": _down_case(64, 64, 128, 4),
     "down M=64, odd k": _down_case(64, 64, 128, 4, k=25805),
     "down M=256": _down_case(256, 128, 128, 8),
+    "down M=64, stream-K": _down_stream_k_case(64, 64, 128, 4, split=True),
+    "down M=64, stream-K, whole tiles": _down_stream_k_case(64, 64, 128, 4, split=False),
     "attention MHA": _attn_case(1, 128, 8),
     "attention GQA 8": _attn_case(8, 64, 4),
+    "attention MHA, stream-K": _attn_stream_k_case(1, 128, 8),
 }
 
 

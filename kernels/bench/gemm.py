@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import _common as C
 from .. import _tuning, selective_down, selective_gated_up, selective_up
 from .. import selective_mlp_down as _down_mod
 from .. import selective_mlp_up as _up_mod
@@ -68,7 +69,7 @@ def _sweep(key: str, candidates: list[dict], make_fns) -> None:
     shipped = _tuning.known_config(key, torch.device("cuda"))
     if shipped is not None and shipped not in candidates:
         candidates = [shipped, *candidates]  # never pick worse than the shipped config
-    best = None
+    best, fastest = None, {}
     for cfg in candidates:
         try:
             us = time_graph(make_fns(cfg), reps=10)
@@ -76,16 +77,21 @@ def _sweep(key: str, candidates: list[dict], make_fns) -> None:
             print(f"[sweep] {key}: {cfg} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
             torch.cuda.synchronize()
             continue
+        fastest[_tuning.schedule(cfg)] = min(us, fastest.get(_tuning.schedule(cfg), us))
         if best is None or us < best[0]:
             best = (us, cfg)
     if best is None:
         raise RuntimeError(f"no candidate config ran for {key}")
-    print(f"[sweep] {key}: {best[1]} {best[0]:.1f} us ({len(candidates)} tried)", flush=True)
+    print(
+        f"[sweep] {key}: {best[1]} {best[0]:.1f} us ({len(candidates)} tried; "
+        f"{_tuning.best_by_schedule(fastest)})",
+        flush=True,
+    )
     _tuning.record(key, best[1], torch.device("cuda"))
 
 
 def _tune_case(M, d, n_rows, k, gated, ws, copies, x, a, idx) -> None:
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms, smem = C.num_sms(x.device), C.max_shared_memory(x.device)
     R = len(idx)
     up_out = torch.empty(M, k, device="cuda", dtype=x.dtype)
     down_out = torch.empty(M, d, device="cuda", dtype=x.dtype)
@@ -106,8 +112,8 @@ def _tune_case(M, d, n_rows, k, gated, ws, copies, x, a, idx) -> None:
             for i in range(R)
         ]
 
-    _sweep(_up_mod.config_key(M, k, d, gated), _up_mod._candidates(M, k, d, sms), up_fns)
-    _sweep(_down_mod.config_key(M, k, d), _down_mod._candidates(M, k, d, sms), down_fns)
+    _sweep(_up_mod.config_key(M, k, d, gated), _up_mod._candidates(M, k, d, sms, gated, smem), up_fns)
+    _sweep(_down_mod.config_key(M, k, d), _down_mod._candidates(M, k, d, sms, smem), down_fns)
 
 
 def _row(model, op, M, method, dens, k, us, nbytes, bw, dense_us=math.nan) -> dict:

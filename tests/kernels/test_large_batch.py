@@ -32,11 +32,11 @@ def test_large_batches_get_tensor_core_tiles_and_whole_batch_candidates():
         assert selective_mlp_up._heuristic(256, 4096, 4096, 132, gated, 228 * 1024)["BLOCK_M"] >= 64
     assert selective_mlp_down._heuristic(256, 4096, 4096, 132, 228 * 1024)["BLOCK_M"] >= 64
     for candidates in (
-        selective_mlp_up._candidates(256, 4096, 4096, 132),
-        selective_mlp_down._candidates(256, 4096, 4096, 132),
+        selective_mlp_up._candidates(256, 4096, 4096, 132, True, 228 * 1024),
+        selective_mlp_down._candidates(256, 4096, 4096, 132, 228 * 1024),
     ):
         assert {128, 256} <= {c["BLOCK_M"] for c in candidates}
-    assert max(c["BLOCK_M"] for c in selective_mlp_down._candidates(128, 4096, 4096, 132)) == 128
+    assert max(c["BLOCK_M"] for c in selective_mlp_down._candidates(128, 4096, 4096, 132, 228 * 1024)) == 128
 
 
 @pytest.mark.parametrize("M", [130])

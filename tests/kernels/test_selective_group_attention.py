@@ -49,6 +49,15 @@ def test_split_paths(splits, merge_here, force_config, device, gen):
     _check(q, k, v, sl, random_rows(2, 2, 1, device, gen), torch.bfloat16)
 
 
+@pytest.mark.parametrize("programs_per_sm", [1, 2])
+def test_stream_k_paths(programs_per_sm, force_config, device, gen):
+    """Stream-K over 38-block pairs in shares of 16 blocks: pairs span several programs."""
+    cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "splits": 1, "use_dot": 1, "merge_here": 0}
+    force_config(dict(cfg, stream_k=programs_per_sm))
+    q, k, v, sl = _inputs(2, 8, 2, 600, 64, torch.bfloat16, device, gen, seqlens=[600, 250])
+    _check(q, k, v, sl, random_rows(2, 2, 1, device, gen), torch.bfloat16)
+
+
 def test_query_heads_of_unselected_groups_untouched(device, gen):
     q, k, v, sl = _inputs(2, 8, 4, 20, 64, torch.float16, device, gen)
     idx = random_rows(2, 4, 2, device, gen)
@@ -76,19 +85,15 @@ def test_argument_errors(device, gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("splits", "merge_here"), [(1, 0), (2, 1), (4, 1), (2, 0)])
-def test_low_density_configs_gpu(splits, merge_here, force_config):
-    """Llama-3-70B-like at one group of eight: the split / merge variants low-density configs use."""
-    force_config(
-        {
-            "BLOCK_N": 128,
-            "num_warps": 8,
-            "num_stages": 3,
-            "splits": splits,
-            "use_dot": 1,
-            "merge_here": merge_here,
-        }
-    )
+@pytest.mark.parametrize(
+    "schedule",
+    [{"splits": s, "merge_here": mh} for s, mh in ((1, 0), (2, 1), (4, 1), (2, 0))]
+    + [{"splits": 1, "merge_here": 0, "stream_k": r} for r in (1, 2)],
+)
+def test_low_density_configs_gpu(schedule, force_config):
+    """Llama-3-70B-like at one group of eight: the split / merge / stream-K variants low-density
+    configs use."""
+    force_config({"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "use_dot": 1} | schedule)
     dev = torch.device("cuda")
     gen = torch.Generator(device="cuda").manual_seed(4)
     B, Hq, Hkv, N, D = 64, 64, 8, 8192, 128

@@ -52,20 +52,26 @@ def test_paths(use_dot, splits, merge_here, force_config, device, gen):
     _check(q, k, v, sl, random_rows(3, 4, 3, device, gen), torch.float16)
 
 
-@pytest.mark.parametrize(("splits", "merge_here"), [(1, 0), (4, 0), (4, 1)])
-def test_out_of_range_indices_skipped_and_others_zeroed(splits, merge_here, force_config, device, gen):
+@pytest.mark.parametrize("use_dot", [0, 1])
+@pytest.mark.parametrize("programs_per_sm", [1, 3])
+def test_stream_k_paths(use_dot, programs_per_sm, force_config, device, gen):
+    """Stream-K: shares of 16 blocks over 38-block pairs, so pairs span 3-4 programs and programs span
+    pairs; lengths: full, short, empty (programs past a length merge empty partial states)."""
+    cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "splits": 1, "use_dot": use_dot, "merge_here": 0}
+    force_config(dict(cfg, stream_k=programs_per_sm))
+    q, k, v, sl = _inputs(3, 4, 600, 64, torch.float16, device, gen, seqlens=[600, 17, 0])
+    _check(q, k, v, sl, random_rows(3, 4, 3, device, gen), torch.float16)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [{"splits": 1, "merge_here": 0}, {"splits": 4, "merge_here": 0}, {"splits": 4, "merge_here": 1}]
+    + [{"splits": 1, "merge_here": 0, "stream_k": 1}],
+)
+def test_out_of_range_indices_skipped_and_others_zeroed(schedule, force_config, device, gen):
     """validate=False: a bad index writes nothing; every head not validly selected is zeroed in-kernel."""
-    force_config(
-        {
-            "BLOCK_N": 16,
-            "num_warps": 4,
-            "num_stages": 2,
-            "splits": splits,
-            "use_dot": 1,
-            "merge_here": merge_here,
-        }
-    )
-    q, k, v, sl = _inputs(2, 5, 40, 64, torch.float16, device, gen)
+    force_config({"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "use_dot": 1} | schedule)
+    q, k, v, sl = _inputs(2, 5, 300, 64, torch.float16, device, gen)
     idx = torch.tensor([[4, 7], [-1, 0]], dtype=torch.int32, device=device)
     out = poisoned(q.shape, q.dtype, device)
     selective_head_attention(q, k, v, sl, idx, out=out, validate=False)
@@ -180,19 +186,14 @@ def test_cuda_graph_replay_reads_lengths_on_device():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("splits", "merge_here"), [(1, 0), (2, 1), (4, 1), (4, 0)])
-def test_low_density_configs_gpu(splits, merge_here, force_config):
-    """OPT-66B at density 0.1 (k=7): the split / merge variants the low-density configs use."""
-    force_config(
-        {
-            "BLOCK_N": 128,
-            "num_warps": 8,
-            "num_stages": 3,
-            "splits": splits,
-            "use_dot": 1,
-            "merge_here": merge_here,
-        }
-    )
+@pytest.mark.parametrize(
+    "schedule",
+    [{"splits": s, "merge_here": mh} for s, mh in ((1, 0), (2, 1), (4, 1), (4, 0))]
+    + [{"splits": 1, "merge_here": 0, "stream_k": r} for r in (1, 2)],
+)
+def test_low_density_configs_gpu(schedule, force_config):
+    """OPT-66B at density 0.1 (k=7): the split / merge / stream-K variants low-density configs use."""
+    force_config({"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "use_dot": 1} | schedule)
     gen = torch.Generator(device="cuda").manual_seed(3)
     dev = torch.device("cuda")
     B, H, N = 64, 72, 1920

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from polar_sparsity.kernels import prepare_down_weight, selective_down, selective_down_reference
+from polar_sparsity.kernels._common import stream_k_plan
 from polar_sparsity.kernels.testing import assert_rel_close, poisoned
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -43,6 +44,34 @@ def test_split_k_paths(splits, force_config, device, gen):
     selective_down(a, w_t, idx, b, out=out)
     ref = selective_down_reference(a.cpu(), w_t.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
     assert_rel_close(out.cpu(), ref, torch.bfloat16, f"split={splits}")
+
+
+@pytest.mark.parametrize(
+    ("programs_per_sm", "block_k", "k"),
+    [(1, 16, 61), (3, 16, 61), (2, 32, 200), (64, 16, 61)],  # shares of 2+ steps; tiles over 1-4 programs
+)
+def test_stream_k_paths(programs_per_sm, block_k, k, force_config, device, gen):
+    force_config(
+        {"BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2, "splits": 1}
+        | {"stream_k": programs_per_sm}
+    )
+    a, w_t, b, idx = _case(18, 72, 250, k, torch.float16, device, gen)  # 2 x 3 tiles
+    out = poisoned((18, 72), torch.float16, device)
+    selective_down(a, w_t, idx, b, out=out)
+    ref = selective_down_reference(a.cpu(), w_t.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
+    assert_rel_close(out.cpu(), ref, torch.float16, f"stream-K x{programs_per_sm}")
+
+
+@pytest.mark.parametrize(
+    ("tiles", "steps", "programs"), [(6, 4, 4), (6, 4, 5), (72, 288, 264), (1, 1, 8), (5, 7, 3)]
+)
+def test_stream_k_plan_covers_every_step_once(tiles, steps, programs):
+    """Each program's share is a run of (tile, step) iterations; together they cover each exactly
+    once, and no tile spans more programs than the partial-sum slots the plan allocates."""
+    share, n_prog, parts = stream_k_plan(tiles * steps, steps, programs)
+    owner = [it // share for it in range(tiles * steps)]
+    assert max(owner) == n_prog - 1 and share >= min(2, steps)
+    assert max(len(set(owner[t * steps : (t + 1) * steps])) for t in range(tiles)) <= parts
 
 
 def test_split_k_repeat_is_deterministic(force_config, device, gen):
@@ -100,12 +129,13 @@ def test_real_shapes_gpu(dtype, M, d, n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("splits", [8, 32])
-def test_split_k_gpu_deterministic_under_graph_replay(splits, force_config):
-    """Many splits racing on one tile's counter: exact repeatability, eager and replayed in a graph."""
-    force_config(
-        {"BLOCK_M": 64, "BLOCK_D": 256, "BLOCK_K": 32, "num_warps": 8, "num_stages": 4, "splits": splits}
-    )
+@pytest.mark.parametrize(
+    "schedule", [{"splits": 8}, {"splits": 32}, {"splits": 1, "stream_k": 1}, {"splits": 1, "stream_k": 2}]
+)
+def test_split_k_gpu_deterministic_under_graph_replay(schedule, force_config):
+    """Many splits (or stream-K shares) racing on one tile's counter: exact repeatability, eager and
+    replayed in a graph."""
+    force_config({"BLOCK_M": 64, "BLOCK_D": 256, "BLOCK_K": 32, "num_warps": 8, "num_stages": 4} | schedule)
     dev = torch.device("cuda")
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     M, d, n, k = 64, 4096, 14336, 4300

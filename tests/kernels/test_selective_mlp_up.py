@@ -59,13 +59,14 @@ def test_gated_up(dtype, M, d, n, k, device, gen):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("splits", [1, 3])
-def test_split_d_paths(gated, splits, force_config, device, gen):
-    """Split over d: the last split of a tile to arrive adds the fp32 partials, bias and activation."""
-    force_config(
-        {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "splits": splits}
-    )
-    M, d, n, k = 19, 100, 48, 21  # d not a multiple of BLOCK_K: ragged last chunk
+@pytest.mark.parametrize(
+    "schedule", [{"splits": 1}, {"splits": 3}, {"splits": 1, "stream_k": 1}, {"splits": 1, "stream_k": 5}]
+)
+def test_split_d_paths(gated, schedule, force_config, device, gen):
+    """Split over d (split-d, or stream-K's shares spanning 1-2 tiles): the last program of a tile to
+    arrive adds the fp32 partials, bias and activation."""
+    force_config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2} | schedule)
+    M, d, n, k = 19, 196, 48, 21  # d not a multiple of BLOCK_K: ragged last chunk; 7 steps per tile
     x = torch.randn(M, d, generator=gen).half().to(device)
     wg, wu = _w(n, d, torch.float16, device, gen), _w(n, d, torch.float16, device, gen)
     b = torch.randn(n, generator=gen).half().to(device)
@@ -77,7 +78,7 @@ def test_split_d_paths(gated, splits, force_config, device, gen):
     else:
         selective_up(x, wu, idx, b, out=out)
         ref = selective_up_reference(x.cpu(), wu.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
-    assert_rel_close(out.cpu(), ref, torch.float16, f"split={splits}")
+    assert_rel_close(out.cpu(), ref, torch.float16, str(schedule))
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -147,3 +148,37 @@ def test_real_shapes_gpu(dtype, M, d, n, gated):
         selective_up(x, wu, idx, b, out=out)
         ref = selective_up_reference(x, wu, idx, b)
     assert_rel_close(out, ref, dtype, "real shape")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize(
+    "schedule", [{"splits": 6}, {"splits": 1, "stream_k": 1}, {"splits": 1, "stream_k": 2}]
+)
+def test_split_schedules_gpu_deterministic_under_graph_replay(gated, schedule, force_config):
+    """Split-d and stream-K at a real shape: exact repeatability, eager and replayed in a CUDA graph."""
+    force_config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3} | schedule)
+    dev = torch.device("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    M, d, n, k = 64, 4096, 14336, 4300
+    x = torch.randn(M, d, device=dev, dtype=torch.float16, generator=gen)
+    wg, wu = (torch.randn(n, d, device=dev, dtype=torch.float16, generator=gen) / d**0.5 for _ in range(2))
+    idx = torch.randperm(n, device=dev, generator=gen)[:k].int()
+
+    def run(out=None):
+        if gated:
+            return selective_gated_up(x, wg, wu, idx, out=out, validate=out is None)
+        return selective_up(x, wu, idx, out=out, validate=out is None)
+
+    first = run()
+    ref = selective_gated_up_reference(x, wg, wu, idx) if gated else selective_up_reference(x, wu, idx)
+    assert_rel_close(first, ref, torch.float16, str(schedule))
+    out = poisoned((M, k), torch.float16, dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(out)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)

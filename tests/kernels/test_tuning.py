@@ -207,7 +207,7 @@ def test_first_use_tuning_on_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(_tuning, "_TUNED", set())
     monkeypatch.setattr(_tuning, "_SETTINGS", {"cache_dir": str(tmp_path), "mode": "tune", "shipped": False})
     # Three candidates keep the test short; what is tested is timing, persisting and reuse.
-    few = selective_mlp_down._candidates(8, 1000, 512, 132)[:3]
+    few = selective_mlp_down._candidates(8, 1000, 512, 132, 228 * 1024)[:3]
     monkeypatch.setattr(selective_mlp_down, "_candidates", lambda *args: few)
     dev = torch.device("cuda")
     a = torch.randn(8, 1000, device=dev, dtype=torch.float16)
@@ -222,3 +222,19 @@ def test_first_use_tuning_on_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(_tuning, "_TUNED", set())
     selective_down(a, w_t, idx)
     assert _tuning.chosen()[key] == cfg and not _tuning.tuned_keys()
+
+
+def test_merged_tables_keep_later_configs_and_the_note(tmp_path):
+    """merge_tables: later inputs override key by key; a shipped table's note survives a re-merge."""
+    from polar_sparsity.kernels.bench.merge_tables import merge
+
+    shipped = {"gpu": "GPU X", "sources": [{"file": "a.json"}], "configs": {"k1": {"v": 1}, "k2": {"v": 1}}}
+    shipped["note"] = "how these were picked"
+    swept = {"gpu": "GPU X", "source": "sweep", "env": {"gpu": "GPU X"}, "configs": {"k2": {"v": 2}}}
+    paths = [tmp_path / "shipped.json", tmp_path / "swept.json"]
+    for path, table in zip(paths, (shipped, swept), strict=True):
+        path.write_text(json.dumps(table))
+    out = merge(tmp_path / "out.json", paths)
+    assert out["configs"] == {"k1": {"v": 1}, "k2": {"v": 2}}
+    assert out["note"] == "how these were picked"
+    assert [s["file"] for s in out["sources"]] == ["a.json", "swept.json"]
