@@ -23,6 +23,8 @@ def merge(out: Path, inputs: list[Path]) -> dict:
             raise SystemExit(f"{path} is for GPU {gpu!r} but earlier inputs are for {table['gpu']!r}")
         table["gpu"] = gpu
         table["configs"].update(part.get("configs", {}))
+        if "note" in part:  # a shipped table's description of where its configs came from
+            table["note"] = part["note"]
         if "sources" in part:  # an already merged table: keep its provenance
             table["sources"] += [src for src in part["sources"] if src not in table["sources"]]
         else:
