@@ -26,7 +26,7 @@ import triton.language as tl
 
 from . import _common as C
 from . import _tuning
-from ._tl import dot, upcast_dot
+from ._tl import dot, stream_k_tile, upcast_dot
 
 LOG2E = 1.4426950408889634
 # Finite "minus infinity" for running maxima (avoids inf - inf = NaN); constexpr so kernels may read it.
@@ -425,9 +425,7 @@ def _attn_stream_k_kernel(
     it_end = tl.minimum(it + share, total)
     offs_d = tl.arange(0, BLOCK_D)
     while it < it_end:
-        pid = it // blocks
-        blk_lo = it - pid * blocks
-        blk_hi = tl.minimum(it_end - pid * blocks, blocks)
+        pid, blk_lo, blk_hi, first, n_parts = stream_k_tile(it, it_end, blocks, share)
         b, j, q, k_base, v_base, heads, mask_g, seqlen = _attn_pair(
             Q,
             K,
@@ -469,8 +467,6 @@ def _attn_stream_k_kernel(
         )
         mask_gd = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
         o_ptrs = OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        first = pid * blocks // share
-        n_parts = ((pid + 1) * blocks - 1) // share - first + 1
         # Without partial slots (shares hold whole pairs) the split path is not compiled at all: its
         # buffers are then stand-ins of another type.
         if SPLIT:

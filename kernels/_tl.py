@@ -24,3 +24,16 @@ def dot(a, b, acc, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def stream_k_tile(it, it_end, steps, share):
+    """Where stream-K iteration ``it`` (tile-major, ``steps`` per tile) falls: its tile, the steps of
+    that tile this program runs (``step_lo`` to ``step_hi``, its share ending at ``it_end``), and the
+    programs the tile's steps span, the first and how many (equal shares make both divisions; the
+    host side of the rule is ``_common.stream_k_plan``)."""
+    tile = it // steps
+    step_lo = it - tile * steps
+    step_hi = tl.minimum(it_end - tile * steps, steps)
+    first = tile * steps // share
+    return tile, step_lo, step_hi, first, ((tile + 1) * steps - 1) // share - first + 1

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from . import _common as C
 from . import _tuning
-from ._tl import dot, upcast_dot
+from ._tl import dot, stream_k_tile, upcast_dot
 
 
 @triton.jit
@@ -240,9 +240,7 @@ def _down_stream_k_kernel(
     it = p * share
     it_end = tl.minimum(it + share, total)
     while it < it_end:
-        tile = it // steps
-        s_lo = it - tile * steps
-        s_hi = tl.minimum(it_end - tile * steps, steps)
+        tile, s_lo, s_hi, first, n_parts = stream_k_tile(it, it_end, steps, share)
         pid_m = tile % num_m
         pid_d = tile // num_m
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -269,9 +267,6 @@ def _down_stream_k_kernel(
             UPCAST,
         )
         mask = mask_m[:, None] & mask_d[None, :]
-        # The tile's steps belong to programs first..last (shares are equal, so both are divisions).
-        first = tile * steps // share
-        n_parts = ((tile + 1) * steps - 1) // share - first + 1
         # Without partial slots (shares hold whole tiles) the split path is not compiled at all: its
         # workspace and counters are then stand-ins of another type.
         if SPLIT:

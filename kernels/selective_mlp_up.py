@@ -24,7 +24,7 @@ import triton.language as tl
 
 from . import _common as C
 from . import _tuning
-from ._tl import dot, upcast_dot
+from ._tl import dot, stream_k_tile, upcast_dot
 
 Activation = Literal["relu", "none"]
 
@@ -284,8 +284,7 @@ def _up_stream_k_kernel(
     it = p * share
     it_end = tl.minimum(it + share, total)
     while it < it_end:
-        tile = it // steps
-        s_hi = tl.minimum(it_end - tile * steps, steps)
+        tile, s_lo, s_hi, first, n_parts = stream_k_tile(it, it_end, steps, share)
         rows, rm, rn, rm_load, mask = _up_tile(IDX, M, n_sel, n_rows, tile, num_m, BLOCK_M, BLOCK_N)
         k_end = tl.minimum(s_hi * BLOCK_K, d)
         acc_u, acc_g = _up_range(
@@ -294,7 +293,7 @@ def _up_stream_k_kernel(
             WU,
             rows,
             rm_load,
-            (it - tile * steps) * BLOCK_K,
+            s_lo * BLOCK_K,
             k_end,
             stride_xm,
             stride_wg,
@@ -306,8 +305,6 @@ def _up_stream_k_kernel(
             EVEN_K,
             UPCAST,
         )
-        first = tile * steps // share
-        n_parts = ((tile + 1) * steps - 1) // share - first + 1
         # Without partial slots (shares hold whole tiles) the split path is not compiled at all: its
         # workspace and counters are then stand-ins of another type.
         if SPLIT:
