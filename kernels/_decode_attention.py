@@ -10,7 +10,9 @@ This is also the layout SDPA takes, so the dense baselines read the very same te
 Per-sequence lengths live on the device (``seqlens``: (B,) int32) and are read inside the kernel:
 nothing is read back to the host, so the ops can be captured in a CUDA graph. Split-K
 (flash-decoding) cuts the context into ``splits`` chunks when there are too few (sequence, group)
-programs to fill the GPU; a second kernel merges the chunks' partial softmax states.
+programs to fill the GPU; a second kernel (or the last chunk to finish) merges the chunks' partial
+softmax states. The stream-K schedule instead runs one program per resident slot over equal runs of
+(pair, token block) iterations that cross pair boundaries (``_attn_stream_k_kernel``).
 
 GQA: the program for a KV group loads all ``G = H_q / H_kv`` query heads of the group as the rows of
 one tile (padded to 16 for the tensor cores), so each selected KV head is read exactly once.

@@ -12,6 +12,8 @@ Parallelism: programs tile (batch rows x ``BLOCK_D`` output columns); because ``
 is too few programs for an H100, the sum over the k selected neurons is split; each split stores its
 fp32 partial sum (plain stores) and bumps an arrival counter of its output tile; the last split to
 arrive adds the partials in split order (deterministic), adds the bias and casts, in the same kernel.
+The stream-K schedule (``_down_stream_k_kernel``) launches one program per resident slot instead, each
+taking an equal run of the tile-major (tile, neuron step) iterations, merged the same way.
 """
 
 from __future__ import annotations

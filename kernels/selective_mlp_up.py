@@ -11,7 +11,9 @@ Parallelism: one program per (row tile of the batch, ``BLOCK_N`` selected neuron
 too few programs to fill the GPU (small k), the reduction over ``d`` is split across programs that
 store fp32 partial sums (plain stores) and bump an arrival counter of their output tile; the last
 split to arrive adds the partials in split order (deterministic) and applies bias and activation (a
-nonlinearity needs the full sum first), in the same kernel.
+nonlinearity needs the full sum first), in the same kernel. The stream-K schedule
+(``_up_stream_k_kernel``) launches one program per resident slot instead, each taking an equal run of
+the tile-major (tile, d step) iterations, merged the same way.
 """
 
 from __future__ import annotations
