@@ -42,6 +42,7 @@ def _attn_pair(
     V,
     SEQLENS,
     IDX,
+    OUT,
     pid,
     n_sel,
     n_kv,
@@ -52,6 +53,8 @@ def _attn_pair(
     stride_kh,
     stride_vb,
     stride_vh,
+    stride_ob,
+    stride_oh,
     stride_ib,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -59,7 +62,8 @@ def _attn_pair(
     BLOCK_D: tl.constexpr,
     HAS_IDX: tl.constexpr,
 ):
-    """The (sequence, selected group) pair ``pid``: its query tile, K/V bases and valid length."""
+    """The (sequence, selected group) pair ``pid``: its query tile, K/V bases, output pointers, masks
+    (query rows; rows x head dims) and valid length."""
     b = pid // n_sel
     j = pid % n_sel
     g = tl.load(IDX + b * stride_ib + j) if HAS_IDX else j
@@ -74,14 +78,12 @@ def _attn_pair(
     b64 = b.to(tl.int64)  # B * H * N_max * D overflows int32 at real cache sizes
     g64 = g.to(tl.int64)
     heads = g * GROUP + offs_g
-    q = tl.load(
-        Q + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=mask_g[:, None] & (offs_d < HEAD_DIM)[None, :],
-        other=0.0,
-    )
+    mask_gd = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_gd, other=0.0)
     k_base = K + b64 * stride_kb + g64 * stride_kh
     v_base = V + b64 * stride_vb + g64 * stride_vh
-    return b, j, q, k_base, v_base, heads, mask_g, seqlen
+    o_ptrs = OUT + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    return b, j, q, k_base, v_base, o_ptrs, mask_g, mask_gd, seqlen
 
 
 @triton.jit
@@ -211,6 +213,61 @@ def _attn_write(acc, l_i, OUT, o_ptrs, mask_gd):
 
 
 @triton.jit
+def _attn_finish(
+    PO,
+    PML,
+    CNT,
+    OUT,
+    pid,
+    slot,
+    first_slot,
+    n_parts,
+    m_i,
+    l_i,
+    acc,
+    o_ptrs,
+    mask_g,
+    mask_gd,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr,
+    MERGE_HERE: tl.constexpr,
+):
+    """Finish part ``slot`` (of ``n_parts``, from ``first_slot``) of pair ``pid``. One part: write it.
+    Several: store the unnormalised partial state; the merge is a second kernel or, with MERGE_HERE,
+    the last of the pair's programs to arrive. Without SPLIT the partial path is not compiled at all
+    (its buffers are then stand-ins of another type)."""
+    if SPLIT:
+        if n_parts > 1:
+            _attn_store_partial(
+                PO, PML, slot, m_i, l_i, acc, mask_g, mask_gd, GROUP, HEAD_DIM, BLOCK_G, BLOCK_D
+            )
+            if MERGE_HERE:
+                _attn_merge_here(
+                    PO,
+                    PML,
+                    CNT,
+                    OUT,
+                    pid,
+                    first_slot,
+                    n_parts,
+                    o_ptrs,
+                    mask_g,
+                    mask_gd,
+                    GROUP,
+                    HEAD_DIM,
+                    BLOCK_G,
+                    BLOCK_D,
+                )
+        else:
+            _attn_write(acc, l_i, OUT, o_ptrs, mask_gd)
+    else:
+        _attn_write(acc, l_i, OUT, o_ptrs, mask_gd)
+
+
+@triton.jit
 def _attn_zero_unselected(
     OUT,
     IDX,
@@ -285,12 +342,13 @@ def _attn_chunk_kernel(
     """Split-K (flash-decoding) schedule: program (pair, split) attends over one context chunk."""
     pid = tl.program_id(0)  # one (sequence, selected group) pair
     sid = tl.program_id(1)  # one context chunk of it
-    b, j, q, k_base, v_base, heads, mask_g, seqlen = _attn_pair(
+    b, j, q, k_base, v_base, o_ptrs, mask_g, mask_gd, seqlen = _attn_pair(
         Q,
         K,
         V,
         SEQLENS,
         IDX,
+        OUT,
         pid,
         n_sel,
         n_kv,
@@ -301,6 +359,8 @@ def _attn_chunk_kernel(
         stride_kh,
         stride_vb,
         stride_vh,
+        stride_ob,
+        stride_oh,
         stride_ib,
         GROUP,
         BLOCK_G,
@@ -309,13 +369,12 @@ def _attn_chunk_kernel(
         HAS_IDX,
     )
     start = sid * chunk
-    end = tl.minimum(start + chunk, seqlen)
     m_i, l_i, acc = _attn_range(
         q,
         k_base,
         v_base,
         start,
-        end,
+        tl.minimum(start + chunk, seqlen),
         qk_scale,
         stride_kn,
         stride_vn,
@@ -326,34 +385,28 @@ def _attn_chunk_kernel(
         USE_DOT,
         UPCAST,
     )
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_gd = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o_ptrs = OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-    if SPLIT:
-        # Unnormalised partial state of this chunk; the merge (a second kernel, or with MERGE_HERE
-        # the last split of the pair to arrive) combines the chunks.
-        _attn_store_partial(
-            PO, PML, pid * n_splits + sid, m_i, l_i, acc, mask_g, mask_gd, GROUP, HEAD_DIM, BLOCK_G, BLOCK_D
-        )
-        if MERGE_HERE:
-            _attn_merge_here(
-                PO,
-                PML,
-                CNT,
-                OUT,
-                pid,
-                pid * n_splits,
-                n_splits,
-                o_ptrs,
-                mask_g,
-                mask_gd,
-                GROUP,
-                HEAD_DIM,
-                BLOCK_G,
-                BLOCK_D,
-            )
-    else:
-        _attn_write(acc, l_i, OUT, o_ptrs, mask_gd)
+    _attn_finish(
+        PO,
+        PML,
+        CNT,
+        OUT,
+        pid,
+        pid * n_splits + sid,
+        pid * n_splits,
+        n_splits,
+        m_i,
+        l_i,
+        acc,
+        o_ptrs,
+        mask_g,
+        mask_gd,
+        GROUP,
+        HEAD_DIM,
+        BLOCK_G,
+        BLOCK_D,
+        SPLIT,
+        MERGE_HERE,
+    )
     if ZERO_FILL:  # noqa: SIM102 - a constexpr branch, kept apart from the runtime test below
         if (j == 0) & (sid == 0):
             _attn_zero_unselected(
@@ -425,15 +478,15 @@ def _attn_stream_k_kernel(
     p = tl.program_id(0)
     it = p * share
     it_end = tl.minimum(it + share, total)
-    offs_d = tl.arange(0, BLOCK_D)
     while it < it_end:
         pid, blk_lo, blk_hi, first, n_parts = stream_k_tile(it, it_end, blocks, share)
-        b, j, q, k_base, v_base, heads, mask_g, seqlen = _attn_pair(
+        b, j, q, k_base, v_base, o_ptrs, mask_g, mask_gd, seqlen = _attn_pair(
             Q,
             K,
             V,
             SEQLENS,
             IDX,
+            OUT,
             pid,
             n_sel,
             n_kv,
@@ -444,6 +497,8 @@ def _attn_stream_k_kernel(
             stride_kh,
             stride_vb,
             stride_vh,
+            stride_ob,
+            stride_oh,
             stride_ib,
             GROUP,
             BLOCK_G,
@@ -467,46 +522,28 @@ def _attn_stream_k_kernel(
             USE_DOT,
             UPCAST,
         )
-        mask_gd = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
-        o_ptrs = OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        # Without partial slots (shares hold whole pairs) the split path is not compiled at all: its
-        # buffers are then stand-ins of another type.
-        if SPLIT:
-            if n_parts > 1:
-                _attn_store_partial(
-                    PO,
-                    PML,
-                    pid * slots + p - first,
-                    m_i,
-                    l_i,
-                    acc,
-                    mask_g,
-                    mask_gd,
-                    GROUP,
-                    HEAD_DIM,
-                    BLOCK_G,
-                    BLOCK_D,
-                )
-                _attn_merge_here(
-                    PO,
-                    PML,
-                    CNT,
-                    OUT,
-                    pid,
-                    pid * slots,
-                    n_parts,
-                    o_ptrs,
-                    mask_g,
-                    mask_gd,
-                    GROUP,
-                    HEAD_DIM,
-                    BLOCK_G,
-                    BLOCK_D,
-                )
-            else:
-                _attn_write(acc, l_i, OUT, o_ptrs, mask_gd)
-        else:
-            _attn_write(acc, l_i, OUT, o_ptrs, mask_gd)
+        _attn_finish(
+            PO,
+            PML,
+            CNT,
+            OUT,
+            pid,
+            pid * slots + p - first,
+            pid * slots,
+            n_parts,
+            m_i,
+            l_i,
+            acc,
+            o_ptrs,
+            mask_g,
+            mask_gd,
+            GROUP,
+            HEAD_DIM,
+            BLOCK_G,
+            BLOCK_D,
+            SPLIT,
+            True,
+        )
         if ZERO_FILL:  # noqa: SIM102 - a constexpr branch, kept apart from the runtime test below
             if (j == 0) & (blk_lo == 0):
                 _attn_zero_unselected(

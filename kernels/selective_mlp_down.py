@@ -89,7 +89,18 @@ def _down_range(
 
 
 @triton.jit
-def _down_partial(
+def _down_tile(A, tile, num_m, M, d, stride_am, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows, columns and activation row pointers of output tile ``tile`` (batch tiles vary fastest)."""
+    rm = (tile % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rm < M
+    rd = (tile // num_m) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = rd < d
+    a_rows = A + tl.where(mask_m, rm, 0).to(tl.int64)[:, None] * stride_am
+    return rm, rd, a_rows, mask_m[:, None] & mask_d[None, :], mask_d
+
+
+@triton.jit
+def _down_finish(
     acc,
     WS,
     CNT,
@@ -108,21 +119,31 @@ def _down_partial(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """Store one of an output tile's ``n_parts`` fp32 partial sums (slot ``part``), then count
-    arrivals on the tile; the last to arrive adds all partials in slot order (deterministic whichever
-    program is last), applies the bias, writes the output and resets the counter. No second kernel,
-    no memset."""
-    ws_tile = WS + (rm[:, None] * d + rd[None, :]).to(tl.int64)
-    tl.store(ws_tile + (part * M * d).to(tl.int64), acc, mask=mask)
-    tl.debug_barrier()  # every thread's partial is written before the (release) arrival
-    arrived = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == n_parts - 1:
-        tot = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for s in range(0, n_parts):
-            tot += tl.load(ws_tile + (s * M * d).to(tl.int64), mask=mask, other=0.0, cache_modifier=".cg")
-        _down_epilogue(tot, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS)
-        tl.atomic_xchg(CNT + tile, 0, sem="relaxed", scope="gpu")
+    """Write part ``part`` of an output tile's ``n_parts``-way sum. One part: the output directly.
+    Several: store this fp32 partial, then count arrivals on the tile; the last to arrive adds all
+    partials in slot order (deterministic whichever program is last), applies the bias, writes the
+    output and resets the counter. No second kernel, no memset. Without SPLIT the partial path is not
+    compiled at all (the workspace and counters are then stand-ins of another type)."""
+    if SPLIT:
+        if n_parts > 1:
+            ws_tile = WS + (rm[:, None] * d + rd[None, :]).to(tl.int64)
+            tl.store(ws_tile + (part * M * d).to(tl.int64), acc, mask=mask)
+            tl.debug_barrier()  # every thread's partial is written before the (release) arrival
+            arrived = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_parts - 1:
+                tot = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                for s in range(0, n_parts):
+                    tot += tl.load(
+                        ws_tile + (s * M * d).to(tl.int64), mask=mask, other=0.0, cache_modifier=".cg"
+                    )
+                _down_epilogue(tot, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS)
+                tl.atomic_xchg(CNT + tile, 0, sem="relaxed", scope="gpu")
+        else:
+            _down_epilogue(acc, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS)
+    else:
+        _down_epilogue(acc, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS)
 
 
 @triton.jit
@@ -154,14 +175,8 @@ def _down_kernel(
 ):
     """Split-K schedule: program (tile, split) sums the split's ``k_chunk`` neurons of one tile."""
     pid = tl.program_id(0)
-    pid_m = pid % num_m
-    pid_d = pid // num_m
     sid = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = rm < M
-    a_rows = A + tl.where(mask_m, rm, 0).to(tl.int64)[:, None] * stride_am
-    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = rd < d
+    rm, rd, a_rows, mask, mask_d = _down_tile(A, pid, num_m, M, d, stride_am, BLOCK_M, BLOCK_D)
     j_start = sid * k_chunk
     j_end = tl.minimum(j_start + k_chunk, n_sel)
     acc = _down_range(
@@ -180,30 +195,27 @@ def _down_kernel(
         EVEN_D,
         UPCAST,
     )
-    mask = mask_m[:, None] & mask_d[None, :]
-    if SPLIT:
-        _down_partial(
-            acc,
-            WS,
-            CNT,
-            BIAS,
-            OUT,
-            pid,
-            sid,
-            n_splits,
-            rm,
-            rd,
-            mask,
-            mask_d,
-            M,
-            d,
-            stride_om,
-            BLOCK_M,
-            BLOCK_D,
-            HAS_BIAS,
-        )
-    else:
-        _down_epilogue(acc, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS)
+    _down_finish(
+        acc,
+        WS,
+        CNT,
+        BIAS,
+        OUT,
+        pid,
+        sid,
+        n_splits,
+        rm,
+        rd,
+        mask,
+        mask_d,
+        M,
+        d,
+        stride_om,
+        BLOCK_M,
+        BLOCK_D,
+        HAS_BIAS,
+        SPLIT,
+    )
 
 
 @triton.jit
@@ -243,14 +255,7 @@ def _down_stream_k_kernel(
     it_end = tl.minimum(it + share, total)
     while it < it_end:
         tile, s_lo, s_hi, first, n_parts = stream_k_tile(it, it_end, steps, share)
-        pid_m = tile % num_m
-        pid_d = tile // num_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = rm < M
-        a_rows = A + tl.where(mask_m, rm, 0).to(tl.int64)[:, None] * stride_am
-        rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = rd < d
-        j_start = s_lo * BLOCK_K
+        rm, rd, a_rows, mask, mask_d = _down_tile(A, tile, num_m, M, d, stride_am, BLOCK_M, BLOCK_D)
         j_end = tl.minimum(s_hi * BLOCK_K, n_sel)
         acc = _down_range(
             a_rows,
@@ -260,7 +265,7 @@ def _down_stream_k_kernel(
             mask_d,
             n_rows,
             stride_wn,
-            j_start,
+            s_lo * BLOCK_K,
             j_end,
             BLOCK_M,
             BLOCK_D,
@@ -268,35 +273,27 @@ def _down_stream_k_kernel(
             EVEN_D,
             UPCAST,
         )
-        mask = mask_m[:, None] & mask_d[None, :]
-        # Without partial slots (shares hold whole tiles) the split path is not compiled at all: its
-        # workspace and counters are then stand-ins of another type.
-        if SPLIT:
-            if n_parts > 1:
-                _down_partial(
-                    acc,
-                    WS,
-                    CNT,
-                    BIAS,
-                    OUT,
-                    tile,
-                    p - first,
-                    n_parts,
-                    rm,
-                    rd,
-                    mask,
-                    mask_d,
-                    M,
-                    d,
-                    stride_om,
-                    BLOCK_M,
-                    BLOCK_D,
-                    HAS_BIAS,
-                )
-            else:
-                _down_epilogue(acc, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS)
-        else:
-            _down_epilogue(acc, BIAS, OUT, rm, rd, mask, mask_d, stride_om, HAS_BIAS)
+        _down_finish(
+            acc,
+            WS,
+            CNT,
+            BIAS,
+            OUT,
+            tile,
+            p - first,
+            n_parts,
+            rm,
+            rd,
+            mask,
+            mask_d,
+            M,
+            d,
+            stride_om,
+            BLOCK_M,
+            BLOCK_D,
+            HAS_BIAS,
+            SPLIT,
+        )
         it = tile * steps + s_hi
 
 
@@ -335,15 +332,15 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
     if M > 64:
         bm, bk = 128, 64
         bd, nw = (256, 8) if n_sel >= 6144 else (64, 4)
-        stages = C.fit_stages(3, (bm * bk + bk * bd) * 2, smem)
-        slots = sms * C.resident_programs(nw, stages * (bm * bk + bk * bd) * 2, smem)
+        stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
+        slots = sms * C.resident_programs(nw, stages * _stage_bytes(bm, bd, bk), smem)
         splits = _large_batch_splits(C.cdiv(M, bm) * C.cdiv(d, bd), slots, bm, n_sel, bk)
     else:
         bm = _block_m(M)
         bd = 128 if bm <= 16 or C.cdiv(d, 128) >= sms / 2 else 64
         bk, nw = 64, 4
         ns, waves = (3, 3) if bm <= 16 else (4, 2)
-        stages = C.fit_stages(ns, (bm * bk + bk * bd) * 2, smem)
+        stages = C.fit_stages(ns, _stage_bytes(bm, bd, bk), smem)
         splits = max(1, min(waves * sms // (C.cdiv(M, bm) * C.cdiv(d, bd)), n_sel // (2 * bk)))
     return {
         "BLOCK_M": bm,
@@ -353,6 +350,10 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
         "num_stages": stages,
         "splits": splits,
     }
+
+
+def _stage_bytes(bm: int, bd: int, bk: int) -> int:
+    return (bm + bd) * bk * 2  # fp16 / bf16 activation tile + weight tile per pipeline stage
 
 
 def _large_batch_splits(tiles: int, slots: int, bm: int, n_sel: int, bk: int) -> int:
@@ -405,7 +406,7 @@ def _candidates(M: int, n_sel: int, d: int, sms: int, smem: int) -> list[_tuning
         s = _splits_for(tiles, n_sel, bk, 2 * sms if bm <= 16 else sms)
         out += [{**tile, "splits": split} for split in _split_options(tiles, n_sel, bk, sms, s)]
         if M > 64:  # stream-K: 1-8% faster at M = 256 on OPT-66B shapes; 0-34% slower at M <= 64 (H200)
-            resident = C.resident_programs(nw, ns * (bm * bk + bk * bd) * 2, smem)
+            resident = C.resident_programs(nw, ns * _stage_bytes(bm, bd, bk), smem)
             out += [{**tile, "splits": 1, "stream_k": r} for r in sorted({1, resident})]
     return out
 
@@ -493,7 +494,6 @@ def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
     num_m = C.cdiv(M, bm)
     tiles = num_m * C.cdiv(d, bd)
     steps = C.cdiv(n_sel, bk)
-    b = bias if bias is not None else a  # dummy pointer when HAS_BIAS is False
     meta = dict(
         BLOCK_M=bm,
         BLOCK_D=bd,
@@ -504,22 +504,17 @@ def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
+    args = (a, w_down_t, bias if bias is not None else a, idx, out)  # a: dummy bias when HAS_BIAS is False
+    sizes = (M, n_sel, d, w_down_t.shape[0])
     strides = (stride_am, w_down_t.stride(0), out.stride(0))
     if cfg.get("stream_k", 0):
         share, programs, parts = C.stream_k_plan(tiles * steps, steps, C.num_sms(a.device) * cfg["stream_k"])
         ws, cnt = C.split_workspace(out, (parts, M, d), tiles)
         _down_stream_k_kernel[(programs,)](
-            a,
-            w_down_t,
-            b,
-            idx,
-            out,
+            *args,
             ws,
             cnt,
-            M,
-            n_sel,
-            d,
-            w_down_t.shape[0],
+            *sizes,
             steps,
             share,
             tiles * steps,
@@ -534,17 +529,10 @@ def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
     splits = C.cdiv(n_sel, k_chunk)
     ws, cnt = C.split_workspace(out, (splits, M, d), tiles)
     _down_kernel[(tiles, splits)](
-        a,
-        w_down_t,
-        b,
-        idx,
-        out,
+        *args,
         ws,
         cnt,
-        M,
-        n_sel,
-        d,
-        w_down_t.shape[0],
+        *sizes,
         k_chunk,
         num_m,
         splits,

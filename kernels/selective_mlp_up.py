@@ -101,7 +101,7 @@ def _up_range(
 
 
 @triton.jit
-def _up_partial(
+def _up_finish(
     acc_u,
     acc_g,
     WS,
@@ -123,28 +123,37 @@ def _up_partial(
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     RELU: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """Store one of an output tile's ``n_parts`` fp32 partial sums (slot ``part``), then count
-    arrivals on the tile; the last to arrive adds all partials in slot order (deterministic whichever
-    program is last), applies bias and activation (a nonlinearity needs the full sum), writes the
-    output and resets the counter. No second kernel, no memset."""
-    ws_tile = WS + (rm[:, None] * n_sel + rn[None, :]).to(tl.int64)
-    ws_own = ws_tile + (part * (2 if GATED else 1) * M * n_sel).to(tl.int64)
-    tl.store(ws_own, acc_u, mask=mask)
-    if GATED:
-        tl.store(ws_own + M * n_sel, acc_g, mask=mask)
-    tl.debug_barrier()  # every thread's partial is written before the (release) arrival
-    arrived = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == n_parts - 1:
-        tot_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        tot_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for s in range(0, n_parts):
-            slot = ws_tile + (s * (2 if GATED else 1) * M * n_sel).to(tl.int64)
-            tot_u += tl.load(slot, mask=mask, other=0.0, cache_modifier=".cg")
+    """Write part ``part`` of an output tile's ``n_parts``-way sum. One part: the output directly.
+    Several: store this fp32 partial, then count arrivals on the tile; the last to arrive adds all
+    partials in slot order (deterministic whichever program is last), applies bias and activation (a
+    nonlinearity needs the full sum), writes the output and resets the counter. No second kernel, no
+    memset. Without SPLIT the partial path is not compiled at all (the workspace and counters are then
+    stand-ins of another type)."""
+    if SPLIT:
+        if n_parts > 1:
+            ws_tile = WS + (rm[:, None] * n_sel + rn[None, :]).to(tl.int64)
+            ws_own = ws_tile + (part * (2 if GATED else 1) * M * n_sel).to(tl.int64)
+            tl.store(ws_own, acc_u, mask=mask)
             if GATED:
-                tot_g += tl.load(slot + M * n_sel, mask=mask, other=0.0, cache_modifier=".cg")
-        _up_epilogue(tot_u, tot_g, BIAS, OUT, rows, rm, rn, mask, stride_om, GATED, HAS_BIAS, RELU)
-        tl.atomic_xchg(CNT + tile, 0, sem="relaxed", scope="gpu")
+                tl.store(ws_own + M * n_sel, acc_g, mask=mask)
+            tl.debug_barrier()  # every thread's partial is written before the (release) arrival
+            arrived = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_parts - 1:
+                tot_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                tot_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for s in range(0, n_parts):
+                    slot = ws_tile + (s * (2 if GATED else 1) * M * n_sel).to(tl.int64)
+                    tot_u += tl.load(slot, mask=mask, other=0.0, cache_modifier=".cg")
+                    if GATED:
+                        tot_g += tl.load(slot + M * n_sel, mask=mask, other=0.0, cache_modifier=".cg")
+                _up_epilogue(tot_u, tot_g, BIAS, OUT, rows, rm, rn, mask, stride_om, GATED, HAS_BIAS, RELU)
+                tl.atomic_xchg(CNT + tile, 0, sem="relaxed", scope="gpu")
+        else:
+            _up_epilogue(acc_u, acc_g, BIAS, OUT, rows, rm, rn, mask, stride_om, GATED, HAS_BIAS, RELU)
+    else:
+        _up_epilogue(acc_u, acc_g, BIAS, OUT, rows, rm, rn, mask, stride_om, GATED, HAS_BIAS, RELU)
 
 
 @triton.jit
@@ -219,32 +228,30 @@ def _up_kernel(
         EVEN_K,
         UPCAST,
     )
-    if SPLIT:
-        _up_partial(
-            acc_u,
-            acc_g,
-            WS,
-            CNT,
-            BIAS,
-            OUT,
-            pid,
-            sid,
-            n_splits,
-            rows,
-            rm,
-            rn,
-            mask,
-            M,
-            n_sel,
-            stride_om,
-            BLOCK_M,
-            BLOCK_N,
-            GATED,
-            HAS_BIAS,
-            RELU,
-        )
-    else:
-        _up_epilogue(acc_u, acc_g, BIAS, OUT, rows, rm, rn, mask, stride_om, GATED, HAS_BIAS, RELU)
+    _up_finish(
+        acc_u,
+        acc_g,
+        WS,
+        CNT,
+        BIAS,
+        OUT,
+        pid,
+        sid,
+        n_splits,
+        rows,
+        rm,
+        rn,
+        mask,
+        M,
+        n_sel,
+        stride_om,
+        BLOCK_M,
+        BLOCK_N,
+        GATED,
+        HAS_BIAS,
+        RELU,
+        SPLIT,
+    )
 
 
 @triton.jit
@@ -307,37 +314,30 @@ def _up_stream_k_kernel(
             EVEN_K,
             UPCAST,
         )
-        # Without partial slots (shares hold whole tiles) the split path is not compiled at all: its
-        # workspace and counters are then stand-ins of another type.
-        if SPLIT:
-            if n_parts > 1:
-                _up_partial(
-                    acc_u,
-                    acc_g,
-                    WS,
-                    CNT,
-                    BIAS,
-                    OUT,
-                    tile,
-                    p - first,
-                    n_parts,
-                    rows,
-                    rm,
-                    rn,
-                    mask,
-                    M,
-                    n_sel,
-                    stride_om,
-                    BLOCK_M,
-                    BLOCK_N,
-                    GATED,
-                    HAS_BIAS,
-                    RELU,
-                )
-            else:
-                _up_epilogue(acc_u, acc_g, BIAS, OUT, rows, rm, rn, mask, stride_om, GATED, HAS_BIAS, RELU)
-        else:
-            _up_epilogue(acc_u, acc_g, BIAS, OUT, rows, rm, rn, mask, stride_om, GATED, HAS_BIAS, RELU)
+        _up_finish(
+            acc_u,
+            acc_g,
+            WS,
+            CNT,
+            BIAS,
+            OUT,
+            tile,
+            p - first,
+            n_parts,
+            rows,
+            rm,
+            rn,
+            mask,
+            M,
+            n_sel,
+            stride_om,
+            BLOCK_M,
+            BLOCK_N,
+            GATED,
+            HAS_BIAS,
+            RELU,
+            SPLIT,
+        )
         it = tile * steps + s_hi
 
 
