@@ -202,6 +202,11 @@ def stream_k_plan(total: int, steps: int, programs: int, min_share: int = 2) -> 
     split). The kernels find a tile's programs as ``tile * steps // share`` to
     ``((tile + 1) * steps - 1) // share``.
     """
+    if programs < 1:
+        raise ValueError(
+            f"stream-K needs at least one program; got {programs} "
+            "(a config's 'stream_k' is programs per SM, >= 1)"
+        )
     share = max(cdiv(total, programs), min(min_share, steps))
     slots = 1 if share % steps == 0 else cdiv(steps - 1, share) + 1
     return share, cdiv(total, share), slots

@@ -74,6 +74,25 @@ def test_stream_k_plan_covers_every_step_once(tiles, steps, programs):
     assert max(len(set(owner[t * steps : (t + 1) * steps])) for t in range(tiles)) <= parts
 
 
+def test_a_stream_k_config_without_programs_is_named(force_config, device, gen):
+    force_config(
+        {
+            "BLOCK_M": 16,
+            "BLOCK_D": 32,
+            "BLOCK_K": 16,
+            "num_warps": 4,
+            "num_stages": 2,
+            "splits": 1,
+            "stream_k": -1,
+        }
+    )
+    a, w_t, b, idx = _case(3, 64, 20, 5, torch.float16, device, gen)
+    out = poisoned((3, 64), torch.float16, device)
+    with pytest.raises(ValueError, match=r"got -\d+ .*'stream_k' is programs per SM, >= 1"):
+        selective_down(a, w_t, idx, b, out=out)
+    assert torch.isnan(out.cpu()).all()  # nothing launched
+
+
 def test_split_k_repeat_is_deterministic(force_config, device, gen):
     """The in-kernel split reduction resets its arrival counters: repeated calls are bitwise equal."""
     force_config({"BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "splits": 3})
