@@ -8,6 +8,8 @@ Each op lives in its own module beside its torch reference (``<op>_reference``):
   transposed weight made once by :func:`prepare_down_weight`.
 - :func:`batch_firing_scores`: the decode batch's score of each MLP neuron (sum of firing
   probabilities), whose top-k is the batch-shared selection.
+- :func:`topk_select`: that top-k (exact, ascending indices, ties lowest index first), a radix select
+  spread over the GPU.
 - :func:`selective_head_attention` (MHA), :func:`selective_group_attention` (GQA) and
   :func:`dense_decode_attention`: decode attention over a static ``(B, H_kv, N_max, D)`` KV cache with
   per-sequence lengths on the device (CUDA-graph safe) and split-K for long contexts.
@@ -31,6 +33,7 @@ from .selective_mlp_up import (
     selective_up,
     selective_up_reference,
 )
+from .topk_select import topk_select, topk_select_reference
 
 __all__ = [
     "batch_firing_scores",
@@ -48,6 +51,8 @@ __all__ = [
     "selective_head_attention_reference",
     "selective_up",
     "selective_up_reference",
+    "topk_select",
+    "topk_select_reference",
     "use_sparse_attention",
     "use_sparse_mlp",
     "warm_up",

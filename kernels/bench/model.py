@@ -4,8 +4,8 @@ Like the paper's single-block simulation: synthetic weights at real shapes, one 
 batch of B sequences, dense vs sparse, each timed as one CUDA graph. Routers are plain torch matmuls:
 the MLP router is low-rank (d -> 1024 -> n_neurons), its firing probabilities summed over the batch
 (:func:`batch_firing_scores`, as the decoding engine does) and the top-k neurons shared by the
-batch; the head router is one linear d -> n_heads (n_kv_groups for GQA) with a per-sequence top-k.
-RoPE is left out (the same cost dense or sparse).
+batch (:func:`topk_select`); the head router is one linear d -> n_heads (n_kv_groups for GQA) with
+a per-sequence top-k. RoPE is left out (the same cost dense or sparse).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .. import (
     selective_gated_up,
     selective_group_attention,
     selective_up,
+    topk_select,
 )
 from ._harness import time_graph
 from .attention import BACKENDS, _sdpa
@@ -55,9 +56,11 @@ class _Mlp:
         out = torch.mm(h, self.w_down_t)
         return out + self.b_down if self.b_down is not None else out
 
+    def scores(self, x):
+        return batch_firing_scores(F.linear(F.linear(x, self.r1), self.r2))  # the decoding engine's rule
+
     def route(self, x, k: int):
-        scores = batch_firing_scores(F.linear(F.linear(x, self.r1), self.r2))  # the decoding engine's rule
-        return torch.topk(scores, k, sorted=False).indices
+        return topk_select(self.scores(x), k)
 
     def sparse(self, x, k: int, idx=None):
         idx = self.route(x, k) if idx is None else idx
@@ -109,10 +112,15 @@ def run_mlp(cases: list[Case]) -> list[dict]:
                 t = time_graph([lambda mlp=mlp, x=x, k=k: mlp.sparse(x, k)])
                 t_kern = time_graph([lambda mlp=mlp, x=x, k=k, idx=idx: mlp.sparse(x, k, idx)])
                 t_router = time_graph([lambda mlp=mlp, x=x, k=k: mlp.route(x, k)])
+                scores = mlp.scores(x)
+                t_select = time_graph([lambda scores=scores, k=k: topk_select(scores, k)])
+                t_torch = time_graph([lambda scores=scores, k=k: torch.topk(scores, k, sorted=False)])
                 for method, us in (
                     ("sparse MLP incl. router", t),
                     ("sparse MLP kernels only", t_kern),
                     ("router only", t_router),
+                    ("router top-k only (topk_select)", t_select),
+                    ("router top-k only (torch.topk)", t_torch),
                 ):
                     rows.append(
                         dict(

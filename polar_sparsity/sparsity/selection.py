@@ -40,6 +40,12 @@ def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 def topk_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices (int64, unsorted) of the ``keep`` highest scores (last dim): what ``topk_mask`` marks."""
+    if scores.is_cuda and scores.dim() == 1:
+        # The batch-shared neuron selection of a decode step: one long vector, where torch.topk is
+        # latency-bound (~45 us at 36,864 neurons on an H200); the same set, ascending.
+        from polar_sparsity.kernels.topk_select import topk_select
+
+        return topk_select(scores.float().contiguous(), keep)
     return torch.topk(scores.float(), keep, dim=-1, sorted=False).indices
 
 
