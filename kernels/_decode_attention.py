@@ -21,6 +21,7 @@ one tile (padded to 16 for the tensor cores), so each selected KV head is read e
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import torch
 import triton
@@ -630,6 +631,7 @@ def _split_options(programs: int, n_max: int, sms: int) -> list[int]:
     return opts
 
 
+@cache  # pure; called on every launch of a key that has no tuned config
 def _heuristic(group: int, programs: int, n_max: int, sms: int, head_dim: int, smem: int) -> _tuning.Config:
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 

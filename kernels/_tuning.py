@@ -14,15 +14,19 @@ wins:
    is stored in the cache (file lock + merge + atomic rename: concurrent processes keep each other's
    entries) and reused by later processes;
 4. the op's heuristic (a function of shape and SM count, never of the GPU name): always during graph
-   capture when nothing above has the key, and whenever tuning is switched off.
+   capture when nothing above has the key, and whenever tuning is switched off. Unlike a tuned
+   config, which serves every shape of its key's bucket, the heuristic sees each call's exact shape.
 
 The mode (``$POLAR_SPARSITY_KERNEL_TUNING`` or :func:`set_mode`): ``tune`` (default, all four steps),
 ``cached`` (steps 1, 2, 4: never tune) or ``heuristic`` (step 4 only). The same cache holds the
-measured sparse-vs-dense crossovers of :mod:`kernels.dense_fallback`.
+measured sparse-vs-dense crossovers of :mod:`kernels.dense_fallback`. ``$POLAR_SPARSITY_KERNEL_TUNE_LOG``
+names a CSV that tuning appends every timed candidate to (GPU, key, config, microseconds): the data
+behind a pick, or behind a heuristic rule.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -45,13 +49,17 @@ Config = dict[str, int]
 TABLES_DIR = Path(__file__).parent  # shipped tables: tuned_<gpu>.json, each naming its exact GPU
 CACHE_ENV = "POLAR_SPARSITY_KERNEL_CACHE"
 MODE_ENV = "POLAR_SPARSITY_KERNEL_TUNING"
+TUNE_LOG_ENV = "POLAR_SPARSITY_KERNEL_TUNE_LOG"
 SHIPPED_ENV = "POLAR_SPARSITY_KERNEL_SHIPPED_TABLES"
 MODES = ("tune", "cached", "heuristic")
 # Bumped when a kernel's meaning of a config changes: caches written for another layout are not read.
 CACHE_LAYOUT = 1
 
-# Configs picked in this process, by (gpu, key); what `chosen()` reports.
+# Configs picked in this process from a table, the cache or tuning, by (gpu, key).
 _CHOSEN: dict[tuple[str, str], Config] = {}
+# Keys that fell to the heuristic, with the first shape's config (what `chosen()` reports): each call
+# then takes the heuristic of its exact shape, not that of the first shape met in the key's bucket.
+_HEURISTIC_KEYS: dict[tuple[str, str], Config] = {}
 _TUNED: set[str] = set()  # keys tuned (timed) in this process
 _SETTINGS: dict[str, object] = {}  # overrides of the environment, set by set_mode / use_shipped_tables / ...
 
@@ -74,7 +82,13 @@ def set_mode(value: str | None) -> None:
     if value is not None and value not in MODES:
         raise ValueError(f"tuning mode {value!r} is not one of {list(MODES)}")
     _SETTINGS["mode"] = value
+    _forget()
+
+
+def _forget() -> None:
+    """Drop the configs picked so far (a setting that changes where they come from)."""
     _CHOSEN.clear()
+    _HEURISTIC_KEYS.clear()
 
 
 def shipped_tables_enabled() -> bool:
@@ -87,13 +101,13 @@ def shipped_tables_enabled() -> bool:
 def use_shipped_tables(flag: bool | None) -> None:
     """Whether shipped tables are consulted (False: e.g. to measure first-use tuning on their GPU)."""
     _SETTINGS["shipped"] = flag
-    _CHOSEN.clear()
+    _forget()
 
 
 def set_force_tune(flag: bool) -> None:
     """Tune every key met, even one a table or the cache already has (``kernels.tune --retune``)."""
     _SETTINGS["force"] = flag
-    _CHOSEN.clear()
+    _forget()
 
 
 def _force_tune() -> bool:
@@ -112,7 +126,7 @@ def cache_dir() -> Path:
 def set_cache_dir(path: str | Path | None) -> None:
     """Use ``path`` as the tuning cache of this process (None: back to the environment / default)."""
     _SETTINGS["cache_dir"] = None if path is None else str(path)
-    _CHOSEN.clear()
+    _forget()
 
 
 def gpu_name(device: torch.device) -> str:
@@ -305,7 +319,7 @@ def tune(
     """Time each candidate and return the fastest one that compiles and fits."""
     t0 = time.time()
     timer = GraphTimer(device)
-    best, best_us, errors, tried, fastest = None, float("inf"), [], 0, {}
+    best, best_us, errors, tried, fastest, timed = None, float("inf"), [], 0, {}, []
     for cfg in candidates:
         tried += 1
         try:
@@ -315,9 +329,11 @@ def tune(
             first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
             errors.append(f"{cfg}: {type(exc).__name__}: {first_line}")
             continue
+        timed.append((cfg, us))
         fastest[schedule(cfg)] = min(us, fastest.get(schedule(cfg), us))
         if us < best_us:
             best, best_us = cfg, us
+    log_candidates(gpu_name(device), key, timed)
     if best is None:
         raise RuntimeError(f"no candidate config could be launched for {key}; first errors: {errors[:3]}")
     print(
@@ -326,6 +342,20 @@ def tune(
         flush=True,
     )
     return dict(best)
+
+
+def log_candidates(gpu: str, key: str, timed: Sequence[tuple[Config, float]]) -> None:
+    """Append the timed candidates of one key to ``$POLAR_SPARSITY_KERNEL_TUNE_LOG`` (if set)."""
+    path = os.environ.get(TUNE_LOG_ENV)
+    if not path or not timed:
+        return
+    new = not Path(path).exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["gpu", "key", "schedule", "us", "config"])
+        for cfg, us in timed:
+            writer.writerow([gpu, key, schedule(cfg), f"{us:.2f}", json.dumps(cfg, sort_keys=True)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,6 +389,8 @@ def pick(
     gpu = gpu_name(device)
     if (gpu, key) in _CHOSEN:  # the hot path of every op call: no cache object, no file access
         return _CHOSEN[(gpu, key)]
+    if (gpu, key) in _HEURISTIC_KEYS:
+        return dict(heuristic())
     return resolve(
         key,
         gpu,
@@ -383,8 +415,7 @@ def resolve(
         return _CHOSEN[memo]
     current = mode()
     if current == "heuristic":
-        _CHOSEN[memo] = dict(heuristic())
-        return _CHOSEN[memo]
+        return _use_heuristic(memo, heuristic)
     cfg = None if _force_tune() else _known(key, gpu, cache)
     if cfg is None and current == "tune":
         if capturing:
@@ -394,20 +425,29 @@ def resolve(
         cfg = run_tuning()
         cache.put({key: dict(cfg)})
         _TUNED.add(key)
-    _CHOSEN[memo] = dict(cfg if cfg is not None else heuristic())
+    if cfg is None:
+        return _use_heuristic(memo, heuristic)
+    _CHOSEN[memo] = dict(cfg)
     return _CHOSEN[memo]
+
+
+def _use_heuristic(memo: tuple[str, str], heuristic: Callable[[], Config]) -> Config:
+    cfg = dict(heuristic())
+    _HEURISTIC_KEYS.setdefault(memo, cfg)
+    return cfg
 
 
 def record(key: str, cfg: Config, device: torch.device) -> None:
     """Store a config tuned elsewhere (e.g. a benchmark's sweep) in the user cache and this process."""
     user_cache(device).put({key: dict(cfg)})
     _CHOSEN[(gpu_name(device), key)] = dict(cfg)
+    _HEURISTIC_KEYS.pop((gpu_name(device), key), None)
     _TUNED.add(key)
 
 
 def chosen() -> dict[str, Config]:
     """Configs picked so far in this process, by key."""
-    return {key: dict(cfg) for (_, key), cfg in _CHOSEN.items()}
+    return {key: dict(cfg) for (_, key), cfg in (_HEURISTIC_KEYS | _CHOSEN).items()}
 
 
 def tuned_keys() -> set[str]:

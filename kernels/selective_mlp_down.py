@@ -19,6 +19,7 @@ taking an equal run of the tile-major (tile, neuron step) iterations, merged the
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import torch
 import triton
@@ -319,6 +320,7 @@ def _splits_for(programs: int, n_sel: int, block_k: int, target: int) -> int:
     return split
 
 
+@cache  # pure; called on every launch of a key that has no tuned config
 def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Config:
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
@@ -327,8 +329,17 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
     shorter programs hide the index -> weight-row load chain better than a few long ones. M > 64:
     128-row tensor-core tiles, 256 columns wide when many neurons are selected (else 64), and the
     split-K count that fills whole waves of resident programs without too much fp32 partial traffic
-    (:func:`_large_batch_splits`). From the H200 graph-timed sweep at M = 1-256 (2026-11-29).
+    (:func:`_large_batch_splits`). M > 128 with long reductions (>= 128 steps) and half a wave of
+    256 x 128 tiles: one tile over the whole batch (each weight row read once) under stream-K, one
+    program per SM (what the H200 re-tuning picked for OPT-66B at k >= 11,059: 0.92-0.99 of the best
+    grid config; the split rule took 1.19-1.25x as long). From the H200 graph-timed sweep at
+    M = 1-256 (2026-11-29).
     """
+    if M > 128 and n_sel >= 128 * 64 and C.cdiv(d, 128) >= sms / 2:
+        bm, bd, bk, nw = 256, 128, 64, 8
+        stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
+        cfg = {"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": nw, "num_stages": stages}
+        return cfg | {"splits": 1, "stream_k": 1}
     if M > 64:
         bm, bk = 128, 64
         bd, nw = (256, 8) if n_sel >= 6144 else (64, 4)

@@ -69,7 +69,7 @@ def _sweep(key: str, candidates: list[dict], make_fns) -> None:
     shipped = _tuning.known_config(key, torch.device("cuda"))
     if shipped is not None and shipped not in candidates:
         candidates = [shipped, *candidates]  # never pick worse than the shipped config
-    best, fastest = None, {}
+    best, fastest, timed = None, {}, []
     for cfg in candidates:
         try:
             us = time_graph(make_fns(cfg), reps=10)
@@ -77,9 +77,11 @@ def _sweep(key: str, candidates: list[dict], make_fns) -> None:
             print(f"[sweep] {key}: {cfg} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
             torch.cuda.synchronize()
             continue
+        timed.append((cfg, us))
         fastest[_tuning.schedule(cfg)] = min(us, fastest.get(_tuning.schedule(cfg), us))
         if best is None or us < best[0]:
             best = (us, cfg)
+    _tuning.log_candidates(_tuning.gpu_name(torch.device("cuda")), key, timed)
     if best is None:
         raise RuntimeError(f"no candidate config ran for {key}")
     print(

@@ -22,6 +22,7 @@ HEURISTIC = {"BLOCK_N": 16, "num_warps": 4}
 def fresh(monkeypatch, tmp_path):
     """Empty per-process state and a private cache directory."""
     monkeypatch.setattr(_tuning, "_CHOSEN", {})
+    monkeypatch.setattr(_tuning, "_HEURISTIC_KEYS", {})
     monkeypatch.setattr(_tuning, "_TUNED", set())
     monkeypatch.setattr(_tuning, "_SETTINGS", {"cache_dir": str(tmp_path), "mode": "tune"})
     return tmp_path
@@ -97,6 +98,23 @@ def test_tuning_off_uses_cache_then_heuristic(fresh):
     _tuning.set_mode("heuristic")
     assert _resolve("known", cache, tuner) == HEURISTIC
     assert tuner.calls == 0
+
+
+def test_the_heuristic_sees_each_calls_exact_shape(fresh, monkeypatch):
+    """A tuned config serves its key's whole bucket; without one, each shape gets its own heuristic
+    config (not the first shape's), and a config recorded later for the key takes over."""
+    monkeypatch.setattr(_tuning, "gpu_name", lambda device: GPU)
+    device = torch.device("cuda")
+    _tuning.set_mode("heuristic")
+    picks = [
+        _tuning.pick("down|K16384", device, lambda n=n: {"splits": n // 4096}, lambda: [], None)
+        for n in (10035, 14336, 10035)
+    ]
+    assert picks == [{"splits": 2}, {"splits": 3}, {"splits": 2}]
+    assert _tuning.chosen() == {"down|K16384": {"splits": 2}}  # reported: the first shape's
+    _tuning.set_mode("cached")
+    _tuning.record("down|K16384", dict(TUNED), device)
+    assert _tuning.pick("down|K16384", device, lambda: {"splits": 9}, lambda: [], None) == TUNED
 
 
 def test_mode_from_environment_is_validated(fresh, monkeypatch):
@@ -185,6 +203,24 @@ def test_warm_up_runs_each_call_once():
     assert seen == [1, 2]
 
 
+def test_heuristic_schedules_at_the_measured_shapes():
+    """The H200 sweeps' findings, on any SM count: gated up at small batch with half a wave of
+    32-wide tiles runs whole tiles (no split, no stream-K); the down projection of a large batch with
+    long reductions and half a wave of 256 x 128 tiles takes the whole batch per tile under stream-K."""
+    from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
+
+    smem = 228 * 1024
+    for sms in (84, 108, 132, 170):
+        for n_sel in (sms * 16, sms * 32, 14336):
+            cfg = selective_mlp_up._heuristic(16, n_sel, 4096, sms, True, smem)
+            assert cfg["splits"] == 1 and "stream_k" not in cfg, (sms, n_sel, cfg)
+        big = selective_mlp_down._heuristic(256, 18432, 9216, sms, smem)
+        whole_batch = sms / 2 <= 9216 // 128
+        assert (big["BLOCK_M"], big.get("stream_k")) == ((256, 1) if whole_batch else (128, None)), sms
+    few_columns = selective_mlp_down._heuristic(256, 14336, 4096, 132, smem)  # 32 tiles: split rule
+    assert few_columns["BLOCK_M"] == 128 and "stream_k" not in few_columns
+
+
 def test_heuristic_stages_fit_shared_memory():
     from polar_sparsity.kernels import _decode_attention, selective_mlp_down, selective_mlp_up
 
@@ -204,6 +240,7 @@ def test_first_use_tuning_on_gpu(tmp_path, monkeypatch):
     from polar_sparsity.kernels import selective_down, selective_mlp_down
 
     monkeypatch.setattr(_tuning, "_CHOSEN", {})
+    monkeypatch.setattr(_tuning, "_HEURISTIC_KEYS", {})
     monkeypatch.setattr(_tuning, "_TUNED", set())
     monkeypatch.setattr(_tuning, "_SETTINGS", {"cache_dir": str(tmp_path), "mode": "tune", "shipped": False})
     # Three candidates keep the test short; what is tested is timing, persisting and reuse.
@@ -238,3 +275,19 @@ def test_merged_tables_keep_later_configs_and_the_note(tmp_path):
     assert out["configs"] == {"k1": {"v": 1}, "k2": {"v": 2}}
     assert out["note"] == "how these were picked"
     assert [s["file"] for s in out["sources"]] == ["a.json", "swept.json"]
+
+
+def test_the_tuning_log_appends_every_timed_candidate(tmp_path, monkeypatch):
+    log = tmp_path / "tune.csv"
+    _tuning.log_candidates(GPU, "up|K1024", [({"BLOCK_N": 64}, 12.5)])  # no log asked for: nothing
+    assert not log.exists()
+    monkeypatch.setenv(_tuning.TUNE_LOG_ENV, str(log))
+    _tuning.log_candidates(GPU, "up|K1024", [({"BLOCK_N": 64}, 12.5), ({"BLOCK_N": 32, "stream_k": 1}, 11.0)])
+    _tuning.log_candidates(GPU, "down|K1024", [({"BLOCK_D": 128}, 30.0)])
+    rows = log.read_text().splitlines()
+    assert rows[0] == "gpu,key,schedule,us,config"
+    assert [r.split(",")[1:4] for r in rows[1:]] == [
+        ["up|K1024", "grid", "12.50"],
+        ["up|K1024", "stream-K", "11.00"],
+        ["down|K1024", "grid", "30.00"],
+    ]
