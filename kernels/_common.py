@@ -192,6 +192,17 @@ def split_workspace(
     return torch.empty(shape, device=out.device, dtype=torch.float32), split_counters(out.device, tiles)
 
 
+def split_chunks(length: int, block: int, wanted: int) -> tuple[int, int]:
+    """Split-K of a reduction of ``length`` into about ``wanted`` chunks of whole ``block`` steps.
+
+    Returns (chunk, splits): the chunk length and the splits it really makes (rounding to whole
+    steps can leave fewer than asked; never an empty split, never more splits than steps).
+    """
+    steps = cdiv(length, block)
+    chunk = cdiv(steps, max(1, min(wanted, steps))) * block
+    return chunk, cdiv(length, chunk)
+
+
 def stream_k_plan(total: int, steps: int, programs: int, min_share: int = 2) -> tuple[int, int, int]:
     """Stream-K schedule of a split reduction (GEMM or attention): deal ``total`` tile-major (tile, step)
     iterations, ``steps`` per tile, to about ``programs`` programs (one per resident slot).

@@ -868,9 +868,7 @@ def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg,
             **meta,
         )
         return
-    splits = max(1, min(cfg["splits"], blocks))
-    chunk = C.cdiv(blocks, splits) * bn
-    splits = C.cdiv(n_max, chunk)
+    chunk, splits = C.split_chunks(n_max, bn, cfg["splits"])
     merge_here = splits > 1 and bool(cfg.get("merge_here", 0))
     po, pml, cnt = _partial_states(out, seqlens, n_pairs, splits, group, merge_here)
     _attn_chunk_kernel[(n_pairs, splits)](

@@ -535,9 +535,7 @@ def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
             **meta,
         )
         return
-    splits = max(1, min(cfg["splits"], steps))
-    k_chunk = C.cdiv(steps, splits) * bk
-    splits = C.cdiv(n_sel, k_chunk)
+    k_chunk, splits = C.split_chunks(n_sel, bk, cfg["splits"])
     ws, cnt = C.split_workspace(out, (splits, M, d), tiles)
     _down_kernel[(tiles, splits)](
         *args,

@@ -562,9 +562,7 @@ def _launch(x, w_gate, w_up, bias, idx, out, relu, cfg) -> None:
             **meta,
         )
         return
-    splits = max(1, min(cfg["splits"], steps))
-    d_chunk = C.cdiv(steps, splits) * bk
-    splits = C.cdiv(d, d_chunk)
+    d_chunk, splits = C.split_chunks(d, bk, cfg["splits"])
     ws, cnt = C.split_workspace(out, (splits, 2 if gated else 1, M, n_sel), tiles)
     _up_kernel[(tiles, splits)](
         *args, ws, cnt, M, n_sel, d, w_up.shape[0], d_chunk, num_m, splits, *strides, SPLIT=splits > 1, **meta

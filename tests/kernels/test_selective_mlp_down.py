@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from polar_sparsity.kernels import prepare_down_weight, selective_down, selective_down_reference
-from polar_sparsity.kernels._common import stream_k_plan
+from polar_sparsity.kernels._common import split_chunks, stream_k_plan
 from polar_sparsity.kernels.testing import assert_rel_close, poisoned
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -72,6 +72,15 @@ def test_stream_k_plan_covers_every_step_once(tiles, steps, programs):
     owner = [it // share for it in range(tiles * steps)]
     assert max(owner) == n_prog - 1 and share >= min(2, steps)
     assert max(len(set(owner[t * steps : (t + 1) * steps])) for t in range(tiles)) <= parts
+
+
+@pytest.mark.parametrize(
+    ("length", "block", "wanted"), [(250, 16, 4), (250, 16, 15), (64, 64, 8), (9216, 64, 0), (7, 16, 3)]
+)
+def test_split_chunks_are_whole_steps_and_never_empty(length, block, wanted):
+    chunk, splits = split_chunks(length, block, wanted)
+    assert chunk % block == 0 and 1 <= splits <= max(1, wanted)
+    assert (splits - 1) * chunk < length <= splits * chunk  # the last split holds at least one element
 
 
 def test_a_stream_k_config_without_programs_is_named(force_config, device, gen):
