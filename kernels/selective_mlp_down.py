@@ -335,12 +335,12 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
     grid config; the split rule took 1.19-1.25x as long). From the H200 graph-timed sweep at
     M = 1-256 (2026-11-29).
     """
-    if M > 128 and n_sel >= 128 * 64 and C.cdiv(d, 128) >= sms / 2:
+    whole_batch = M > 128 and n_sel >= 128 * 64 and C.cdiv(d, 128) >= sms / 2
+    if whole_batch:
         bm, bd, bk, nw = 256, 128, 64, 8
         stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
-        cfg = {"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": nw, "num_stages": stages}
-        return cfg | {"splits": 1, "stream_k": 1}
-    if M > 64:
+        splits = 1
+    elif M > 64:
         bm, bk = 128, 64
         bd, nw = (256, 8) if n_sel >= 6144 else (64, 4)
         stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
@@ -353,7 +353,7 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
         ns, waves = (3, 3) if bm <= 16 else (4, 2)
         stages = C.fit_stages(ns, _stage_bytes(bm, bd, bk), smem)
         splits = max(1, min(waves * sms // (C.cdiv(M, bm) * C.cdiv(d, bd)), n_sel // (2 * bk)))
-    return {
+    cfg = {
         "BLOCK_M": bm,
         "BLOCK_D": bd,
         "BLOCK_K": bk,
@@ -361,6 +361,7 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
         "num_stages": stages,
         "splits": splits,
     }
+    return cfg | {"stream_k": 1} if whole_batch else cfg
 
 
 def _stage_bytes(bm: int, bd: int, bk: int) -> int:
