@@ -317,6 +317,7 @@ def tune(
     key: str, candidates: Iterable[Config], launch: Callable[[Config], None], device: torch.device
 ) -> Config:
     """Time each candidate and return the fastest one that compiles and fits."""
+    tune_log_path()  # a bad log path is named before the timing, not after
     t0 = time.time()
     timer = GraphTimer(device)
     best, best_us, errors, tried, fastest, timed = None, float("inf"), [], 0, {}, []
@@ -344,12 +345,28 @@ def tune(
     return dict(best)
 
 
+def tune_log_path() -> Path | None:
+    """``$POLAR_SPARSITY_KERNEL_TUNE_LOG`` as a CSV path that can be appended to (None if unset).
+
+    Checked before any candidate is timed, so a bad value never costs a tuning run."""
+    value = os.environ.get(TUNE_LOG_ENV)
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_dir() or not path.parent.is_dir():
+        raise ValueError(
+            f"{TUNE_LOG_ENV}={value!r} must name a CSV file in an existing directory "
+            "(appended to; created if missing)"
+        )
+    return path
+
+
 def log_candidates(gpu: str, key: str, timed: Sequence[tuple[Config, float]]) -> None:
     """Append the timed candidates of one key to ``$POLAR_SPARSITY_KERNEL_TUNE_LOG`` (if set)."""
-    path = os.environ.get(TUNE_LOG_ENV)
-    if not path or not timed:
+    path = tune_log_path()
+    if path is None or not timed:
         return
-    new = not Path(path).exists()
+    new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)
         if new:

@@ -66,6 +66,7 @@ def _sweep(key: str, candidates: list[dict], make_fns) -> None:
     generic tuner) mis-ranks configs of these 10-300 us kernels."""
     if key in _tuning.tuned_keys():
         return
+    _tuning.tune_log_path()  # a bad log path is named before the timing, not after
     shipped = _tuning.known_config(key, torch.device("cuda"))
     if shipped is not None and shipped not in candidates:
         candidates = [shipped, *candidates]  # never pick worse than the shipped config

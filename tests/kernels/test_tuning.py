@@ -291,3 +291,13 @@ def test_the_tuning_log_appends_every_timed_candidate(tmp_path, monkeypatch):
         ["up|K1024", "stream-K", "11.00"],
         ["down|K1024", "grid", "30.00"],
     ]
+
+
+@pytest.mark.parametrize("where", ["a directory", "a missing directory"])
+def test_a_bad_tuning_log_path_is_named_before_timing(tmp_path, monkeypatch, where):
+    bad = tmp_path if where == "a directory" else tmp_path / "missing" / "t.csv"
+    monkeypatch.setenv(_tuning.TUNE_LOG_ENV, str(bad))
+    timed = []
+    with pytest.raises(ValueError, match=_tuning.TUNE_LOG_ENV):
+        _tuning.tune("up|K1024", [{"BLOCK_N": 64}], timed.append, torch.device("cpu"))
+    assert not timed  # nothing launched
