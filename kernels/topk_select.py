@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import _common as C
 
-# (shift, bits) of the three digit passes over the 32-bit key, most significant first.
+# (shift, bits) of the four digit passes over the 32-bit key, most significant first.
 DIGITS = ((24, 8), (16, 8), (8, 8), (0, 8))
 MAX_BINS = 1 << max(bits for _, bits in DIGITS)
 BLOCK_MIN = 512
