@@ -1,0 +1,61 @@
+"""The GEMM candidate sweep's table pick and argument checks (CPU; the timing itself needs a GPU)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from polar_sparsity.kernels.bench import gemm_sweep
+
+
+def _row(key: str, k: int, cfg: dict, ratio: float) -> dict:
+    return dict(key=key, model="m", M=256, k=k, cfg=cfg, ratio_to_best=ratio)
+
+
+def test_bucket_pick_minimises_the_worst_ratio_over_the_keys_shapes():
+    a, b, c = {"BLOCK_D": 64}, {"BLOCK_D": 128}, {"BLOCK_D": 256}
+    rows = [
+        _row("K8192", 4301, a, 1.00),
+        _row("K8192", 4301, b, 1.10),
+        _row("K8192", 4301, c, 1.02),
+        _row("K8192", 7168, a, 1.30),  # best at one shape, poor at the other
+        _row("K8192", 7168, b, 1.00),
+        _row("K8192", 7168, c, 1.05),
+    ]
+    assert gemm_sweep.bucket_picks(rows) == {"K8192": c}
+
+
+def test_bucket_pick_skips_configs_that_failed_or_were_not_timed_at_every_shape():
+    a, b = {"BLOCK_D": 64}, {"BLOCK_D": 128}
+    rows = [
+        _row("K4096", 2867, a, 1.00),
+        _row("K4096", 2867, b, 1.01),
+        _row("K4096", 4096, a, float("nan")),  # did not run at this shape
+        _row("K4096", 4096, b, 1.00),
+        _row("K2048", 1434, a, float("nan")),  # nothing ran: no pick for the key
+    ]
+    assert gemm_sweep.bucket_picks(rows) == {"K4096": b}
+
+
+def test_a_config_timed_twice_at_one_shape_counts_once_at_its_faster_time():
+    a, b = {"BLOCK_D": 64}, {"BLOCK_D": 128}
+    rows = [
+        _row("K16384", 11059, a, 1.00),  # as a candidate
+        _row("K16384", 11059, a, 1.03),  # again as the heuristic's config
+        _row("K16384", 11059, b, 1.01),
+    ]
+    assert gemm_sweep.bucket_picks(rows) == {"K16384": a}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "gpt-5"], "unknown model(s) ['gpt-5']"),
+        (["--density", "0,0.5"], "densities [0.0] are outside (0, 1]"),
+        (["--batch", "0"], "batch sizes [0] must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_named_before_any_work(argv, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        gemm_sweep.main(argv)
