@@ -327,22 +327,22 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
     M <= 64: 128-column tiles (64 when d / 128 gives less than half a wave at M > 16), 64 neurons per
     step, and split-K so that tiles x splits fills about 3 waves (M <= 16) or 2 (M <= 64): more,
     shorter programs hide the index -> weight-row load chain better than a few long ones. M > 64:
-    128-row tensor-core tiles, 256 columns wide when many neurons are selected (else 64), and the
-    split-K count that fills whole waves of resident programs without too much fp32 partial traffic
-    (:func:`_large_batch_splits`). M > 128 with long reductions (>= 128 steps) and half a wave of
+    128 x 64 tensor-core tiles, 4 warps (three resident per SM), and the split-K count that fills
+    whole waves of resident programs without too much fp32 partial traffic
+    (:func:`_large_batch_splits`). M > 128 with long reductions (>= 96 steps) and half a wave of
     256 x 128 tiles: one tile over the whole batch (each weight row read once) under stream-K, one
-    program per SM (what the H200 re-tuning picked for OPT-66B at k >= 11,059: 0.92-0.99 of the best
-    grid config; the split rule took 1.19-1.25x as long). From the H200 graph-timed sweep at
-    M = 1-256 (2026-11-29).
+    program per SM. From the H200 graph-timed sweeps at M = 1-256 (2026-11-29; the M = 256 rules from
+    ``kernels.bench.gemm_sweep``, every candidate at each shape: the whole-batch tile was the fastest
+    config for OPT-66B at k = 7,373-25,805; 256-column tiles at k >= 6,144 took 1.08-1.33x the best
+    for Llama-3-8B, 128 x 64 tiles 1.00-1.05x).
     """
-    whole_batch = M > 128 and n_sel >= 128 * 64 and C.cdiv(d, 128) >= sms / 2
+    whole_batch = M > 128 and n_sel >= 96 * 64 and C.cdiv(d, 128) >= sms / 2
     if whole_batch:
         bm, bd, bk, nw = 256, 128, 64, 8
         stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
         splits = 1
     elif M > 64:
-        bm, bk = 128, 64
-        bd, nw = (256, 8) if n_sel >= 6144 else (64, 4)
+        bm, bd, bk, nw = 128, 64, 64, 4
         stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
         slots = sms * C.resident_programs(nw, stages * _stage_bytes(bm, bd, bk), smem)
         splits = _large_batch_splits(C.cdiv(M, bm) * C.cdiv(d, bd), slots, bm, n_sel, bk)
@@ -392,7 +392,14 @@ _TILES = {
         (512, 64, 8, 3),
         (1024, 32, 8, 3),
     ),
-    64: ((64, 64, 4, 4), (128, 64, 4, 4), (128, 32, 4, 4), (256, 32, 8, 4), (256, 64, 8, 3)),
+    64: (
+        (64, 64, 4, 4),
+        (128, 64, 4, 4),
+        (128, 32, 4, 4),
+        (256, 32, 8, 4),
+        (256, 64, 8, 3),
+        (64, 128, 4, 4),
+    ),
     128: ((128, 64, 8, 3), (64, 64, 4, 3), (256, 64, 8, 3), (128, 32, 8, 4)),
 }
 

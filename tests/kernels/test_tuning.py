@@ -206,7 +206,8 @@ def test_warm_up_runs_each_call_once():
 def test_heuristic_schedules_at_the_measured_shapes():
     """The H200 sweeps' findings, on any SM count: gated up at small batch with half a wave of
     32-wide tiles runs whole tiles (no split, no stream-K); the down projection of a large batch with
-    long reductions and half a wave of 256 x 128 tiles takes the whole batch per tile under stream-K."""
+    long reductions (>= 96 steps) and half a wave of 256 x 128 tiles takes the whole batch per tile
+    under stream-K; with fewer columns it splits 128 x 64 tiles to fill the resident slots."""
     from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
 
     smem = 228 * 1024
@@ -214,11 +215,16 @@ def test_heuristic_schedules_at_the_measured_shapes():
         for n_sel in (sms * 16, sms * 32, 14336):
             cfg = selective_mlp_up._heuristic(16, n_sel, 4096, sms, True, smem)
             assert cfg["splits"] == 1 and "stream_k" not in cfg, (sms, n_sel, cfg)
-        big = selective_mlp_down._heuristic(256, 18432, 9216, sms, smem)
         whole_batch = sms / 2 <= 9216 // 128
-        assert (big["BLOCK_M"], big.get("stream_k")) == ((256, 1) if whole_batch else (128, None)), sms
-    few_columns = selective_mlp_down._heuristic(256, 14336, 4096, 132, smem)  # 32 tiles: split rule
-    assert few_columns["BLOCK_M"] == 128 and "stream_k" not in few_columns
+        for n_sel in (96 * 64, 18432):
+            big = selective_mlp_down._heuristic(256, n_sel, 9216, sms, smem)
+            assert (big["BLOCK_M"], big.get("stream_k")) == ((256, 1) if whole_batch else (128, None)), sms
+        short = selective_mlp_down._heuristic(256, 96 * 64 - 1, 9216, sms, smem)
+        assert short["BLOCK_M"] == 128 and "stream_k" not in short, sms
+    for n_sel, splits in ((2867, 2), (7168, 3), (14336, 3)):  # Llama-3-8B: 128 tiles of 128 x 64, 3 per SM
+        few_columns = selective_mlp_down._heuristic(256, n_sel, 4096, 132, smem)
+        assert (few_columns["BLOCK_M"], few_columns["BLOCK_D"], few_columns["splits"]) == (128, 64, splits)
+        assert "stream_k" not in few_columns
 
 
 def test_heuristic_stages_fit_shared_memory():
