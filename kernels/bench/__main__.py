@@ -14,7 +14,6 @@ bandwidth, shapes) per benchmark into ``--out`` (default ``artifacts/kernels_ben
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -141,15 +140,9 @@ def main(argv: list[str] | None = None) -> None:
             configs = {k: v for k, v in cached.items() if k in _tuning.tuned_keys()}
         else:
             configs = _tuning.chosen()
-        table = {
-            "gpu": env["gpu"],
-            "triton": env["triton"],
-            "tuning": _tuning.mode(),
-            "source": f"python -m polar_sparsity.kernels.bench {args.bench} on {env['gpu']}",
-            "env": env,
-            "configs": dict(sorted(configs.items())),
-        }
-        args.save_table.write_text(json.dumps(table, indent=1) + "\n")
+        h.save_table(
+            args.save_table, f"bench {args.bench}", configs, triton=env["triton"], tuning=_tuning.mode()
+        )
 
 
 def _print_summary(rows: list[dict]) -> None:

@@ -123,6 +123,22 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def save_table(path: Path, tool: str, configs: dict, **fields: object) -> None:
+    """Write tuned ``configs`` as a table ``merge_tables`` merges: this GPU, the tool that picked them
+    and the environment (written to a temporary name, then renamed)."""
+    env = env_info()
+    table = {
+        "gpu": env["gpu"],
+        **fields,
+        "source": f"python -m polar_sparsity.kernels.{tool} on {env['gpu']}",
+        "env": env,
+        "configs": dict(sorted(configs.items())),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(table, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def write_meta(path: Path, meta: dict) -> None:
     path.write_text(json.dumps(meta, indent=2, default=str))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 from .. import _tuning, selective_group_attention, selective_head_attention
 from .._decode_attention import config_key
-from ._harness import env_info, read_bandwidth, rotations, time_graph
+from ._harness import read_bandwidth, rotations, save_table, time_graph
 from .shapes import PAPER_MODELS
 
 
@@ -191,14 +190,7 @@ def main() -> None:
             w.writeheader()
             w.writerows(rows)
     if args.save_table:
-        env = env_info()
-        table = {
-            "gpu": env["gpu"],
-            "source": f"python -m polar_sparsity.kernels.bench.attn_sweep (graph-timed) on {env['gpu']}",
-            "env": env,
-            "configs": dict(sorted(tuned.items())),
-        }
-        args.save_table.write_text(json.dumps(table, indent=1))
+        save_table(args.save_table, "bench.attn_sweep (graph-timed)", tuned)
     print(f"done in {time.time() - t0:.0f} s", flush=True)
 
 

@@ -29,7 +29,7 @@ from .. import _common as C
 from .. import _tuning
 from .. import selective_mlp_down as down_mod
 from .. import selective_mlp_up as up_mod
-from ._harness import env_info, l2_bytes, rotations, time_graph
+from ._harness import l2_bytes, rotations, save_table, time_graph
 from .cli import _list_of
 from .gemm import _weights, weight_copies
 from .shapes import MLP_DENSITIES, PAPER_MODELS, kept_units
@@ -189,14 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp.replace(args.out)
     _summary(rows)
     if args.save_table:
-        env = env_info()
-        table = {
-            "gpu": env["gpu"],
-            "source": f"python -m polar_sparsity.kernels.bench.gemm_sweep (graph-timed) on {env['gpu']}",
-            "env": env,
-            "configs": dict(sorted(bucket_picks(rows).items())),
-        }
-        args.save_table.write_text(json.dumps(table, indent=1) + "\n")
+        save_table(args.save_table, "bench.gemm_sweep (graph-timed)", bucket_picks(rows))
     print(f"{len(rows)} timings in {time.time() - t0:.0f} s; {args.out}", flush=True)
 
 

@@ -59,3 +59,19 @@ def test_a_config_timed_twice_at_one_shape_counts_once_at_its_faster_time():
 def test_bad_arguments_are_named_before_any_work(argv, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         gemm_sweep.main(argv)
+
+
+def test_a_saved_table_is_what_merge_tables_merges(tmp_path, monkeypatch):
+    from polar_sparsity.kernels.bench import _harness, merge_tables
+
+    env = {"date": "2026-11-29", "gpu": "NVIDIA H200", "triton": "3.6.0"}
+    monkeypatch.setattr(_harness, "env_info", lambda: env)  # the one GPU query; no GPU here
+    path = tmp_path / "sweep.json"
+    _harness.save_table(path, "bench.gemm_sweep (graph-timed)", {"down|M64": {"BLOCK_D": 64}, "down|M16": {}})
+    assert not (tmp_path / "sweep.json.tmp").exists()
+    merged = merge_tables.merge(tmp_path / "out.json", [path])
+    assert merged["gpu"] == "NVIDIA H200"
+    assert list(merged["configs"]) == ["down|M16", "down|M64"]
+    assert merged["sources"][0]["source"] == (
+        "python -m polar_sparsity.kernels.bench.gemm_sweep (graph-timed) on NVIDIA H200"
+    )
