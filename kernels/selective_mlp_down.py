@@ -332,7 +332,7 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
     (:func:`_large_batch_splits`). M > 128 with long reductions (>= 96 steps) and half a wave of
     256 x 128 tiles: one tile over the whole batch (each weight row read once) under stream-K, one
     program per SM. From the H200 graph-timed sweeps at M = 1-256 (2026-11-29; the M = 256 rules from
-    ``kernels.bench.gemm_sweep``, every candidate at each shape: the whole-batch tile was the fastest
+    ``kernels.bench.config_sweep``, every candidate at each shape: the whole-batch tile was the fastest
     config for OPT-66B at k = 7,373-25,805; 256-column tiles at k >= 6,144 took 1.08-1.33x the best
     for Llama-3-8B, 128 x 64 tiles 1.00-1.05x).
     """

@@ -1,0 +1,277 @@
+# ruff: noqa: B023  (the closures are called inside the iteration that defines them)
+"""Graph-timed sweep of every tuning candidate, per exact shape, for the selective GEMMs and attention.
+
+``python -m polar_sparsity.kernels.bench.config_sweep [--op up,down,attn] [--model opt-66b,llama-3-8b]
+[--batch 256] [--density 0.1,0.5] [--context 8192] [--out sweep.csv] [--save-table T.json]`` times,
+at each (model, op, batch, density[, context]), every tuning candidate of the op plus the
+heuristic's config and the shipped table's, exactly as ``kernels.bench gemm|attn|gqa`` time the op
+(CUDA-graph replay over rotated weights or index sets, median). Tuning meets a config key once, at
+the first shape in its power-of-two bucket, and that config then serves the whole bucket; this shows
+how each config fares across the shapes a key spans, and how far the heuristic and the table are
+from the best: the data behind the heuristics' rules. Density is the kept fraction of MLP neurons
+(``up``, ``down``) or of KV heads / groups (``attn``; MHA or GQA by the model).
+
+``--save-table`` keeps, for each key, the config whose worst ratio to each swept shape's fastest is
+smallest (:func:`bucket_picks`), in the format ``kernels.bench.merge_tables`` merges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import _common as C
+from .. import _decode_attention as attn_mod
+from .. import _tuning
+from .. import selective_mlp_down as down_mod
+from .. import selective_mlp_up as up_mod
+from ._harness import l2_bytes, rotations, save_table, time_graph
+from .cli import _list_of
+from .gemm import _weights, weight_copies
+from .shapes import MLP_DENSITIES, PAPER_MODELS, kept_units
+
+OPS = ("up", "down", "attn")
+FIELDS = ("model", "op", "M", "context", "density", "k", "key", "source", "us", "ratio_to_best", "cfg")
+Launches = Callable[[dict], list[Callable[[], None]]]  # config -> one launch per rotated input set
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One shape's config key, its (source, config) list and how to launch a config there."""
+
+    key: str
+    configs: list[tuple[str, dict]]
+    launches: Launches
+
+
+def _with_heuristic_and_table(key, candidates, heuristic, device) -> list[tuple[str, dict]]:
+    """(source, config): every tuning candidate, then the heuristic's and the shipped table's."""
+    out = [("candidate", dict(c)) for c in candidates] + [("heuristic", dict(heuristic))]
+    table = _tuning.shipped_config(key, _tuning.gpu_name(device))
+    return out + ([("table", dict(table))] if table is not None else [])
+
+
+def _gemm_sweep(op: str, M: int, k: int, model: str, ws: list[dict]) -> Sweep:
+    shape = PAPER_MODELS[model]
+    d, n, gated = shape.hidden, shape.ffn, shape.mlp == "gated"
+    dtype, dev = ws[0]["w_up"].dtype, ws[0]["w_up"].device
+    sms, smem = C.num_sms(dev), C.max_shared_memory(dev)
+    copies = len(ws)
+    rot = max(copies, rotations(k * d * (3 if gated and op == "up" else 2)))
+    idx = [torch.randperm(n, device=dev)[:k].int() for _ in range(rot)]
+    if op == "up":
+        key = up_mod.config_key(M, k, d, gated)
+        x = torch.randn(M, d, device=dev, dtype=dtype)
+        out = torch.empty(M, k, device=dev, dtype=dtype)
+        configs = _with_heuristic_and_table(
+            key,
+            up_mod._candidates(M, k, d, sms, gated, smem),
+            up_mod._heuristic(M, k, d, sms, gated, smem),
+            dev,
+        )
+        return Sweep(
+            key,
+            configs,
+            lambda cfg: [
+                lambda w=ws[i % copies], j=idx[i]: up_mod._launch(
+                    x, w["w_gate"], w["w_up"], w["b_up"], j, out, not gated, cfg
+                )
+                for i in range(rot)
+            ],
+        )
+    key = down_mod.config_key(M, k, d)
+    a = torch.randn(M, k, device=dev, dtype=dtype)
+    out = torch.empty(M, d, device=dev, dtype=dtype)
+    configs = _with_heuristic_and_table(
+        key, down_mod._candidates(M, k, d, sms, smem), down_mod._heuristic(M, k, d, sms, smem), dev
+    )
+    return Sweep(
+        key,
+        configs,
+        lambda cfg: [
+            lambda w=ws[i % copies], j=idx[i]: down_mod._launch(a, w["w_down_t"], j, w["b_down"], out, cfg)
+            for i in range(rot)
+        ],
+    )
+
+
+def _attn_sweep(B: int, kept: int, model: str, kv: tuple[torch.Tensor, ...]) -> Sweep:
+    """Selective decode attention over ``kept`` of the model's KV heads per sequence (random sets,
+    rotated), full-length sequences, unselected heads zero-filled: as ``kernels.bench attn|gqa``."""
+    q, k_cache, v_cache = kv
+    _, Hq, D = q.shape
+    Hkv, N = k_cache.shape[1], k_cache.shape[2]
+    group, programs, dev = Hq // Hkv, B * kept, q.device
+    sms, smem = C.num_sms(dev), C.max_shared_memory(dev)
+    key = attn_mod.config_key(D, group, programs, N)
+    seqlens = torch.full((B,), N, device=dev, dtype=torch.int32)
+    rot = rotations(B * kept * N * D * 4)
+    idx = torch.rand(rot, B, Hkv, device=dev).argsort(-1)[..., :kept].int().contiguous()
+    out = torch.empty_like(q)
+    scale = attn_mod.LOG2E / math.sqrt(D)
+    configs = _with_heuristic_and_table(
+        key,
+        attn_mod._candidates(group, programs, N, sms, D, smem),
+        attn_mod._heuristic(group, programs, N, sms, D, smem),
+        dev,
+    )
+    return Sweep(
+        key,
+        configs,
+        lambda cfg: [
+            lambda j=idx[i]: attn_mod._launch(
+                q, k_cache, v_cache, seqlens, j, out, scale, kept, group, cfg, True
+            )
+            for i in range(rot)
+        ],
+    )
+
+
+def time_configs(sweep: Sweep, shape: dict) -> list[dict]:
+    """Rows of one shape: each config's median microseconds (NaN where it does not run) and its ratio
+    to the fastest config at this shape."""
+    rows = []
+    for source, cfg in sweep.configs:
+        try:
+            us = time_graph(sweep.launches(cfg), reps=10)
+        except Exception as exc:  # noqa: BLE001 - a config that does not fit is a recorded result
+            torch.cuda.synchronize()
+            print(f"[sweep] {sweep.key} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+            us = float("nan")
+        rows.append(dict(shape, key=sweep.key, source=source, us=us, cfg=cfg))
+    best = min((r["us"] for r in rows if r["us"] == r["us"]), default=float("nan"))
+    for r in rows:
+        r["ratio_to_best"] = r["us"] / best
+    return rows
+
+
+def bucket_picks(rows: list[dict]) -> dict[str, dict]:
+    """Per config key, the config with the smallest worst ratio to the fastest of each swept shape
+    of that key (a key spans a power-of-two range of unit counts; one config serves them all).
+    Only configs timed at every shape of the key compete; a config timed twice at one shape (a
+    candidate that is also the heuristic's) counts its faster time; ties go to the first listed."""
+    ratios: dict[str, dict[str, dict[tuple, float]]] = defaultdict(lambda: defaultdict(dict))
+    shapes: dict[str, set] = defaultdict(set)
+    for r in rows:
+        shape = (r["model"], r["op"], r["M"], r.get("context"), r["k"])
+        shapes[r["key"]].add(shape)
+        if r["ratio_to_best"] == r["ratio_to_best"]:
+            at = ratios[r["key"]][json.dumps(r["cfg"], sort_keys=True)]
+            at[shape] = min(at.get(shape, r["ratio_to_best"]), r["ratio_to_best"])
+    picks = {}
+    for key, by_cfg in ratios.items():
+        complete = {c: max(v.values()) for c, v in by_cfg.items() if len(v) == len(shapes[key])}
+        if complete:
+            picks[key] = json.loads(min(complete, key=complete.get))
+    return picks
+
+
+def _model_rows(model: str, args: argparse.Namespace, t0: float) -> list[dict]:
+    shape = PAPER_MODELS[model]
+    rows = []
+    gemm_ops = [op for op in args.op if op != "attn"]
+    if gemm_ops:
+        d, n, gated = shape.hidden, shape.ffn, shape.mlp == "gated"
+        ws = _weights(d, n, gated, weight_copies(d, n, l2_bytes()), torch.float16)
+        for op in gemm_ops:
+            for M in args.batch:
+                for density in args.density:
+                    k = kept_units(density, n)
+                    point = dict(model=model, op=op, M=M, context="", density=density, k=k)
+                    rows += time_configs(_gemm_sweep(op, M, k, model, ws), point)
+                    print(
+                        f"[sweep] {model} {op} M={M} density {density}: {time.time() - t0:.0f} s", flush=True
+                    )
+        del ws
+    if "attn" in args.op:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        for B in args.batch:
+            for N in args.context:
+                dims = ((B, shape.heads, shape.head_dim),) + ((B, shape.kv_heads, N, shape.head_dim),) * 2
+                kv = tuple(torch.randn(*s, device="cuda", dtype=torch.float16, generator=g) for s in dims)
+                for density in args.density:
+                    kept = kept_units(density, shape.kv_heads)
+                    point = dict(model=model, op="attn", M=B, context=N, density=density, k=kept)
+                    rows += time_configs(_attn_sweep(B, kept, model, kv), point)
+                    print(f"[sweep] {model} attn B={B} N={N} density {density}: {time.time() - t0:.0f} s")
+                del kv
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _summary(rows: list[dict]) -> None:
+    print("| model | op | M | context | density | k | best, us | heuristic / best | table / best |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    by_shape: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_shape[tuple(r[f] for f in FIELDS[:6])].append(r)
+    for (model, op, M, context, density, k), rs in by_shape.items():
+        best = min((r["us"] for r in rs if r["us"] == r["us"]), default=float("nan"))
+        ratio = {r["source"]: f"{r['ratio_to_best']:.3f}" for r in rs if r["source"] != "candidate"}
+        print(
+            f"| {model} | {op} | {M} | {context or '-'} | {density} | {k} | {best:.1f} "
+            f"| {ratio.get('heuristic', '-')} | {ratio.get('table', '-')} |"
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m polar_sparsity.kernels.bench.config_sweep", description=__doc__
+    )
+    p.add_argument("--op", type=_list_of(str, "ops"), default=["up", "down"], help=f"any of {', '.join(OPS)}")
+    p.add_argument("--model", type=_list_of(str, "model names"), default=["opt-66b", "llama-3-8b"])
+    p.add_argument("--batch", type=_list_of(int, "batch sizes"), default=[256])
+    p.add_argument("--density", type=_list_of(float, "densities"), default=list(MLP_DENSITIES))
+    p.add_argument("--context", type=_list_of(int, "context lengths"), default=[8192], help="attn only")
+    p.add_argument("--out", type=Path, default=Path("config_sweep.csv"))
+    p.add_argument("--save-table", type=Path, help="write each key's bucket pick (table format)")
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    checks = [
+        ([op for op in args.op if op not in OPS], f"unknown op(s) {{}}; choose from {list(OPS)}"),
+        (
+            [m for m in args.model if m not in PAPER_MODELS],
+            f"unknown model(s) {{}}; choose from {sorted(PAPER_MODELS)}",
+        ),
+        ([d for d in args.density if not 0 < d <= 1], "densities {} are outside (0, 1]"),
+        ([b for b in args.batch if b < 1], "batch sizes {} must be >= 1"),
+        ([n for n in args.context if n < 1], "context lengths {} must be >= 1"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise SystemExit(message.format(bad))
+    if not torch.cuda.is_available():
+        raise SystemExit("the sweep times kernels on a CUDA GPU; none is visible")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    _check(args)
+    t0, rows = time.time(), []
+    for model in args.model:
+        rows += _model_rows(model, args, t0)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows({**r, "cfg": json.dumps(r["cfg"], sort_keys=True)} for r in rows)
+    tmp.replace(args.out)
+    _summary(rows)
+    if args.save_table:
+        save_table(args.save_table, "bench.config_sweep (graph-timed)", bucket_picks(rows))
+    print(f"{len(rows)} timings in {time.time() - t0:.0f} s; {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
