@@ -1,4 +1,3 @@
-# ruff: noqa: B023  (the closures are called inside the iteration that defines them)
 """Graph-timed sweep of every tuning candidate, per exact shape, for the selective GEMMs and attention.
 
 ``python -m polar_sparsity.kernels.bench.config_sweep [--op up,down,attn] [--model opt-66b,llama-3-8b]
@@ -53,86 +52,69 @@ class Sweep:
     launches: Launches
 
 
-def _with_heuristic_and_table(key, candidates, heuristic, device) -> list[tuple[str, dict]]:
-    """(source, config): every tuning candidate, then the heuristic's and the shipped table's."""
-    out = [("candidate", dict(c)) for c in candidates] + [("heuristic", dict(heuristic))]
+def _sweep(key: str, candidates, heuristic, device, launch: Callable, inputs: list) -> Sweep:
+    """Every tuning candidate, then the heuristic's and the shipped table's config (sources
+    ``candidate`` / ``heuristic`` / ``table``); ``launch(cfg, one_of_inputs)`` runs a config once."""
+    configs = [("candidate", dict(c)) for c in candidates] + [("heuristic", dict(heuristic))]
     table = _tuning.shipped_config(key, _tuning.gpu_name(device))
-    return out + ([("table", dict(table))] if table is not None else [])
+    configs += [("table", dict(table))] if table is not None else []
+    return Sweep(key, configs, lambda cfg: [lambda x=x: launch(cfg, x) for x in inputs])
 
 
 def _gemm_sweep(op: str, M: int, k: int, model: str, ws: list[dict]) -> Sweep:
+    """The selective up (or gated up) or down projection of ``k`` neurons, rotating weight copies and
+    random index sets: as ``kernels.bench gemm``."""
     shape = PAPER_MODELS[model]
     d, n, gated = shape.hidden, shape.ffn, shape.mlp == "gated"
     dtype, dev = ws[0]["w_up"].dtype, ws[0]["w_up"].device
     sms, smem = C.num_sms(dev), C.max_shared_memory(dev)
-    copies = len(ws)
-    rot = max(copies, rotations(k * d * (3 if gated and op == "up" else 2)))
-    idx = [torch.randperm(n, device=dev)[:k].int() for _ in range(rot)]
+    rot = max(len(ws), rotations(k * d * (3 if gated and op == "up" else 2)))
+    inputs = [(ws[i % len(ws)], torch.randperm(n, device=dev)[:k].int()) for i in range(rot)]
     if op == "up":
-        key = up_mod.config_key(M, k, d, gated)
         x = torch.randn(M, d, device=dev, dtype=dtype)
         out = torch.empty(M, k, device=dev, dtype=dtype)
-        configs = _with_heuristic_and_table(
-            key,
+        return _sweep(
+            up_mod.config_key(M, k, d, gated),
             up_mod._candidates(M, k, d, sms, gated, smem),
             up_mod._heuristic(M, k, d, sms, gated, smem),
             dev,
+            lambda cfg, wj: up_mod._launch(
+                x, wj[0]["w_gate"], wj[0]["w_up"], wj[0]["b_up"], wj[1], out, not gated, cfg
+            ),
+            inputs,
         )
-        return Sweep(
-            key,
-            configs,
-            lambda cfg: [
-                lambda w=ws[i % copies], j=idx[i]: up_mod._launch(
-                    x, w["w_gate"], w["w_up"], w["b_up"], j, out, not gated, cfg
-                )
-                for i in range(rot)
-            ],
-        )
-    key = down_mod.config_key(M, k, d)
     a = torch.randn(M, k, device=dev, dtype=dtype)
     out = torch.empty(M, d, device=dev, dtype=dtype)
-    configs = _with_heuristic_and_table(
-        key, down_mod._candidates(M, k, d, sms, smem), down_mod._heuristic(M, k, d, sms, smem), dev
-    )
-    return Sweep(
-        key,
-        configs,
-        lambda cfg: [
-            lambda w=ws[i % copies], j=idx[i]: down_mod._launch(a, w["w_down_t"], j, w["b_down"], out, cfg)
-            for i in range(rot)
-        ],
+    return _sweep(
+        down_mod.config_key(M, k, d),
+        down_mod._candidates(M, k, d, sms, smem),
+        down_mod._heuristic(M, k, d, sms, smem),
+        dev,
+        lambda cfg, wj: down_mod._launch(a, wj[0]["w_down_t"], wj[1], wj[0]["b_down"], out, cfg),
+        inputs,
     )
 
 
-def _attn_sweep(B: int, kept: int, model: str, kv: tuple[torch.Tensor, ...]) -> Sweep:
-    """Selective decode attention over ``kept`` of the model's KV heads per sequence (random sets,
-    rotated), full-length sequences, unselected heads zero-filled: as ``kernels.bench attn|gqa``."""
+def _attn_sweep(B: int, kept: int, kv: tuple[torch.Tensor, ...]) -> Sweep:
+    """Selective decode attention over ``kept`` of the KV heads per sequence (random sets, rotated),
+    full-length sequences, unselected heads zero-filled: as ``kernels.bench attn|gqa``."""
     q, k_cache, v_cache = kv
     _, Hq, D = q.shape
     Hkv, N = k_cache.shape[1], k_cache.shape[2]
     group, programs, dev = Hq // Hkv, B * kept, q.device
     sms, smem = C.num_sms(dev), C.max_shared_memory(dev)
-    key = attn_mod.config_key(D, group, programs, N)
     seqlens = torch.full((B,), N, device=dev, dtype=torch.int32)
     rot = rotations(B * kept * N * D * 4)
     idx = torch.rand(rot, B, Hkv, device=dev).argsort(-1)[..., :kept].int().contiguous()
     out = torch.empty_like(q)
     scale = attn_mod.LOG2E / math.sqrt(D)
-    configs = _with_heuristic_and_table(
-        key,
+    return _sweep(
+        attn_mod.config_key(D, group, programs, N),
         attn_mod._candidates(group, programs, N, sms, D, smem),
         attn_mod._heuristic(group, programs, N, sms, D, smem),
         dev,
-    )
-    return Sweep(
-        key,
-        configs,
-        lambda cfg: [
-            lambda j=idx[i]: attn_mod._launch(
-                q, k_cache, v_cache, seqlens, j, out, scale, kept, group, cfg, True
-            )
-            for i in range(rot)
-        ],
+        lambda cfg, j: attn_mod._launch(q, k_cache, v_cache, seqlens, j, out, scale, kept, group, cfg, True),
+        list(idx),
     )
 
 
@@ -201,7 +183,7 @@ def _model_rows(model: str, args: argparse.Namespace, t0: float) -> list[dict]:
                 for density in args.density:
                     kept = kept_units(density, shape.kv_heads)
                     point = dict(model=model, op="attn", M=B, context=N, density=density, k=kept)
-                    rows += time_configs(_attn_sweep(B, kept, model, kv), point)
+                    rows += time_configs(_attn_sweep(B, kept, kv), point)
                     print(f"[sweep] {model} attn B={B} N={N} density {density}: {time.time() - t0:.0f} s")
                 del kv
     torch.cuda.empty_cache()

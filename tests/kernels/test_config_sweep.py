@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from polar_sparsity.kernels.bench import config_sweep
+from polar_sparsity.kernels.testing import assert_rel_close
 
 
 def _row(key: str, k: int, cfg: dict, ratio: float) -> dict:
@@ -79,3 +81,73 @@ def test_a_saved_table_is_what_merge_tables_merges(tmp_path, monkeypatch):
     assert merged["sources"][0]["source"] == (
         "python -m polar_sparsity.kernels.bench.config_sweep (graph-timed) on NVIDIA H200"
     )
+
+
+def test_a_sweep_lists_candidates_then_the_heuristic_and_launches_every_input():
+    calls = []
+    sweep = config_sweep._sweep(
+        "key", [{"a": 1}], {"a": 2}, torch.device("cpu"), lambda cfg, x: calls.append((cfg["a"], x)), [10, 11]
+    )
+    assert [source for source, _ in sweep.configs] == ["candidate", "heuristic"]  # no table on the CPU
+    for launch in sweep.launches({"a": 3}):
+        launch()
+    assert calls == [(3, 10), (3, 11)]
+
+
+def _spy(monkeypatch, module, calls: list) -> None:
+    """Record the arguments of ``module._launch`` (the launch the sweep times) and run it."""
+    real = module._launch
+    monkeypatch.setattr(module, "_launch", lambda *args: (calls.append(args), real(*args)))
+
+
+@pytest.mark.parametrize("op", ["up", "down"])
+def test_the_gemm_sweep_computes_the_op_under_each_config_it_times(op, monkeypatch, gen):
+    """Tiny shape, CPU interpreter (or GPU): a launch of the sweep (heuristic config and the first
+    candidate) writes the op's result, checked against the torch reference in fp32."""
+    from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
+    from polar_sparsity.kernels.bench import shapes
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiny = shapes.ModelShape("tiny", hidden=64, ffn=128, mlp="relu")
+    monkeypatch.setitem(config_sweep.PAPER_MODELS, "tiny", tiny)
+    monkeypatch.setattr(config_sweep, "rotations", lambda nbytes: 2)  # sized to L2: needs a GPU
+    w = {
+        name: torch.randn(*shape, generator=gen).half().to(dev)
+        for name, shape in (("w_up", (128, 64)), ("b_up", (128,)), ("w_down_t", (128, 64)), ("b_down", (64,)))
+    }
+    w["w_gate"] = None
+    module = selective_mlp_up if op == "up" else selective_mlp_down
+    calls: list = []
+    _spy(monkeypatch, module, calls)
+    sweep = config_sweep._gemm_sweep(op, 4, 32, "tiny", [w])
+    for source, cfg in (sweep.configs[-1], sweep.configs[0]):
+        launches = sweep.launches(cfg)
+        assert len(launches) == 2, source
+        launches[1]()
+        if op == "up":
+            x, _, w_up, b_up, idx, out, relu, _ = calls[-1]
+            assert relu and w_up is w["w_up"]
+            ref = selective_mlp_up.selective_up_reference(x, w_up, idx, b_up, activation="relu")
+        else:
+            a, w_down_t, idx, bias, out, _ = calls[-1]
+            ref = selective_mlp_down.selective_down_reference(a, w_down_t, idx, bias)
+        assert idx.shape == (32,) and len(set(idx.tolist())) == 32
+        assert_rel_close(out, ref, torch.float16, f"{op} {source} {cfg}")
+
+
+def test_the_attention_sweep_computes_selective_attention(monkeypatch, gen):
+    from polar_sparsity.kernels import _decode_attention
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(config_sweep, "rotations", lambda nbytes: 2)
+    calls: list = []
+    _spy(monkeypatch, _decode_attention, calls)
+    shapes = ((2, 8, 64), (2, 2, 32, 64), (2, 2, 32, 64))
+    q, k, v = (torch.randn(*s, generator=gen).half().to(dev) for s in shapes)
+    sweep = config_sweep._attn_sweep(2, 1, (q, k, v))  # GQA: 2 KV groups of 4 heads, one kept per sequence
+    assert sweep.key == _decode_attention.config_key(64, 4, 2, 32)
+    sweep.launches(sweep.configs[-1][1])[0]()
+    _, _, _, seqlens, idx, out, _, n_sel, group, _, zero_fill = calls[-1]
+    assert (n_sel, group, zero_fill) == (1, 4, True)
+    ref = _decode_attention.decode_attention_reference(q, k, v, seqlens, idx)
+    assert_rel_close(out, ref, torch.float16, "attention")
