@@ -636,26 +636,25 @@ def _heuristic(group: int, programs: int, n_max: int, sms: int, head_dim: int, s
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
     Tensor-core products for every group size (tuning never picked the register reduction, even for
-    one query head). MHA: 128-token K/V tiles, 8 warps, 3 stages where shared memory allows (else
-    64-token tiles, 4 warps, 2 stages: three programs per SM keep as many bytes in flight). GQA:
-    64-token tiles, 4 warps, 3 stages. Splits: the fewest that fill one wave, since long chunks pay
-    the pipeline start-up (index -> K/V load chain) once per program and many short chunks pay it per
-    chunk (H100, Llama-3-70B one group of 8: 103.6 us with 2 splits vs 127.6 us with 32).
+    one query head). 128-token K/V tiles, 8 warps, 3 stages where shared memory allows (else 64-token
+    tiles, 4 warps, 2 stages: three programs per SM keep as many bytes in flight). GQA under four
+    waves of (sequence, group) pairs: stream-K with as many programs per SM as fit, which balances
+    any pair count (H200, Llama-3-70B B=64 N=8192, every candidate at 1-8 of 8 groups: 1.003-1.037x
+    the best config of each shape; 64-token grid tiles 1.00-1.18x). Otherwise splits: the fewest that
+    fill one wave, since long chunks pay the pipeline start-up (index -> K/V load chain) once per
+    program and many short chunks pay it per chunk (H100, Llama-3-70B one group of 8: 103.6 us with
+    2 splits vs 127.6 us with 32).
     """
-    splits = _split_options(programs, n_max, sms)
-    target = next((s for s in splits if programs * s >= sms), splits[-1])
     tile_bytes = _kv_row_bytes(head_dim)
-    bn, nw, ns = (128, 8, 3) if group == 1 else (64, 4, 3)
-    if group == 1 and C.fit_stages(ns, bn * tile_bytes, smem) < ns:
+    bn, nw, ns = 128, 8, 3
+    if C.fit_stages(ns, bn * tile_bytes, smem) < ns:
         bn, nw, ns = 64, 4, 2
-    return {
-        "BLOCK_N": bn,
-        "num_warps": nw,
-        "num_stages": C.fit_stages(ns, bn * tile_bytes, smem),
-        "splits": target,
-        "use_dot": 1,
-        "merge_here": 0,
-    }
+    ns = C.fit_stages(ns, bn * tile_bytes, smem)
+    cfg = {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "use_dot": 1, "merge_here": 0}
+    if group > 1 and programs < 4 * sms:
+        return cfg | {"splits": 1, "stream_k": C.resident_programs(nw, ns * bn * tile_bytes, smem)}
+    splits = _split_options(programs, n_max, sms)
+    return cfg | {"splits": next((s for s in splits if programs * s >= sms), splits[-1])}
 
 
 # (BLOCK_N, num_warps, num_stages) tried: every combination that won a tuning run at the benchmark

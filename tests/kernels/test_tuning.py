@@ -236,8 +236,25 @@ def test_heuristic_stages_fit_shared_memory():
     assert up["num_stages"] * stage <= small
     down = selective_mlp_down._heuristic(256, 4096, 4096, 84, small)
     assert down["num_stages"] * (down["BLOCK_M"] + down["BLOCK_D"]) * down["BLOCK_K"] * 2 <= small
-    attn = _decode_attention._heuristic(1, 1024, 2048, 84, 128, small)
-    assert attn["num_stages"] * attn["BLOCK_N"] * 128 * 4 <= small
+    for group in (1, 8):
+        attn = _decode_attention._heuristic(group, 64, 2048, 84, 128, small)
+        assert attn["num_stages"] * attn["BLOCK_N"] * 128 * 4 <= small, group
+
+
+def test_gqa_heuristic_balances_pairs_with_stream_k_under_four_waves():
+    """The H200 sweep's finding (every candidate at 1-8 of 8 groups): 128-token tiles under stream-K
+    came within 1.04x of each shape's best. MHA and four or more waves of pairs keep the grid."""
+    from polar_sparsity.kernels import _decode_attention
+
+    smem = 227 * 1024
+    for sms in (108, 132):
+        for pairs in (64, 320, 4 * sms - 1):
+            cfg = _decode_attention._heuristic(8, pairs, 8192, sms, 128, smem)
+            assert (cfg["BLOCK_N"], cfg["num_warps"], cfg["splits"], cfg.get("stream_k")) == (128, 8, 1, 1), (
+                pairs
+            )
+        assert "stream_k" not in _decode_attention._heuristic(8, 4 * sms, 8192, sms, 128, smem)
+        assert "stream_k" not in _decode_attention._heuristic(1, 448, 1920, sms, 128, smem)
 
 
 @pytest.mark.gpu
