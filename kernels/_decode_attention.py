@@ -837,6 +837,8 @@ def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
+    args = (q, k_cache, v_cache, seqlens, idx, out)
+    sizes = (n_sel, n_kv, Hq, n_max)
     blocks = C.cdiv(n_max, bn)
     if cfg.get("stream_k", 0):
         share, programs, slots = C.stream_k_plan(
@@ -844,21 +846,13 @@ def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg,
         )
         po, pml, cnt = _partial_states(out, seqlens, n_pairs, slots, group, merge_here=True)
         _attn_stream_k_kernel[(programs,)](
-            q,
-            k_cache,
-            v_cache,
-            seqlens,
-            idx,
-            out,
+            *args,
             po,
             pml,
             cnt,
             scale,
             *strides,
-            n_sel,
-            n_kv,
-            Hq,
-            n_max,
+            *sizes,
             blocks,
             share,
             n_pairs * blocks,
@@ -871,21 +865,13 @@ def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg,
     merge_here = splits > 1 and bool(cfg.get("merge_here", 0))
     po, pml, cnt = _partial_states(out, seqlens, n_pairs, splits, group, merge_here)
     _attn_chunk_kernel[(n_pairs, splits)](
-        q,
-        k_cache,
-        v_cache,
-        seqlens,
-        idx,
-        out,
+        *args,
         po,
         pml,
         cnt,
         scale,
         *strides,
-        n_sel,
-        n_kv,
-        Hq,
-        n_max,
+        *sizes,
         chunk,
         splits,
         SPLIT=splits > 1,

@@ -308,9 +308,12 @@ def schedule(cfg: Config) -> str:
     return "stream-K" if cfg.get("stream_k", 0) else "grid"
 
 
-def best_by_schedule(timed: dict[str, float]) -> str:
-    """``grid 23.1 us, stream-K 21.9 us``: the fastest time of each schedule, for tuning logs."""
-    return ", ".join(f"{name} {us:.1f} us" for name, us in sorted(timed.items()))
+def best_by_schedule(timed: Sequence[tuple[Config, float]]) -> str:
+    """``grid 23.1 us, stream-K 21.9 us``: the fastest timed config of each schedule, for tuning logs."""
+    fastest: dict[str, float] = {}
+    for cfg, us in timed:
+        fastest[schedule(cfg)] = min(us, fastest.get(schedule(cfg), us))
+    return ", ".join(f"{name} {us:.1f} us" for name, us in sorted(fastest.items()))
 
 
 def tune(
@@ -320,7 +323,7 @@ def tune(
     tune_log_path()  # a bad log path is named before the timing, not after
     t0 = time.time()
     timer = GraphTimer(device)
-    best, best_us, errors, tried, fastest, timed = None, float("inf"), [], 0, {}, []
+    best, best_us, errors, tried, timed = None, float("inf"), [], 0, []
     for cfg in candidates:
         tried += 1
         try:
@@ -331,7 +334,6 @@ def tune(
             errors.append(f"{cfg}: {type(exc).__name__}: {first_line}")
             continue
         timed.append((cfg, us))
-        fastest[schedule(cfg)] = min(us, fastest.get(schedule(cfg), us))
         if us < best_us:
             best, best_us = cfg, us
     log_candidates(gpu_name(device), key, timed)
@@ -339,7 +341,7 @@ def tune(
         raise RuntimeError(f"no candidate config could be launched for {key}; first errors: {errors[:3]}")
     print(
         f"[tune] {key}: {best} {best_us:.1f} us ({tried} tried, {time.time() - t0:.1f} s; "
-        f"{best_by_schedule(fastest)})",
+        f"{best_by_schedule(timed)})",
         flush=True,
     )
     return dict(best)

@@ -529,6 +529,7 @@ def _launch(x, w_gate, w_up, bias, idx, out, relu, cfg) -> None:
     wg = w_gate if gated else w_up
     b = bias if bias is not None else w_up  # dummy pointer when HAS_BIAS is False
     args = (x, wg, w_up, b, idx, out)
+    sizes = (M, n_sel, d, w_up.shape[0])
     strides = (x.stride(0), wg.stride(0), w_up.stride(0), out.stride(0))
     meta = dict(
         BLOCK_M=bm,
@@ -549,10 +550,7 @@ def _launch(x, w_gate, w_up, bias, idx, out, relu, cfg) -> None:
             *args,
             ws,
             cnt,
-            M,
-            n_sel,
-            d,
-            w_up.shape[0],
+            *sizes,
             steps,
             share,
             tiles * steps,
@@ -565,7 +563,7 @@ def _launch(x, w_gate, w_up, bias, idx, out, relu, cfg) -> None:
     d_chunk, splits = C.split_chunks(d, bk, cfg["splits"])
     ws, cnt = C.split_workspace(out, (splits, 2 if gated else 1, M, n_sel), tiles)
     _up_kernel[(tiles, splits)](
-        *args, ws, cnt, M, n_sel, d, w_up.shape[0], d_chunk, num_m, splits, *strides, SPLIT=splits > 1, **meta
+        *args, ws, cnt, *sizes, d_chunk, num_m, splits, *strides, SPLIT=splits > 1, **meta
     )
 
 

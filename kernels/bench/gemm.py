@@ -70,7 +70,7 @@ def _sweep(key: str, candidates: list[dict], make_fns) -> None:
     shipped = _tuning.known_config(key, torch.device("cuda"))
     if shipped is not None and shipped not in candidates:
         candidates = [shipped, *candidates]  # never pick worse than the shipped config
-    best, fastest, timed = None, {}, []
+    best, timed = None, []
     for cfg in candidates:
         try:
             us = time_graph(make_fns(cfg), reps=10)
@@ -79,7 +79,6 @@ def _sweep(key: str, candidates: list[dict], make_fns) -> None:
             torch.cuda.synchronize()
             continue
         timed.append((cfg, us))
-        fastest[_tuning.schedule(cfg)] = min(us, fastest.get(_tuning.schedule(cfg), us))
         if best is None or us < best[0]:
             best = (us, cfg)
     _tuning.log_candidates(_tuning.gpu_name(torch.device("cuda")), key, timed)
@@ -87,7 +86,7 @@ def _sweep(key: str, candidates: list[dict], make_fns) -> None:
         raise RuntimeError(f"no candidate config ran for {key}")
     print(
         f"[sweep] {key}: {best[1]} {best[0]:.1f} us ({len(candidates)} tried; "
-        f"{_tuning.best_by_schedule(fastest)})",
+        f"{_tuning.best_by_schedule(timed)})",
         flush=True,
     )
     _tuning.record(key, best[1], torch.device("cuda"))

@@ -324,3 +324,8 @@ def test_a_bad_tuning_log_path_is_named_before_timing(tmp_path, monkeypatch, whe
     with pytest.raises(ValueError, match=_tuning.TUNE_LOG_ENV):
         _tuning.tune("up|K1024", [{"BLOCK_N": 64}], timed.append, torch.device("cpu"))
     assert not timed  # nothing launched
+
+
+def test_tuning_logs_report_the_fastest_config_of_each_schedule():
+    timed = [({"splits": 2}, 3.0), ({"splits": 1, "stream_k": 1}, 2.0), ({"splits": 4}, 1.5)]
+    assert _tuning.best_by_schedule(timed) == "grid 1.5 us, stream-K 2.0 us"
