@@ -229,6 +229,10 @@ def _check(args: argparse.Namespace) -> None:
         ([d for d in args.density if not 0 < d <= 1], "densities {} are outside (0, 1]"),
         ([b for b in args.batch if b < 1], "batch sizes {} must be >= 1"),
         ([n for n in args.context if n < 1], "context lengths {} must be >= 1"),
+        (
+            [str(p) for p in (args.out, args.save_table) if p and (p.is_dir() or not p.parent.is_dir())],
+            "output path(s) {} must name a file in an existing directory (written after the timing)",
+        ),
     ]
     for bad, message in checks:
         if bad:

@@ -58,6 +58,8 @@ def test_a_config_timed_twice_at_one_shape_counts_once_at_its_faster_time():
         (["--batch", "0"], "batch sizes [0] must be >= 1"),
         (["--op", "up,gemv"], "unknown op(s) ['gemv']; choose from ['up', 'down', 'attn']"),
         (["--op", "attn", "--context", "0"], "context lengths [0] must be >= 1"),
+        (["--out", "no_such_dir/s.csv"], "output path(s) ['no_such_dir/s.csv'] must name a file"),
+        (["--save-table", "."], "output path(s) ['.'] must name a file"),
     ],
 )
 def test_bad_arguments_are_named_before_any_work(argv, message):
