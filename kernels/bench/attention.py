@@ -1,4 +1,10 @@
-"""`attn` (MHA heads) and `gqa` (KV groups) decode-attention benchmarks."""
+"""`attn` (MHA heads) and `gqa` (KV groups) decode-attention benchmarks.
+
+Beside each selective point, SDPA cuDNN runs dense attention over a cache that holds only as many
+KV heads (method ``sdpa cudnn, kept heads only``): the selective op's bytes with the gather for
+free, i.e. what the vendor kernel reaches at that size (GQA as packed queries, each KV head read
+once).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from ._harness import rotations, time_graph, try_time
 from .shapes import ELEMENT_BYTES, Case
 
 MAX_ROTATIONS = 16  # ``rotations()``'s cap: index sets (and graph-pool outputs) per timed call
+KEPT_HEADS = "sdpa cudnn, kept heads only"  # the same-size dense attention (module docstring)
 BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -63,15 +70,26 @@ def _dims(case: Case) -> dict:
     return dict(B=case.batch, N=case.context, H=m.heads, Hkv=m.kv_heads, D=m.head_dim)
 
 
-def bytes_needed(case: Case) -> int:
-    """Device bytes the case allocates: the KV cache, queries, one output per baseline and per rotated
-    call (CUDA-graph pool), and the rotated index sets (random keys, argsort's int64, int32 copy)."""
+def bytes_needed(case: Case, l2: int) -> int:
+    """Device bytes the case allocates: the KV cache, the kept-heads-only caches of the densest point
+    (rotated to >= 4x L2), queries, one output per baseline and per rotated call (CUDA-graph pool),
+    and the rotated index sets (random keys, argsort's int64, int32 copy)."""
     s = _dims(case)
     B, H, Hkv, N, D = s["B"], s["H"], s["Hkv"], s["N"], s["D"]
     kv_cache = 2 * B * Hkv * N * D * ELEMENT_BYTES
-    queries_and_outputs = (1 + len(BACKENDS) + 3 + MAX_ROTATIONS) * B * H * D * ELEMENT_BYTES
+    kept_caches = kv_cache + 4 * l2
+    queries_and_outputs = (1 + len(BACKENDS) + 5 + 2 * MAX_ROTATIONS) * B * H * D * ELEMENT_BYTES
     index_sets = MAX_ROTATIONS * B * Hkv * (4 + 8 + 4)
-    return kv_cache + queries_and_outputs + index_sets
+    return kv_cache + kept_caches + queries_and_outputs + index_sets
+
+
+def _kept_heads_only(q, kept: int, group: int, N: int, rot: int) -> list:
+    """SDPA cuDNN over fresh caches of ``kept`` KV heads per sequence (``rot`` of them, rotated): the
+    selective op's bytes, no gather. GQA: a group's query heads as a packed query of length G."""
+    B, _, D = q.shape
+    q_kept = q[:, : kept * group].reshape(B, kept, group, D)
+    caches = [torch.randn(2, B, kept, N, D, device=q.device, dtype=q.dtype) for _ in range(rot)]
+    return [fn for kv in caches for fn in _sdpa(BACKENDS["cudnn"], q_kept, kv[0], kv[1], False)]
 
 
 def bench_shape(case: Case, bw: float, dtype=torch.float16) -> list[dict]:
@@ -91,17 +109,20 @@ def bench_shape(case: Case, bw: float, dtype=torch.float16) -> list[dict]:
         idx = torch.rand(R, B, Hkv, device="cuda").argsort(-1)[..., :kk].int().contiguous()
         fns = [lambda q=q, k=k, v=v, i=idx[i]: op(q, k, v, seqlens, i, validate=False) for i in range(R)]
         us = time_graph(fns)
-        rows.append(
-            dict(
-                shape=name,
-                method="selective (ours)",
-                density=kk / Hkv,
-                k=kk,
-                latency_us=us,
-                bytes=nbytes,
-                rotations=R,
+        kept_us, err = try_time(lambda q=q, kk=kk, R=R: _kept_heads_only(q, kk, H // Hkv, N, R))
+        for method, t, note in (("selective (ours)", us, ""), (KEPT_HEADS, kept_us, err)):
+            rows.append(
+                dict(
+                    shape=name,
+                    method=method,
+                    density=kk / Hkv,
+                    k=kk,
+                    latency_us=t,
+                    bytes=nbytes,
+                    rotations=R,
+                    note=note,
+                )
             )
-        )
     for r in rows:
         r["limit_us"] = r["bytes"] / bw * 1e6
         ok = not math.isnan(r["latency_us"])

@@ -163,7 +163,7 @@ def bytes_needed(case: Case, l2: int) -> int:
     if case.bench in ("attn", "gqa"):
         from . import attention
 
-        return attention.bytes_needed(case)
+        return attention.bytes_needed(case, l2)
     if case.bench == "gemm":
         from . import gemm
 

@@ -1,4 +1,10 @@
-"""`gemm` benchmark: selective up / gated up / down projections vs cuBLAS on the full weight."""
+"""`gemm` benchmark: selective up / gated up / down projections vs cuBLAS on the full weight.
+
+Beside each selective point, cuBLAS runs the same GEMM on a contiguous block of as many weight rows
+(method ``cublas, kept rows only``): the bytes and FLOPs of the selective op with the gather for
+free, i.e. what the vendor library reaches at that size. Where a selective op misses its bandwidth
+limit, this row says how much of the miss any kernel of that size pays (launch, ramp-up, tail).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from .shapes import ELEMENT_BYTES, Case
 
 TUNE_MAX_M = 256  # with --tune, every benchmark batch size is swept (graph-timed)
 MAX_ROTATIONS = 16  # ``rotations()``'s cap
+KEPT_ROWS = "cublas, kept rows only"  # the same-size dense GEMM (see the module docstring)
 
 
 def _weights(d: int, n: int, gated: bool, copies: int, dtype) -> list[dict]:
@@ -52,6 +59,14 @@ def bytes_needed(case: Case, l2: int) -> int:
     outputs = calls * M * ((2 if gated else 1) * n + d + k + d) * ELEMENT_BYTES
     index_sets = calls * (n * 8 + k * 4)  # randperm's int64, then the int32 prefix
     return weights + inputs + outputs + index_sets
+
+
+def _row_block(w: torch.Tensor, rows: int, i: int) -> torch.Tensor:
+    """The ``i``-th of consecutive blocks of ``rows`` contiguous weight rows (wrapping): rotated
+    calls read different rows, as the selective op's rotated index sets do."""
+    blocks = max(1, w.shape[0] // rows)
+    start = (i % blocks) * rows
+    return w[start : start + rows]
 
 
 def _up(w: dict, x, idx):
@@ -174,9 +189,13 @@ def bench_model(cases: list[Case], bw: float, dtype=torch.float16, tune: bool = 
                     for i in range(R)
                 ]
             )
-            sel = "selective (ours)"
-            rows.append(_row(model, up_name, M, sel, k / n, k, t_up, up_bytes, bw, dense_up))
-            rows.append(_row(model, "down", M, sel, k / n, k, t_down, down_bytes, bw, dense_down))
+            up_rows = [_row_block(ws[i % copies]["w_gu"], (2 if gated else 1) * k, i) for i in range(R)]
+            down_rows = [_row_block(ws[i % copies]["w_down_t"], k, i) for i in range(R)]
+            t_up_rows = time_graph([lambda w=w, x=x: F.linear(x, w) for w in up_rows])
+            t_down_rows = time_graph([lambda w=w, a=a: torch.mm(a, w) for w in down_rows])
+            for method, tu, td in (("selective (ours)", t_up, t_down), (KEPT_ROWS, t_up_rows, t_down_rows)):
+                rows.append(_row(model, up_name, M, method, k / n, k, tu, up_bytes, bw, dense_up))
+                rows.append(_row(model, "down", M, method, k / n, k, td, down_bytes, bw, dense_down))
     del ws
     torch.cuda.empty_cache()
     return rows
