@@ -637,10 +637,11 @@ def _heuristic(group: int, programs: int, n_max: int, sms: int, head_dim: int, s
 
     Tensor-core products for every group size (tuning never picked the register reduction, even for
     one query head). 128-token K/V tiles, 8 warps, 3 stages where shared memory allows (else 64-token
-    tiles, 4 warps, 2 stages: three programs per SM keep as many bytes in flight). GQA under four
+    tiles, 4 warps, 2 stages: three programs per SM keep as many bytes in flight). Under four
     waves of (sequence, group) pairs: stream-K with as many programs per SM as fit, which balances
     any pair count (H200, Llama-3-70B B=64 N=8192, every candidate at 1-8 of 8 groups: 1.003-1.037x
-    the best config of each shape; 64-token grid tiles 1.00-1.18x). Otherwise splits: the fewest that
+    the best config of each shape, 64-token grid tiles 1.00-1.18x; OPT-66B B=64 N=1920 at 7 of 72
+    heads, 3.4 waves of pairs: 1.021x, the grid 1.058x). Otherwise splits: the fewest that
     fill one wave, since long chunks pay the pipeline start-up (index -> K/V load chain) once per
     program and many short chunks pay it per chunk (H100, Llama-3-70B one group of 8: 103.6 us with
     2 splits vs 127.6 us with 32).
@@ -651,7 +652,7 @@ def _heuristic(group: int, programs: int, n_max: int, sms: int, head_dim: int, s
         bn, nw, ns = 64, 4, 2
     ns = C.fit_stages(ns, bn * tile_bytes, smem)
     cfg = {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "use_dot": 1, "merge_here": 0}
-    if group > 1 and programs < 4 * sms:
+    if programs < 4 * sms:
         return cfg | {"splits": 1, "stream_k": C.resident_programs(nw, ns * bn * tile_bytes, smem)}
     splits = _split_options(programs, n_max, sms)
     return cfg | {"splits": next((s for s in splits if programs * s >= sms), splits[-1])}
@@ -673,7 +674,7 @@ def _candidates(
     # last-arriving program reads the partials one after another). Tensor-core products only: the
     # register reduction (use_dot=0) never won a tuning run on H100 or H200. Stream-K (one program
     # per SM, and as many as fit) where a grid of pairs leaves a partial last wave that matters: under
-    # 4 waves (it ran 1-4% slower than the best grid at every H200 benchmark shape, 2026-11-29).
+    # 4 waves (H200, 2026-11-29: the fastest config at OPT-66B's 7 of 72 heads, 3.4 waves of pairs).
     out = []
     for bn, nw, ns in _TILES["mha" if group == 1 else "gqa"]:
         tile = {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "use_dot": 1}

@@ -326,7 +326,12 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
 
     M <= 64: 128-column tiles (64 when d / 128 gives less than half a wave at M > 16), 64 neurons per
     step, and split-K so that tiles x splits fills about 3 waves (M <= 16) or 2 (M <= 64): more,
-    shorter programs hide the index -> weight-row load chain better than a few long ones. M > 64:
+    shorter programs hide the index -> weight-row load chain better than a few long ones; except on
+    a narrow model (d / 128 under half a wave): 64-column tiles of 256-neuron steps with 3 stages from
+    4096 neurons (128-neuron steps, 4 stages, below), split to two waves (M <= 16) or one: each step's
+    copies two to four times as large (H200 sweeps of every candidate, Llama-3-8B, 2026-11-29: M = 16
+    and 64 within 1.04x of the best at every density, M = 1 within 1.13x, where the 64-step rule
+    took up to 1.20x). M > 64:
     128 x 64 tensor-core tiles, 4 warps (three resident per SM), and the split-K count that fills
     whole waves of resident programs without too much fp32 partial traffic
     (:func:`_large_batch_splits`). M > 128 with long reductions (>= 96 steps) and half a wave of
@@ -346,6 +351,12 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
         stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
         slots = sms * C.resident_programs(nw, stages * _stage_bytes(bm, bd, bk), smem)
         splits = _large_batch_splits(C.cdiv(M, bm) * C.cdiv(d, bd), slots, bm, n_sel, bk)
+    elif C.cdiv(d, 128) < sms / 2:
+        bm, bd, nw = _block_m(M), 64, 4
+        bk, ns = (256, 3) if n_sel >= 16 * 256 else (128, 4)
+        stages = C.fit_stages(ns, _stage_bytes(bm, bd, bk), smem)
+        waves = 2 if bm <= 16 else 1
+        splits = max(1, min(waves * sms // C.cdiv(d, bd), n_sel // (2 * bk)))
     else:
         bm = _block_m(M)
         bd = 128 if bm <= 16 or C.cdiv(d, 128) >= sms / 2 else 64
@@ -391,6 +402,9 @@ _TILES = {
         (512, 32, 8, 4),
         (512, 64, 8, 3),
         (1024, 32, 8, 3),
+        (64, 256, 4, 3),
+        (64, 128, 4, 4),
+        (128, 128, 4, 3),
     ),
     64: (
         (64, 64, 4, 4),
@@ -399,6 +413,8 @@ _TILES = {
         (256, 32, 8, 4),
         (256, 64, 8, 3),
         (64, 128, 4, 4),
+        (128, 128, 4, 3),
+        (64, 256, 4, 3),
     ),
     128: ((128, 64, 8, 3), (64, 64, 4, 3), (256, 64, 8, 3), (128, 32, 8, 4)),
 }

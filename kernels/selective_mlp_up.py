@@ -377,18 +377,20 @@ def _wave_use(programs: int, sms: int) -> float:
 def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> _tuning.Config:
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
-    M > 64: 128 x 64 tensor-core tiles (the selected weight rows are re-read once per 128 batch rows
-    only; wider tiles, two accumulators when gated, ran slower), 128-wide steps and 8 warps under one
-    wave of programs, 64-row tiles under half a wave, and no split-d (H200 sweep at M = 256).
-    16 < M <= 64: the widest ``BLOCK_N`` that still gives about half a wave of programs (wider tiles
-    re-read the activation tile fewer times; narrow tiles take longer K-steps), no split then (tuning
-    split only one of 20 such keys). M <= 16: 64 neurons x 128 per step when that gives a quarter
-    wave of programs, else 32; split-d to one wave, or stream-K once the tiles alone fill a wave (tiles
-    x splits then leaves a partial wave that equal shares avoid: 4-6% faster on the H200 at OPT-66B's
-    up projection, density >= 0.3). Gated, M <= 16, with half a wave of 32-wide tiles: no split and no
-    stream-K (a program streams two weight tiles per step, and split partials are two accumulators),
-    64-wide tiles unless 32-wide ones fill their waves clearly better (H200 sweep of every candidate,
-    Llama-3-8B at M = 1 and 16: 1.00-1.13 of the best, against up to 1.30 with the split rule).
+    M > 64: 128 x 64 tensor-core tiles (the selected weight rows are re-read once per 128 batch rows only;
+    wider tiles, two accumulators when gated, ran slower), 128-wide steps and 8 warps under one wave of
+    programs, 64-row tiles under half a wave, and no split-d (H200 sweep at M = 256). 16 < M <= 64: the
+    widest ``BLOCK_N`` that still gives about half a wave of programs (wider tiles re-read the activation
+    tile fewer times; narrow tiles take longer K-steps), no split then (tuning split only one of 20 such
+    keys); 128-wide tiles that fit one wave (ungated) take 128-wide steps with 4 warps, one program per SM
+    (OPT-66B at M = 64, density 0.3: 53.7 against 66.5 us with 64-wide steps and 8 warps; H200 sweep,
+    2026-11-29). M <= 16: 64 neurons x 128 per step when that gives a quarter wave of programs, else 32;
+    split-d to one wave, or stream-K once the tiles alone fill a wave (tiles x splits then leaves a
+    partial wave that equal shares avoid: 4-6% faster on the H200 at OPT-66B's up projection, density >=
+    0.3). Gated, M <= 16, with half a wave of 32-wide tiles: no split and no stream-K (a program streams
+    two weight tiles per step, and split partials are two accumulators), 64-wide tiles unless 32-wide ones
+    fill their waves clearly better (H200 sweep of every candidate, Llama-3-8B at M = 1 and 16: 1.00-1.13
+    of the best, against up to 1.30 with the split rule).
     """
     whole_tiles = M > 64 or (M <= 16 and gated and C.cdiv(n_sel, 32) >= sms / 2)  # no split, no stream-K
     if M > 64:
@@ -410,6 +412,8 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
         bn = next((w for w in (128, 64, 32, 16) if C.cdiv(n_sel, w) >= sms / 2), 16)
         bk = 64 if bn == 128 else 128 if bn == 64 else 256
         nw, ns = (8 if bn == 128 else 4), 4
+        if bn == 128 and not gated and C.cdiv(M, bm) * C.cdiv(n_sel, bn) <= sms:
+            bk, nw = 128, 4  # one program per SM, each with twice the bytes in flight per step
     programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
     stages = C.fit_stages(ns, _stage_bytes(bm, bn, bk, gated), smem)
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": stages}
@@ -436,6 +440,7 @@ _TILES = {
         (64, 128, 4, 4),
         (64, 128, 8, 4),
         (128, 64, 8, 4),
+        (128, 128, 4, 4),
     ),
     128: ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4), (64, 128, 8, 3), (256, 64, 8, 3)),
 }

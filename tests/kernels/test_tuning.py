@@ -241,20 +241,54 @@ def test_heuristic_stages_fit_shared_memory():
         assert attn["num_stages"] * attn["BLOCK_N"] * 128 * 4 <= small, group
 
 
-def test_gqa_heuristic_balances_pairs_with_stream_k_under_four_waves():
-    """The H200 sweep's finding (every candidate at 1-8 of 8 groups): 128-token tiles under stream-K
-    came within 1.04x of each shape's best. MHA and four or more waves of pairs keep the grid."""
+def test_attention_heuristic_balances_pairs_with_stream_k_under_four_waves():
+    """The H200 sweeps' finding (every candidate at 1-8 of 8 GQA groups, and MHA at 7 of 72 heads):
+    128-token tiles under stream-K came within 1.04x of each shape's best, where the grid left a
+    partial last wave. Four or more waves of pairs keep the grid."""
     from polar_sparsity.kernels import _decode_attention
 
     smem = 227 * 1024
     for sms in (108, 132):
-        for pairs in (64, 320, 4 * sms - 1):
-            cfg = _decode_attention._heuristic(8, pairs, 8192, sms, 128, smem)
+        for group, pairs in ((8, 64), (8, 320), (8, 4 * sms - 1), (1, 3 * sms + sms // 2)):
+            cfg = _decode_attention._heuristic(group, pairs, 8192, sms, 128, smem)
             assert (cfg["BLOCK_N"], cfg["num_warps"], cfg["splits"], cfg.get("stream_k")) == (128, 8, 1, 1), (
-                pairs
+                group,
+                pairs,
             )
-        assert "stream_k" not in _decode_attention._heuristic(8, 4 * sms, 8192, sms, 128, smem)
-        assert "stream_k" not in _decode_attention._heuristic(1, 448, 1920, sms, 128, smem)
+        for group in (1, 8):
+            assert "stream_k" not in _decode_attention._heuristic(group, 4 * sms, 8192, sms, 128, smem)
+
+
+def test_small_batch_heuristics_take_longer_steps_where_the_sweeps_found_them_faster():
+    """H200 sweeps at M = 16 and 64: the down projection of a narrow model (d / 128 under half a wave)
+    takes 64-column tiles of 256-neuron steps (128 under 4096 neurons) split to two waves (M <= 16) or
+    one; the ungated up projection whose 128-wide tiles fit one wave takes 128-wide steps, 4 warps.
+    Elsewhere the earlier rules hold."""
+    from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
+
+    smem = 227 * 1024
+    for sms in (108, 132):
+        for n_sel in (4301, 7168, 14336):  # Llama-3-8B
+            down = selective_mlp_down._heuristic(64, n_sel, 4096, sms, smem)
+            assert (down["BLOCK_D"], down["BLOCK_K"], down["splits"]) == (64, 256, sms // 64), n_sel
+            assert down["num_stages"] * (64 + 64) * 256 * 2 <= smem
+        short = selective_mlp_down._heuristic(64, 2867, 4096, sms, smem)  # under 4096: 128-neuron steps
+        assert (short["BLOCK_D"], short["BLOCK_K"], short["num_stages"]) == (64, 128, 4)
+        assert selective_mlp_down._heuristic(64, 11059, 9216, sms, smem)["BLOCK_K"] == 64  # wide model
+        for n_sel in (4301, 7168, 14336):  # M = 16: the same steps, split to two waves
+            down = selective_mlp_down._heuristic(16, n_sel, 4096, sms, smem)
+            assert (down["BLOCK_D"], down["BLOCK_K"], down["splits"]) == (
+                64,
+                256,
+                min(2 * sms // 64, n_sel // 1024),
+            )
+        assert selective_mlp_down._heuristic(16, 11059, 9216, sms, smem)["BLOCK_K"] == 64  # wide model
+        up = selective_mlp_up._heuristic(64, 11059, 9216, sms, False, smem)  # OPT-66B, 87 tiles of 128
+        assert (up["BLOCK_N"], up["BLOCK_K"], up["num_warps"], up["splits"]) == (128, 128, 4, 1)
+        more = selective_mlp_up._heuristic(64, 18432, 9216, sms, False, smem)  # 144 tiles: over one wave
+        assert (more["BLOCK_N"], more["BLOCK_K"], more["num_warps"]) == (128, 64, 8)
+        gated = selective_mlp_up._heuristic(64, 11059, 4096, sms, True, smem)
+        assert (gated["BLOCK_K"], gated["num_warps"]) == (64, 8)
 
 
 @pytest.mark.gpu
