@@ -9,7 +9,7 @@ from pathlib import Path
 
 from polar_sparsity.kernels.bench import session
 
-FIELDS = ("shape", "model", "op", "M", "method", "density", "k", "latency_us")
+FIELDS = ("shape", "model", "op", "M", "method", "density", "k", "latency_us", "limit_us", "frac_of_limit")
 
 
 def _gemm_csv(directory: Path, selective_us: float) -> None:
@@ -18,8 +18,18 @@ def _gemm_csv(directory: Path, selective_us: float) -> None:
         shape = f"opt-66b d=9216 n=36864 relu {op} M=64"
         common = dict(shape=shape, model="opt-66b d=9216 n=36864 relu", op=op, M=64)
         rows.append(dict(common, method="cublas dense", density=1.0, k=36864, latency_us=100.0))
-        rows.append(dict(common, method="selective (ours)", density=0.3, k=11059, latency_us=selective_us))
-        rows.append(dict(common, method="cublas, kept rows only", density=0.3, k=11059, latency_us=90.0))
+        for method, us in (("selective (ours)", selective_us), ("cublas, kept rows only", 90.0)):
+            rows.append(
+                dict(
+                    common,
+                    method=method,
+                    density=0.3,
+                    k=11059,
+                    latency_us=us,
+                    limit_us=20.0,
+                    frac_of_limit=20 / us,
+                )
+            )
     directory.mkdir()
     with (directory / "gemm.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -40,3 +50,12 @@ def test_fallback_checks_compare_the_selective_mlp_with_dense(tmp_path):
     (check,) = session._fallback_checks(tmp_path / "tuned")
     assert check["kind"] == "mlp (up+down)" and "M=64 density 0.3" in check["case"]
     assert abs(check["sparse_ratio"] - 0.4) < 1e-9  # (40 + 40) / (100 + 100): the kept-rows rows left out
+
+
+def test_targets_show_the_vendor_at_the_same_size(tmp_path):
+    _gemm_csv(tmp_path / "tuned", selective_us=40.0)
+    targets = {name: rest for name, *rest in session._targets(tmp_path / "tuned")}
+    ours, met, vendor = targets["GEMMs >= 0.85 of limit, M <= 64, density >= 0.3"]
+    assert ours.startswith("0.500") and met == "MISSED"  # limit 20 us / 40 us
+    assert vendor.startswith("0.222")  # 20 / 90: cuBLAS on the kept rows
+    assert targets["block OPT-66B density 0.3 >= 2.0x dense"] == ["-", "not measured", "-"]
