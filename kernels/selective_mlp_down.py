@@ -328,7 +328,8 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
     step, and split-K so that tiles x splits fills about 3 waves (M <= 16) or 2 (M <= 64): more,
     shorter programs hide the index -> weight-row load chain better than a few long ones; except on
     a narrow model (d / 128 under half a wave): 64-column tiles of 256-neuron steps with 3 stages from
-    4096 neurons (128-neuron steps, 4 stages, below), split to two waves (M <= 16) or one: each step's
+    4096 neurons (128-neuron steps, 4 stages, below, or where shared memory holds only those; see
+    :func:`_long_steps`), split to two waves (M <= 16) or one: each step's
     copies two to four times as large (H200 sweeps of every candidate, Llama-3-8B, 2026-11-29: M = 16
     and 64 within 1.04x of the best at every density, M = 1 within 1.13x, where the 64-step rule
     took up to 1.20x). M > 64:
@@ -351,10 +352,9 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
         stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
         slots = sms * C.resident_programs(nw, stages * _stage_bytes(bm, bd, bk), smem)
         splits = _large_batch_splits(C.cdiv(M, bm) * C.cdiv(d, bd), slots, bm, n_sel, bk)
-    elif C.cdiv(d, 128) < sms / 2:
+    elif C.cdiv(d, 128) < sms / 2 and (long_steps := _long_steps(_block_m(M), n_sel, smem)):
         bm, bd, nw = _block_m(M), 64, 4
-        bk, ns = (256, 3) if n_sel >= 16 * 256 else (128, 4)
-        stages = C.fit_stages(ns, _stage_bytes(bm, bd, bk), smem)
+        bk, stages = long_steps
         waves = 2 if bm <= 16 else 1
         splits = max(1, min(waves * sms // C.cdiv(d, bd), n_sel // (2 * bk)))
     else:
@@ -373,6 +373,16 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
         "splits": splits,
     }
     return cfg | {"stream_k": 1} if whole_batch else cfg
+
+
+def _long_steps(bm: int, n_sel: int, smem: int) -> tuple[int, int] | None:
+    """(BLOCK_K, stages) of the narrow-model rule for 64-column tiles: 256-neuron steps with 3 stages
+    from 4096 neurons, else 128 with 4, whichever has all its stages in shared memory (a GPU with
+    less keeps the 64-neuron steps: fewer stages would leave the copies of one step in flight)."""
+    for bk, ns in ((256, 3), (128, 4)) if n_sel >= 16 * 256 else ((128, 4),):
+        if C.fit_stages(ns, _stage_bytes(bm, 64, bk), smem) == ns:
+            return bk, ns
+    return None
 
 
 def _stage_bytes(bm: int, bd: int, bk: int) -> int:

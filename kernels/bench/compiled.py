@@ -101,22 +101,22 @@ ARCHS = (80, 86, 89, 90, 100, 120)  # tensor-core GPUs Triton compiles for (chec
 _D, _N, _K = 9216, 36864, 18432
 
 
-def _up_case(M: int, bm: int, bn: int, warps: int, gated: bool) -> tuple:
+def _up_case(M: int, bm: int, bn: int, warps: int, gated: bool, bk: int = 64, stages: int = 4) -> tuple:
     args = dict(X="*fp16", WG="*fp16", WU="*fp16", BIAS="*fp16", IDX="*i32", OUT="*fp16", WS="*fp32")
     args |= dict(CNT="*i32", M=M, n_sel=_K, d=_D, n_rows=_N, d_chunk=_D, num_m=M // bm + 2, n_splits=2)
     args |= dict(stride_xm=_D, stride_wg=_D, stride_wu=_D, stride_om=_K)
-    consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GATED=gated, HAS_BIAS=not gated, RELU=not gated)
+    consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GATED=gated, HAS_BIAS=not gated, RELU=not gated)
     consts |= dict(SPLIT=False, EVEN_K=True, UPCAST=False)
-    return up._up_kernel, args, consts, warps, 4
+    return up._up_kernel, args, consts, warps, stages
 
 
-def _down_case(M: int, bm: int, bd: int, warps: int, k: int = _K) -> tuple:
+def _down_case(M: int, bm: int, bd: int, warps: int, k: int = _K, bk: int = 64, stages: int = 4) -> tuple:
     """``k`` may be odd: the activation rows are then pitched to 16 elements, as the wrapper does."""
     args = dict(A="*fp16", W="*fp16", BIAS="*fp16", IDX="*i32", OUT="*fp16", WS="*fp32", CNT="*i32")
-    args |= dict(M=M, n_sel=k, d=_D, n_rows=_N, k_chunk=-(-k // 64) * 64, num_m=M // bm + 2, n_splits=2)
+    args |= dict(M=M, n_sel=k, d=_D, n_rows=_N, k_chunk=-(-k // bk) * bk, num_m=M // bm + 2, n_splits=2)
     args |= dict(stride_am=-(-k // 16) * 16, stride_wn=_D, stride_om=_D)
-    consts = dict(BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=64, HAS_BIAS=True, SPLIT=False, EVEN_D=True, UPCAST=False)
-    return down._down_kernel, args, consts, warps, 4
+    consts = dict(BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=bk, HAS_BIAS=True, SPLIT=False, EVEN_D=True, UPCAST=False)
+    return down._down_kernel, args, consts, warps, stages
 
 
 def _stream_k(case: tuple, kernel, grid_args: tuple[str, str], steps: int, tiles: int, split: bool) -> tuple:
@@ -173,10 +173,13 @@ CASES = {
     "up M=16": _up_case(16, 16, 64, 4, False),
     "up M=256": _up_case(256, 128, 128, 8, False),
     "gated up M=64": _up_case(64, 64, 128, 8, True),
+    "up M=64, 128-wide steps": _up_case(64, 64, 128, 4, False, bk=128),
     "up M=64, stream-K": _up_stream_k_case(64, 64, 128, 8, split=True),
     "up M=64, stream-K, whole tiles": _up_stream_k_case(64, 64, 128, 8, split=False),
     "down M=16": _down_case(16, 16, 128, 4),
     "down M=64": _down_case(64, 64, 128, 4),
+    "down M=64, 256-neuron steps": _down_case(64, 64, 64, 4, bk=256, stages=3),
+    "down M=16, 128-neuron steps": _down_case(16, 16, 64, 4, bk=128, stages=4),
     "down M=64, odd k": _down_case(64, 64, 128, 4, k=25805),
     "down M=256": _down_case(256, 128, 128, 8),
     "down M=64, stream-K": _down_stream_k_case(64, 64, 128, 4, split=True),

@@ -291,6 +291,23 @@ def test_small_batch_heuristics_take_longer_steps_where_the_sweeps_found_them_fa
         assert (gated["BLOCK_K"], gated["num_warps"]) == (64, 8)
 
 
+def test_longer_steps_only_where_shared_memory_holds_their_stages():
+    """A100 (163 KB): 128-neuron steps with 4 stages in place of 256 with 3; consumer GPUs (99 KB):
+    the 64-step rule at M = 64 and 128-neuron steps at M = 16; the one-wave up rule needs 196 KB."""
+    from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
+
+    a100, consumer = 166912, 101376
+    down = selective_mlp_down._heuristic(64, 7168, 4096, 108, a100)
+    assert (down["BLOCK_D"], down["BLOCK_K"], down["num_stages"]) == (64, 128, 4)
+    down = selective_mlp_down._heuristic(64, 7168, 4096, 128, consumer)  # RTX 4090-class: 128 SMs
+    assert (down["BLOCK_K"], down["num_stages"]) == (64, 4)
+    down = selective_mlp_down._heuristic(16, 7168, 4096, 128, consumer)
+    assert (down["BLOCK_D"], down["BLOCK_K"], down["num_stages"]) == (64, 128, 4)
+    for smem in (a100, consumer):
+        up = selective_mlp_up._heuristic(64, 11059, 9216, 128, False, smem)
+        assert up["BLOCK_K"] == 64 and up["num_stages"] >= 2
+
+
 @pytest.mark.gpu
 def test_first_use_tuning_on_gpu(tmp_path, monkeypatch):
     """On a GPU: a new key is timed, persisted in the cache and reused without timing again."""
