@@ -635,16 +635,15 @@ def _split_options(programs: int, n_max: int, sms: int) -> list[int]:
 def _heuristic(group: int, programs: int, n_max: int, sms: int, head_dim: int, smem: int) -> _tuning.Config:
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
-    Tensor-core products for every group size (tuning never picked the register reduction, even for
-    one query head). 128-token K/V tiles, 8 warps, 3 stages where shared memory allows (else 64-token
-    tiles, 4 warps, 2 stages: three programs per SM keep as many bytes in flight). Under four
-    waves of (sequence, group) pairs: stream-K with as many programs per SM as fit, which balances
-    any pair count (H200, Llama-3-70B B=64 N=8192, every candidate at 1-8 of 8 groups: 1.003-1.037x
-    the best config of each shape, 64-token grid tiles 1.00-1.18x; OPT-66B B=64 N=1920 at 7 of 72
-    heads, 3.4 waves of pairs: 1.021x, the grid 1.058x). Otherwise splits: the fewest that
-    fill one wave, since long chunks pay the pipeline start-up (index -> K/V load chain) once per
-    program and many short chunks pay it per chunk (H100, Llama-3-70B one group of 8: 103.6 us with
-    2 splits vs 127.6 us with 32).
+    Tensor-core products for every group size (tuning never picked the register reduction, even for one
+    query head). 128-token K/V tiles, 8 warps, 3 stages where shared memory allows (else 64-token tiles, 4
+    warps, 2 stages: three programs per SM keep as many bytes in flight). Under four waves of (sequence,
+    group) pairs: stream-K with as many programs per SM as fit, which balances any pair count (H200,
+    Llama-3-70B B=64 N=8192, every candidate at 1-8 of 8 groups: 1.003-1.037x the best config of each
+    shape, 64-token grid tiles 1.00-1.18x; OPT-66B B=64 N=1920 at 7 of 72 heads, 3.4 waves of pairs:
+    1.021x, the grid 1.058x). Otherwise splits: the fewest that fill one wave, since long chunks pay the
+    pipeline start-up (index -> K/V load chain) once per program and many short chunks pay it per chunk
+    (H100, Llama-3-70B one group of 8: 103.6 us with 2 splits vs 127.6 us with 32).
     """
     tile_bytes = _kv_row_bytes(head_dim)
     bn, nw, ns = 128, 8, 3

@@ -325,24 +325,23 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
     M <= 64: 128-column tiles (64 when d / 128 gives less than half a wave at M > 16), 64 neurons per
-    step, and split-K so that tiles x splits fills about 3 waves (M <= 16) or 2 (M <= 64): more,
-    shorter programs hide the index -> weight-row load chain better than a few long ones; except on
-    a narrow model (d / 128 under half a wave): 64-column tiles of 256-neuron steps with 3 stages from
-    4096 neurons (128-neuron steps, 4 stages, below, or where shared memory holds only those; see
-    :func:`_long_steps`), split to two waves (M <= 16) or one: each step's
-    copies two to four times as large (H200 sweeps of every candidate, Llama-3-8B, 2026-11-29: M = 16
-    and 64 within 1.04x of the best at every density, M = 1 within 1.13x, where the 64-step rule
-    took up to 1.20x). M > 64:
-    128 x 64 tensor-core tiles, 4 warps (three resident per SM), and the split-K count that fills
-    whole waves of resident programs without too much fp32 partial traffic
-    (:func:`_large_batch_splits`). M > 128 with long reductions (>= 96 steps) and half a wave of
-    256 x 128 tiles: one tile over the whole batch (each weight row read once) under stream-K, one
-    program per SM. From the H200 graph-timed sweeps at M = 1-256 (2026-11-29; the M = 256 rules from
-    ``kernels.bench.config_sweep``, every candidate at each shape: the whole-batch tile was the fastest
-    config for OPT-66B at k = 7,373-25,805; 256-column tiles at k >= 6,144 took 1.08-1.33x the best
-    for Llama-3-8B, 128 x 64 tiles 1.00-1.05x).
+    step, and split-K so that tiles x splits fills about 3 waves (M <= 16) or 2 (M <= 64): more, shorter
+    programs hide the index -> weight-row load chain better than a few long ones; except on a narrow model
+    (d / 128 under half a wave): 64-column tiles of 256-neuron steps with 3 stages from 4096 neurons
+    (128-neuron steps, 4 stages, below, or where shared memory holds only those; see :func:`_long_steps`),
+    split to two waves (M <= 16) or one: each step's copies two to four times as large (H200 sweeps of
+    every candidate, Llama-3-8B, 2026-11-29: M = 16 and 64 within 1.04x of the best at every density,
+    M = 1 within 1.13x, where the 64-step rule took up to 1.20x). M > 64: 128 x 64 tensor-core tiles, 4 warps
+    (three resident per SM), and the split-K count that fills whole waves of resident programs without too
+    much fp32 partial traffic (:func:`_large_batch_splits`). M > 128 with long reductions (>= 96 steps)
+    and half a wave of 256 x 128 tiles: one tile over the whole batch (each weight row read once) under
+    stream-K, one program per SM. From the H200 graph-timed sweeps at M = 1-256 (2026-11-29; the M = 256
+    rules from ``kernels.bench.config_sweep``, every candidate at each shape: the whole-batch tile was the
+    fastest config for OPT-66B at k = 7,373-25,805; 256-column tiles at k >= 6,144 took 1.08-1.33x the
+    best for Llama-3-8B, 128 x 64 tiles 1.00-1.05x).
     """
-    whole_batch = M > 128 and n_sel >= 96 * 64 and C.cdiv(d, 128) >= sms / 2
+    wide = C.cdiv(d, 128) >= sms / 2  # 128-column tiles alone fill half a wave
+    whole_batch = M > 128 and n_sel >= 96 * 64 and wide
     if whole_batch:
         bm, bd, bk, nw = 256, 128, 64, 8
         stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
@@ -352,14 +351,14 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
         stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
         slots = sms * C.resident_programs(nw, stages * _stage_bytes(bm, bd, bk), smem)
         splits = _large_batch_splits(C.cdiv(M, bm) * C.cdiv(d, bd), slots, bm, n_sel, bk)
-    elif C.cdiv(d, 128) < sms / 2 and (long_steps := _long_steps(_block_m(M), n_sel, smem)):
+    elif not wide and (long_steps := _long_steps(_block_m(M), n_sel, smem)):
         bm, bd, nw = _block_m(M), 64, 4
         bk, stages = long_steps
         waves = 2 if bm <= 16 else 1
         splits = max(1, min(waves * sms // C.cdiv(d, bd), n_sel // (2 * bk)))
     else:
         bm = _block_m(M)
-        bd = 128 if bm <= 16 or C.cdiv(d, 128) >= sms / 2 else 64
+        bd = 128 if bm <= 16 or wide else 64
         bk, nw = 64, 4
         ns, waves = (3, 3) if bm <= 16 else (4, 2)
         stages = C.fit_stages(ns, _stage_bytes(bm, bd, bk), smem)

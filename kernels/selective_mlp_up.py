@@ -418,7 +418,7 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
     programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
     stages = C.fit_stages(ns, _stage_bytes(bm, bn, bk, gated), smem)
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": stages}
-    if whole_tiles:  # M > 64: fp32 partials of a large batch cost more than the waves they fill
+    if whole_tiles:  # fp32 partials cost more than the waves they fill (two accumulators when gated)
         return cfg | {"splits": 1}
     if bm == 16 and programs >= sms:
         return cfg | {

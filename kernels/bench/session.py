@@ -251,9 +251,7 @@ def _op(bench: str, r: dict) -> str:
     if bench == "gemm":
         return f"gemm {r.get('op')} M{int(_num(r, 'M'))}" if r.get("method") == SELECTIVE else ""
     if bench in ("attn", "gqa"):
-        return {"selective (ours)": f"{bench} selective", "dense (ours)": f"{bench} dense (ours)"}.get(
-            r["method"], ""
-        )
+        return {SELECTIVE: f"{bench} selective", "dense (ours)": f"{bench} dense (ours)"}.get(r["method"], "")
     return ""
 
 
@@ -292,7 +290,7 @@ def _fallback_checks(mode_dir: Path) -> list[dict]:
     gemm = _rows(mode_dir / "gemm.csv")
     pairs: dict[tuple, dict] = {}
     for r in gemm:
-        side = {"cublas dense": "dense", "selective (ours)": "sparse"}.get(r.get("method"))
+        side = {"cublas dense": "dense", SELECTIVE: "sparse"}.get(r.get("method"))
         if side:  # other rows are baselines at the selective op's size, not a path the decoder takes
             cell = pairs.setdefault((r.get("model"), r.get("M"), round(_num(r, "density"), 3)), {})
             cell.setdefault(side, []).append(r)
@@ -316,7 +314,7 @@ def _fallback_checks(mode_dir: Path) -> list[dict]:
     for bench, group in (("attn", 1), ("gqa", 8)):
         rows = _rows(mode_dir / f"{bench}.csv")
         for r in rows:
-            if r.get("method") != "selective (ours)":
+            if r.get("method") != SELECTIVE:
                 continue
             dense = next(
                 (x for x in rows if x["shape"] == r["shape"] and x["method"] == "sdpa cudnn dense"), None
