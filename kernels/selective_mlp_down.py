@@ -332,8 +332,10 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
     split to two waves (M <= 16) or one: each step's copies two to four times as large (H200 sweeps of
     every candidate, Llama-3-8B, 2026-11-29: M = 16 and 64 within 1.04x of the best at every density,
     M = 1 within 1.13x, where the 64-step rule took up to 1.20x). M > 64: 128 x 64 tensor-core tiles, 4 warps
-    (three resident per SM), and the split-K count that fills whole waves of resident programs without too
-    much fp32 partial traffic (:func:`_large_batch_splits`). M > 128 with long reductions (>= 96 steps)
+    (three resident per SM), or 128 x 128 with 8 warps at M <= 128 when d / 128 fills half a wave (OPT-66B
+    at M = 128: 1.00-1.11x the best, against 1.07-1.25x for 128 x 64), and the split-K count that fills
+    whole waves of resident programs without too much fp32 partial traffic (:func:`_large_batch_splits`;
+    Llama-3-8B at M = 128 wants 2-6 splits). M > 128 with long reductions (>= 96 steps)
     and half a wave of 256 x 128 tiles: one tile over the whole batch (each weight row read once) under
     stream-K, one program per SM. From the H200 graph-timed sweeps at M = 1-256 (2026-11-29; the M = 256
     rules from ``kernels.bench.config_sweep``, every candidate at each shape: the whole-batch tile was the
@@ -346,6 +348,13 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
         bm, bd, bk, nw = 256, 128, 64, 8
         stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
         splits = 1
+    elif 64 < M <= 128 and wide:
+        # 128 x 128 with 8 warps takes 118 registers a thread (H200, Triton 3.6): two programs share an
+        # SM where shared memory holds both (3 splits, one such wave, were the sweep's best at every k).
+        bm, bd, bk, nw = 128, 128, 64, 8
+        stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
+        slots = sms * max(1, smem // (stages * _stage_bytes(bm, bd, bk)))
+        splits = _large_batch_splits(C.cdiv(d, bd), slots, bm, n_sel, bk)
     elif M > 64:
         bm, bd, bk, nw = 128, 64, 64, 4
         stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
@@ -392,13 +401,13 @@ def _large_batch_splits(tiles: int, slots: int, bm: int, n_sel: int, bk: int) ->
     """The split-K count with the least (waves of programs x work per program) + fp32 partials.
 
     Relative to one tile's weight bytes (k x BLOCK_D x 2), s splits cost ceil(tiles * s / slots) / s
-    in waves of shorter programs, plus 8 * BLOCK_M / k per split for the partials (BLOCK_M x BLOCK_D
-    fp32 written, then read by the tile's last program one split after another: twice their bytes).
+    in waves of shorter programs, plus 4 * BLOCK_M / k per split for the partials (BLOCK_M x BLOCK_D
+    fp32 written, then read by the tile's last program).
     A partial last wave is paid in full: 160 programs of one per SM on 132 SMs took 1.5x as long as
     128 (H200, Llama-3-8B down at M = 256).
     """
     most = max(1, min(16, n_sel // (2 * bk)))
-    cost = {s: math.ceil(tiles * s / slots) / s + s * 8 * bm / n_sel for s in range(1, most + 1)}
+    cost = {s: math.ceil(tiles * s / slots) / s + s * 4 * bm / n_sel for s in range(1, most + 1)}
     return min(cost, key=cost.get)
 
 

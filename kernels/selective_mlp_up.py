@@ -132,7 +132,8 @@ def _up_finish(
     nonlinearity needs the full sum), writes the output and resets the counter. No second kernel, no
     memset. Without SPLIT the partial path is not compiled at all (the workspace and counters are then
     stand-ins of another type)."""
-    if SPLIT:
+    last = n_parts >= 1  # this program writes the output (a runtime flag: one type in every branch)
+    if SPLIT:  # noqa: SIM102 (a constexpr test alone: without SPLIT the partial path is not compiled)
         if n_parts > 1:
             ws_tile = WS + (rm[:, None] * n_sel + rn[None, :]).to(tl.int64)
             ws_own = ws_tile + (part * (2 if GATED else 1) * M * n_sel).to(tl.int64)
@@ -141,19 +142,19 @@ def _up_finish(
                 tl.store(ws_own + M * n_sel, acc_g, mask=mask)
             tl.debug_barrier()  # every thread's partial is written before the (release) arrival
             arrived = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
-            if arrived == n_parts - 1:
-                tot_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                tot_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            last = arrived == n_parts - 1
+            if last:
+                acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 for s in range(0, n_parts):
                     slot = ws_tile + (s * (2 if GATED else 1) * M * n_sel).to(tl.int64)
-                    tot_u += tl.load(slot, mask=mask, other=0.0, cache_modifier=".cg")
+                    acc_u += tl.load(slot, mask=mask, other=0.0, cache_modifier=".cg")
                     if GATED:
-                        tot_g += tl.load(slot + M * n_sel, mask=mask, other=0.0, cache_modifier=".cg")
-                _up_epilogue(tot_u, tot_g, BIAS, OUT, rows, rm, rn, mask, stride_om, GATED, HAS_BIAS, RELU)
+                        acc_g += tl.load(slot + M * n_sel, mask=mask, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(CNT + tile, 0, sem="relaxed", scope="gpu")
-        else:
-            _up_epilogue(acc_u, acc_g, BIAS, OUT, rows, rm, rn, mask, stride_om, GATED, HAS_BIAS, RELU)
-    else:
+    # One epilogue for every path: Triton 3.6 fails to compile a copy of it in each branch at
+    # 128 x 256 tiles (TritonGPURemoveLayoutConversions: "operand does not dominate this use").
+    if last:
         _up_epilogue(acc_u, acc_g, BIAS, OUT, rows, rm, rn, mask, stride_om, GATED, HAS_BIAS, RELU)
 
 
@@ -377,9 +378,11 @@ def _wave_use(programs: int, sms: int) -> float:
 def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> _tuning.Config:
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
-    M > 64: 128 x 64 tensor-core tiles (the selected weight rows are re-read once per 128 batch rows only;
-    wider tiles, two accumulators when gated, ran slower), 128-wide steps and 8 warps under one wave of
-    programs, 64-row tiles under half a wave, and no split-d (H200 sweep at M = 256). 16 < M <= 64: the
+    M > 64: 128 x 64 tensor-core tiles (the selected weight rows are re-read once per 128 batch rows only),
+    128-wide steps and 8 warps under one wave of programs, 64-row tiles under half a wave, and no split-d
+    (H200 sweep at M = 256); ungated, one program per SM of the wide tiles (256 x 128 over the whole batch
+    beyond 128 rows, else 128 x 256, 8 warps) where they keep at least 70% of their waves' slots busy
+    (:func:`_wide_tiles`). 16 < M <= 64: the
     widest ``BLOCK_N`` that still gives about half a wave of programs (wider tiles re-read the activation
     tile fewer times; narrow tiles take longer K-steps), no split then (tuning split only one of 20 such
     keys); 128-wide tiles that fit one wave (ungated) take 128-wide steps with 4 warps, one program per SM
@@ -399,6 +402,8 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
         bk, nw = (128, 8) if tiles < sms else (64, 4)  # under one wave: longer steps, more warps
         if tiles < sms / 2:  # few neurons: 64-row tiles, twice the programs
             bm, bk, nw, ns = 64, 128, 4, 4
+        elif not gated and (wide := _wide_tiles(M, n_sel, sms, smem)):
+            bm, bn, bk, nw = wide
     elif whole_tiles:  # gated, M <= 16
         bm, nw, ns = 16, 4, 4
         wide = C.cdiv(n_sel, 64)
@@ -426,6 +431,23 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
             "stream_k": C.resident_programs(nw, stages * _stage_bytes(bm, bn, bk, gated), smem),
         }
     return cfg | {"splits": _splits_for(programs, d, bk, sms if bm == 16 else sms // 2)}
+
+
+def _wide_tiles(M: int, n_sel: int, sms: int, smem: int) -> tuple[int, int, int, int] | None:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the ungated large-batch wide tile, or None.
+
+    A 256 x 128 tile (128 x 256 at M <= 128) runs one program per SM and does twice the tensor-core
+    work per byte it stages of a 128 x 64 one, so it wins unless its few programs leave a wave's
+    slots idle: taken where they keep >= 70% of their waves' slots busy (H200 sweep of every
+    candidate, OPT-66B at M = 128 and 256, 2026-11-29: 1.14-1.32x faster at 70-100% of the neurons,
+    1.1-1.35x slower where they fill 33-66% of their waves) and only where shared memory holds all
+    three stages (a GPU with less keeps the 128 x 64 tiles).
+    """
+    bm, bn = (256, 128) if M > 128 else (128, 256)
+    programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
+    if _wave_use(programs, sms) < 0.7 or C.fit_stages(3, _stage_bytes(bm, bn, 64, False), smem) < 3:
+        return None
+    return bm, bn, 64, 8
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried per batch-tile size (kept small: each

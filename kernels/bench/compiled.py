@@ -101,12 +101,14 @@ ARCHS = (80, 86, 89, 90, 100, 120)  # tensor-core GPUs Triton compiles for (chec
 _D, _N, _K = 9216, 36864, 18432
 
 
-def _up_case(M: int, bm: int, bn: int, warps: int, gated: bool, bk: int = 64, stages: int = 4) -> tuple:
+def _up_case(
+    M: int, bm: int, bn: int, warps: int, gated: bool, bk: int = 64, stages: int = 4, split: bool = False
+) -> tuple:
     args = dict(X="*fp16", WG="*fp16", WU="*fp16", BIAS="*fp16", IDX="*i32", OUT="*fp16", WS="*fp32")
     args |= dict(CNT="*i32", M=M, n_sel=_K, d=_D, n_rows=_N, d_chunk=_D, num_m=M // bm + 2, n_splits=2)
     args |= dict(stride_xm=_D, stride_wg=_D, stride_wu=_D, stride_om=_K)
     consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GATED=gated, HAS_BIAS=not gated, RELU=not gated)
-    consts |= dict(SPLIT=False, EVEN_K=True, UPCAST=False)
+    consts |= dict(SPLIT=split, EVEN_K=True, UPCAST=False)
     return up._up_kernel, args, consts, warps, stages
 
 
@@ -172,6 +174,7 @@ def _attn_stream_k_case(group: int, block_n: int, warps: int) -> tuple:
 CASES = {
     "up M=16": _up_case(16, 16, 64, 4, False),
     "up M=256": _up_case(256, 128, 128, 8, False),
+    "up M=256, 128 x 256 tiles, split": _up_case(256, 128, 256, 8, False, stages=3, split=True),
     "gated up M=64": _up_case(64, 64, 128, 8, True),
     "up M=64, 128-wide steps": _up_case(64, 64, 128, 4, False, bk=128),
     "up M=64, stream-K": _up_stream_k_case(64, 64, 128, 8, split=True),

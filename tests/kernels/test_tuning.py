@@ -227,6 +227,30 @@ def test_heuristic_schedules_at_the_measured_shapes():
         assert "stream_k" not in few_columns
 
 
+def test_large_batch_wide_tiles_only_where_they_fill_their_waves():
+    """Ungated up at M > 64 takes the one-program-per-SM wide tile (256 x 128 beyond 128 rows, else
+    128 x 256) where its programs keep >= 70% of their waves' slots busy and all three stages fit in
+    shared memory; never gated. The down projection of a wide model at 64 < M <= 128 takes 128 x 128
+    tiles with 8 warps."""
+    from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
+
+    def tile(cfg: dict) -> tuple[int, int, int]:
+        return cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]
+
+    for smem in (163 * 1024, 228 * 1024):
+        for sms in (108, 132):
+            for M, (bm, bn) in ((256, (256, 128)), (200, (256, 128)), (128, (128, 256)), (100, (128, 256))):
+                busy = bn * int(0.8 * sms)  # 0.8 of one wave of wide programs
+                idle = bn * (sms + sms // 5)  # 1.2 waves: the second 20% full
+                assert tile(selective_mlp_up._heuristic(M, busy, 9216, sms, False, smem)) == (bm, bn, 8)
+                assert selective_mlp_up._heuristic(M, idle, 9216, sms, False, smem)["BLOCK_N"] == 64
+                assert selective_mlp_up._heuristic(M, busy, 9216, sms, True, smem)["BLOCK_N"] == 64
+    assert selective_mlp_up._heuristic(256, 128 * 100, 9216, 132, False, 99 * 1024)["BLOCK_N"] == 64
+    for M, d, expected in ((128, 9216, (128, 128, 8)), (256, 9216, (128, 64, 4)), (128, 4096, (128, 64, 4))):
+        cfg = selective_mlp_down._heuristic(M, 3686, d, 132, 228 * 1024)
+        assert (cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["num_warps"]) == expected, (M, d, cfg)
+
+
 def test_heuristic_stages_fit_shared_memory():
     from polar_sparsity.kernels import _decode_attention, selective_mlp_down, selective_mlp_up
 
