@@ -5,6 +5,7 @@ interpreter, which would hide a synchronous load: it runs the same arithmetic ei
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,8 @@ def test_main_loops_wait_on_no_tile_load(arch):
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "| down M=64 | 0 |" in run.stdout, run.stdout
+    # registers a thread and spilled bytes, read from the machine code: the down kernel spills nothing
+    assert re.search(r"\| down M=64 \| 0 \| \d+ \| \d+ \| (yes|no) \| \d+ \| 0 \|", run.stdout), run.stdout
 
 
 def test_an_unknown_architecture_is_named_before_compiling():
