@@ -118,18 +118,36 @@ def _attn_sweep(B: int, kept: int, kv: tuple[torch.Tensor, ...]) -> Sweep:
     )
 
 
+FINALISTS = 3  # fastest candidates re-timed beside the heuristic's and the table's config
+
+
+def _time(sweep: Sweep, cfg: dict) -> float:
+    """Median microseconds of one config at this shape; NaN where it does not compile or launch."""
+    try:
+        return time_graph(sweep.launches(cfg), reps=10)
+    except Exception as exc:  # noqa: BLE001 - a config that does not fit is a recorded result
+        torch.cuda.synchronize()
+        print(f"[sweep] {sweep.key} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+        return float("nan")
+
+
 def time_configs(sweep: Sweep, shape: dict) -> list[dict]:
     """Rows of one shape: each config's median microseconds (NaN where it does not run) and its ratio
-    to the fastest config at this shape."""
-    rows = []
-    for source, cfg in sweep.configs:
-        try:
-            us = time_graph(sweep.launches(cfg), reps=10)
-        except Exception as exc:  # noqa: BLE001 - a config that does not fit is a recorded result
-            torch.cuda.synchronize()
-            print(f"[sweep] {sweep.key} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
-            us = float("nan")
-        rows.append(dict(shape, key=sweep.key, source=source, us=us, cfg=cfg))
+    to the fastest config at this shape.
+
+    Timings drift over a long run of one shape's configs (H200, M = 256: one config took 113.8 / 114.0
+    / 129.0 us as candidate, heuristic and table config, in that order).
+    So the fastest candidates and the heuristic's and table's configs, the timings the ratios compare,
+    are timed a second time back to back, and each keeps its faster figure."""
+    us = [_time(sweep, cfg) for _, cfg in sweep.configs]
+    ran = sorted((i for i, t in enumerate(us) if t == t), key=us.__getitem__)
+    fastest = [i for i in ran if sweep.configs[i][0] == "candidate"][:FINALISTS]
+    for i in fastest + [i for i in ran if sweep.configs[i][0] != "candidate"]:
+        us[i] = min(us[i], _time(sweep, sweep.configs[i][1]))
+    rows = [
+        dict(shape, key=sweep.key, source=src, us=t, cfg=cfg)
+        for (src, cfg), t in zip(sweep.configs, us, strict=True)
+    ]
     best = min((r["us"] for r in rows if r["us"] == r["us"]), default=float("nan"))
     for r in rows:
         r["ratio_to_best"] = r["us"] / best
