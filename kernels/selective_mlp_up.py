@@ -128,8 +128,8 @@ def _up_finish(
 ):
     """Write part ``part`` of an output tile's ``n_parts``-way sum. One part: the output directly.
     Several: store this fp32 partial, then count arrivals on the tile; the last to arrive adds all
-    partials in slot order (deterministic whichever program is last), applies bias and activation (a
-    nonlinearity needs the full sum), writes the output and resets the counter. No second kernel, no
+    partials in slot order (deterministic whichever program is last), resets the counter, applies bias
+    and activation (a nonlinearity needs the full sum) and writes the output. No second kernel, no
     memset. Without SPLIT the partial path is not compiled at all (the workspace and counters are then
     stand-ins of another type)."""
     last = n_parts >= 1  # this program writes the output (a runtime flag: one type in every branch)
@@ -382,12 +382,12 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
     128-wide steps and 8 warps under one wave of programs, 64-row tiles under half a wave, and no split-d
     (H200 sweep at M = 256); ungated, one program per SM of the wide tiles (256 x 128 over the whole batch
     beyond 128 rows, else 128 x 256, 8 warps) where they keep at least 70% of their waves' slots busy
-    (:func:`_wide_tiles`). 16 < M <= 64: the
-    widest ``BLOCK_N`` that still gives about half a wave of programs (wider tiles re-read the activation
-    tile fewer times; narrow tiles take longer K-steps), no split then (tuning split only one of 20 such
-    keys); 128-wide tiles that fit one wave (ungated) take 128-wide steps with 4 warps, one program per SM
-    where shared memory holds all four stages (OPT-66B at M = 64, density 0.3: 53.7 against 66.5 us with
-    64-wide steps and 8 warps; H200 sweep, 2026-11-29). M <= 16: 64 neurons x 128 per step when that gives
+    (:func:`_wide_tiles`). 16 < M <= 64: the widest ``BLOCK_N`` that still gives about half a wave of
+    programs (wider tiles re-read the activation tile fewer times; narrow tiles take longer K-steps), no
+    split then (tuning split only one of 20 such keys); 128-wide tiles that fit one wave (ungated) take
+    128-wide steps with 4 warps, one program per SM where shared memory holds all four stages (OPT-66B at
+    M = 64, density 0.3: 53.7 against 66.5 us with 64-wide steps and 8 warps; H200 sweep, 2026-11-29).
+    M <= 16: 64 neurons x 128 per step when that gives
     a quarter wave of programs, else 32; split-d to one wave, or stream-K once the tiles alone fill a wave
     (tiles x splits then leaves a partial wave that equal shares avoid: 4-6% faster on the H200 at
     OPT-66B's up projection, density >= 0.3). Gated, M <= 16, with half a wave of 32-wide tiles: no split
