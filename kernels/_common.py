@@ -176,10 +176,11 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def resident_programs(num_warps: int, smem_per_program: int, smem: int) -> int:
-    """Programs one SM holds at once: by shared memory, and by registers (a tensor-core tile program
-    takes ~168 of the 64K 32-bit registers per thread, so 8 warps hold an SM alone)."""
-    return max(1, min(smem // max(smem_per_program, 1), 65536 // (num_warps * 32 * 168)))
+def resident_programs(num_warps: int, smem_per_program: int, smem: int, registers: int = 168) -> int:
+    """Programs one SM holds at once: by shared memory, and by registers (``registers`` of the 64K
+    32-bit registers per thread: a tensor-core tile program takes ~168, so 8 warps hold an SM alone;
+    a kernel whose count was measured passes it)."""
+    return max(1, min(smem // max(smem_per_program, 1), 65536 // (num_warps * 32 * registers)))
 
 
 def split_workspace(

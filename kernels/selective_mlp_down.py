@@ -353,7 +353,7 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
         # SM where shared memory holds both (3 splits, one such wave, were the sweep's best at every k).
         bm, bd, bk, nw = 128, 128, 64, 8
         stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
-        slots = sms * max(1, smem // (stages * _stage_bytes(bm, bd, bk)))
+        slots = sms * C.resident_programs(nw, stages * _stage_bytes(bm, bd, bk), smem, registers=118)
         splits = _large_batch_splits(C.cdiv(d, bd), slots, bm, n_sel, bk)
     elif M > 64:
         bm, bd, bk, nw = 128, 64, 64, 4

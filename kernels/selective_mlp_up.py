@@ -387,13 +387,13 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
     split then (tuning split only one of 20 such keys); 128-wide tiles that fit one wave (ungated) take
     128-wide steps with 4 warps, one program per SM where shared memory holds all four stages (OPT-66B at
     M = 64, density 0.3: 53.7 against 66.5 us with 64-wide steps and 8 warps; H200 sweep, 2026-11-29).
-    M <= 16: 64 neurons x 128 per step when that gives
-    a quarter wave of programs, else 32; split-d to one wave, or stream-K once the tiles alone fill a wave
-    (tiles x splits then leaves a partial wave that equal shares avoid: 4-6% faster on the H200 at
-    OPT-66B's up projection, density >= 0.3). Gated, M <= 16, with half a wave of 32-wide tiles: no split
-    and no stream-K (a program streams two weight tiles per step, and split partials are two
-    accumulators), 64-wide tiles unless 32-wide ones fill their waves clearly better (H200 sweep of every
-    candidate, Llama-3-8B at M = 1 and 16: 1.00-1.13 of the best, against up to 1.30 with the split rule).
+    M <= 16: 64 neurons x 128 per step when that gives a quarter wave of programs, else 32; split-d to one
+    wave, or stream-K once the tiles alone fill a wave (tiles x splits then leaves a partial wave that
+    equal shares avoid: 4-6% faster on the H200 at OPT-66B's up projection, density >= 0.3). Gated,
+    M <= 16, with half a wave of 32-wide tiles: no split and no stream-K (a program streams two weight
+    tiles per step, and split partials are two accumulators), 64-wide tiles unless 32-wide ones fill
+    their waves clearly better (H200 sweep of every candidate, Llama-3-8B at M = 1 and 16: 1.00-1.13 of
+    the best, against up to 1.30 with the split rule).
     """
     whole_tiles = M > 64 or (M <= 16 and gated and C.cdiv(n_sel, 32) >= sms / 2)  # no split, no stream-K
     if M > 64:
