@@ -107,17 +107,20 @@ def _up_finish(
     acc_g,
     WS,
     CNT,
+    IDX,
     BIAS,
     OUT,
     tile,
     part,
     n_parts,
+    col0,
     rows,
     rm,
     rn,
     mask,
     M,
     n_sel,
+    n_rows,
     stride_om,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -127,52 +130,105 @@ def _up_finish(
     SPLIT: tl.constexpr,
 ):
     """Write part ``part`` of an output tile's ``n_parts``-way sum. One part: the output directly.
-    Several: store this fp32 partial, then count arrivals on the tile; the last to arrive adds all
-    partials in slot order (deterministic whichever program is last), resets the counter, applies bias
-    and activation (a nonlinearity needs the full sum) and writes the output. No second kernel, no
-    memset. Without SPLIT the partial path is not compiled at all (the workspace and counters are then
-    stand-ins of another type)."""
-    last = n_parts >= 1  # this program writes the output (a runtime flag: one type in every branch)
+    Several: store this fp32 partial, then count arrivals on the tile; the last to arrive sums all
+    partials and writes the output (:func:`_up_sum_partials`), then resets the counter. No second
+    kernel, no memset. Without SPLIT the partial path is not compiled at all (the workspace and
+    counters are then stand-ins of another type)."""
     if SPLIT:  # noqa: SIM102 (a constexpr test alone: without SPLIT the partial path is not compiled)
         if n_parts > 1:
-            ws_tile = WS + (rm[:, None] * n_sel + rn[None, :]).to(tl.int64)
-            ws_own = ws_tile + (part * (2 if GATED else 1) * M * n_sel).to(tl.int64)
+            ws_own = WS + (part * (2 if GATED else 1) * M * n_sel).to(tl.int64)
+            ws_own += rm[:, None] * n_sel + rn[None, :]  # int32: a slot holds M x k < 2**31 sums
             tl.store(ws_own, acc_u, mask=mask)
             if GATED:
                 tl.store(ws_own + M * n_sel, acc_g, mask=mask)
             tl.debug_barrier()  # every thread's partial is written before the (release) arrival
             arrived = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
-            last = arrived == n_parts - 1
-            if last:
-                acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                for s in range(0, n_parts):
-                    slot = ws_tile + (s * (2 if GATED else 1) * M * n_sel).to(tl.int64)
-                    acc_u += tl.load(slot, mask=mask, other=0.0, cache_modifier=".cg")
-                    if GATED:
-                        acc_g += tl.load(slot + M * n_sel, mask=mask, other=0.0, cache_modifier=".cg")
+            if arrived == n_parts - 1:
+                _up_sum_partials(
+                    WS,
+                    IDX,
+                    BIAS,
+                    OUT,
+                    col0,
+                    rm,
+                    n_parts,
+                    M,
+                    n_sel,
+                    n_rows,
+                    stride_om,
+                    BLOCK_M,
+                    BLOCK_N,
+                    GATED,
+                    HAS_BIAS,
+                    RELU,
+                )
                 tl.atomic_xchg(CNT + tile, 0, sem="relaxed", scope="gpu")
-    # One epilogue for every path: Triton 3.6 fails to compile a copy of it in each branch at
-    # 128 x 256 tiles (TritonGPURemoveLayoutConversions: "operand does not dominate this use").
-    if last:
+    if n_parts == 1:
         _up_epilogue(acc_u, acc_g, BIAS, OUT, rows, rm, rn, mask, stride_om, GATED, HAS_BIAS, RELU)
 
 
 @triton.jit
-def _up_tile(IDX, M, n_sel, n_rows, tile, num_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows, columns and gathered weight rows of output tile ``tile`` (batch tiles vary fastest, so
-    tiles sharing the same weight rows run together: L2 reuse)."""
-    pid_m = tile % num_m
-    pid_n = tile // num_m
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _up_sum_partials(
+    WS,
+    IDX,
+    BIAS,
+    OUT,
+    col0,
+    rm,
+    n_parts,
+    M,
+    n_sel,
+    n_rows,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+):
+    """Add one output tile's fp32 partials in slot order (deterministic whichever program is last)
+    and apply bias and activation (a nonlinearity needs the full sum), ``PIECE`` columns at a time:
+    a whole second tile in registers next to the accumulator made the 128 x 256 and 256 x 128 tiles
+    spill (255 registers a thread and 648-800 bytes of stack under Triton 3.6)."""
+    PIECE: tl.constexpr = BLOCK_N if BLOCK_N < 64 else 64
+    slot_stride = (2 if GATED else 1) * M * n_sel
+    for c in tl.static_range(0, BLOCK_N, PIECE):
+        rn = col0 + c + tl.arange(0, PIECE)
+        rows, ok_n = _up_columns(IDX, rn, n_sel, n_rows)
+        mask = (rm < M)[:, None] & ok_n[None, :]
+        ws = WS + (rm[:, None] * n_sel + rn[None, :]).to(tl.int64)
+        sum_u = tl.zeros([BLOCK_M, PIECE], tl.float32)
+        sum_g = tl.zeros([BLOCK_M, PIECE], tl.float32)
+        for s in range(0, n_parts):
+            slot = ws + (s * slot_stride).to(tl.int64)
+            sum_u += tl.load(slot, mask=mask, other=0.0, cache_modifier=".cg")
+            if GATED:
+                sum_g += tl.load(slot + M * n_sel, mask=mask, other=0.0, cache_modifier=".cg")
+        _up_epilogue(sum_u, sum_g, BIAS, OUT, rows, rm, rn, mask, stride_om, GATED, HAS_BIAS, RELU)
+
+
+@triton.jit
+def _up_columns(IDX, rn, n_sel, n_rows):
+    """Gathered weight rows of output columns ``rn`` and which columns are real; padding columns
+    read a valid row and are never stored."""
     mask_n = rn < n_sel
     rows = tl.load(IDX + rn, mask=mask_n, other=0)
     ok_n = mask_n & (rows >= 0) & (rows < n_rows)
-    rows = tl.where(ok_n, rows, 0).to(tl.int64)  # padding columns read a valid row, never stored
+    return tl.where(ok_n, rows, 0).to(tl.int64), ok_n
+
+
+@triton.jit
+def _up_tile(IDX, M, n_sel, n_rows, tile, num_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First column, gathered weight rows, rows and columns of output tile ``tile`` (batch tiles vary
+    fastest, so tiles sharing the same weight rows run together: L2 reuse)."""
+    pid_m = tile % num_m
+    col0 = (tile // num_m) * BLOCK_N
+    rn = col0 + tl.arange(0, BLOCK_N)
+    rows, ok_n = _up_columns(IDX, rn, n_sel, n_rows)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rm < M
     rm_load = tl.where(mask_m, rm, 0).to(tl.int64)  # clamped, so the loop loads need no row mask
-    return rows, rm, rn, rm_load, mask_m[:, None] & ok_n[None, :]
+    return col0, rows, rm, rn, rm_load, mask_m[:, None] & ok_n[None, :]
 
 
 @triton.jit
@@ -209,7 +265,7 @@ def _up_kernel(
     """Split-d schedule: program (tile, split) sums the split's ``d_chunk`` of one output tile."""
     pid = tl.program_id(0)
     sid = tl.program_id(1)
-    rows, rm, rn, rm_load, mask = _up_tile(IDX, M, n_sel, n_rows, pid, num_m, BLOCK_M, BLOCK_N)
+    col0, rows, rm, rn, rm_load, mask = _up_tile(IDX, M, n_sel, n_rows, pid, num_m, BLOCK_M, BLOCK_N)
     k_start = sid * d_chunk
     k_end = tl.minimum(k_start + d_chunk, d)
     acc_u, acc_g = _up_range(
@@ -235,17 +291,20 @@ def _up_kernel(
         acc_g,
         WS,
         CNT,
+        IDX,
         BIAS,
         OUT,
         pid,
         sid,
         n_splits,
+        col0,
         rows,
         rm,
         rn,
         mask,
         M,
         n_sel,
+        n_rows,
         stride_om,
         BLOCK_M,
         BLOCK_N,
@@ -296,7 +355,7 @@ def _up_stream_k_kernel(
     it_end = tl.minimum(it + share, total)
     while it < it_end:
         tile, s_lo, s_hi, first, n_parts = stream_k_tile(it, it_end, steps, share)
-        rows, rm, rn, rm_load, mask = _up_tile(IDX, M, n_sel, n_rows, tile, num_m, BLOCK_M, BLOCK_N)
+        col0, rows, rm, rn, rm_load, mask = _up_tile(IDX, M, n_sel, n_rows, tile, num_m, BLOCK_M, BLOCK_N)
         k_end = tl.minimum(s_hi * BLOCK_K, d)
         acc_u, acc_g = _up_range(
             X,
@@ -321,17 +380,20 @@ def _up_stream_k_kernel(
             acc_g,
             WS,
             CNT,
+            IDX,
             BIAS,
             OUT,
             tile,
             p - first,
             n_parts,
+            col0,
             rows,
             rm,
             rn,
             mask,
             M,
             n_sel,
+            n_rows,
             stride_om,
             BLOCK_M,
             BLOCK_N,
@@ -379,23 +441,24 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
     M > 64: 128 x 64 tensor-core tiles (the selected weight rows are re-read once per 128 batch rows only),
-    128-wide steps and 8 warps under one wave of programs, 64-row tiles under half a wave, and no split-d
-    (H200 sweep at M = 256); ungated, one program per SM of the wide tiles (256 x 128 over the whole batch
-    beyond 128 rows, else 128 x 256, 8 warps) where they keep at least 70% of their waves' slots busy
-    (:func:`_wide_tiles`). 16 < M <= 64: the widest ``BLOCK_N`` that still gives about half a wave of
-    programs (wider tiles re-read the activation tile fewer times; narrow tiles take longer K-steps), no
-    split then (tuning split only one of 20 such keys); 128-wide tiles that fit one wave (ungated) take
-    128-wide steps with 4 warps, one program per SM where shared memory holds all four stages (OPT-66B at
-    M = 64, density 0.3: 53.7 against 66.5 us with 64-wide steps and 8 warps; H200 sweep, 2026-11-29).
-    M <= 16: 64 neurons x 128 per step when that gives a quarter wave of programs, else 32; split-d to one
-    wave, or stream-K once the tiles alone fill a wave (tiles x splits then leaves a partial wave that
-    equal shares avoid: 4-6% faster on the H200 at OPT-66B's up projection, density >= 0.3). Gated,
-    M <= 16, with half a wave of 32-wide tiles: no split and no stream-K (a program streams two weight
-    tiles per step, and split partials are two accumulators), 64-wide tiles unless 32-wide ones fill
-    their waves clearly better (H200 sweep of every candidate, Llama-3-8B at M = 1 and 16: 1.00-1.13 of
-    the best, against up to 1.30 with the split rule).
+    128-wide steps and 8 warps under one wave of programs, 64-row tiles under half a wave, split-d only where
+    even those fill less than half a wave (H200 sweeps at M = 128 and 256; Llama-3-8B gated up at M = 128, 10%
+    of the neurons: two splits 16.1 us, none 21.9 us); ungated, one program per SM of the wide tiles (256 x
+    128 over the whole batch beyond 128 rows, else 128 x 256, 8 warps) where they keep at least 70% of their
+    waves' slots busy (:func:`_wide_tiles`). 16 < M <= 64: the widest ``BLOCK_N`` that still gives about half
+    a wave of programs (wider tiles re-read the activation tile fewer times; narrow tiles take longer
+    K-steps), no split then (tuning split only one of 20 such keys); 128-wide tiles that fit one wave
+    (ungated) take 128-wide steps with 4 warps, one program per SM where shared memory holds all four stages
+    (OPT-66B at M = 64, density 0.3: 53.7 against 66.5 us with 64-wide steps and 8 warps; H200 sweep,
+    2026-11-29). M <= 16: 64 neurons x 128 per step when that gives a quarter wave of programs, else 32;
+    split-d to one wave, or stream-K once the tiles alone fill a wave (tiles x splits then leaves a partial
+    wave that equal shares avoid: 4-6% faster on the H200 at OPT-66B's up projection, density >= 0.3). Gated,
+    M <= 16, with half a wave of 32-wide tiles: no split and no stream-K (a program streams two weight tiles
+    per step, and split partials are two accumulators), 64-wide tiles unless 32-wide ones fill their waves
+    clearly better (H200 sweep of every candidate, Llama-3-8B at M = 1 and 16: 1.00-1.13 of the best, against
+    up to 1.30 with the split rule).
     """
-    whole_tiles = M > 64 or (M <= 16 and gated and C.cdiv(n_sel, 32) >= sms / 2)  # no split, no stream-K
+    whole_tiles = M <= 16 and gated and C.cdiv(n_sel, 32) >= sms / 2  # no split, no stream-K
     if M > 64:
         bm, bn, ns = 128, 64, 3
         tiles = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
@@ -403,7 +466,7 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
         if tiles < sms / 2:  # few neurons: 64-row tiles, twice the programs
             bm, bk, nw, ns = 64, 128, 4, 4
         elif not gated and (wide := _wide_tiles(M, n_sel, sms, smem)):
-            bm, bn, bk, nw = wide
+            bm, bn, bk, nw, ns = wide
     elif whole_tiles:  # gated, M <= 16
         bm, nw, ns = 16, 4, 4
         wide = C.cdiv(n_sel, 64)
@@ -430,24 +493,30 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
             "splits": 1,
             "stream_k": C.resident_programs(nw, stages * _stage_bytes(bm, bn, bk, gated), smem),
         }
+    # Beyond 64 rows this splits only 64-row tiles short of half a wave (the others already fill it).
     return cfg | {"splits": _splits_for(programs, d, bk, sms if bm == 16 else sms // 2)}
 
 
-def _wide_tiles(M: int, n_sel: int, sms: int, smem: int) -> tuple[int, int, int, int] | None:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the ungated large-batch wide tile, or None.
+def _wide_tiles(M: int, n_sel: int, sms: int, smem: int) -> tuple[int, int, int, int, int] | None:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the ungated large-batch tile that runs one
+    program per SM with a deep pipeline, or None.
 
-    A 256 x 128 tile (128 x 256 at M <= 128) runs one program per SM and does twice the tensor-core
-    work per byte it stages of a 128 x 64 one, so it wins unless its few programs leave a wave's
-    slots idle: taken where they keep >= 70% of their waves' slots busy (H200 sweep of every
-    candidate, OPT-66B at M = 128 and 256, 2026-11-29: 1.14-1.32x faster at 70-100% of the neurons,
-    1.1-1.35x slower where they fill 33-66% of their waves) and only where shared memory holds all
-    three stages (a GPU with less keeps the 128 x 64 tiles).
+    128 x 256 tiles with four stages (192 KB of loads in flight) or 128 x 128 with five (160 KB): a
+    lone program per SM then streams its weight rows at the most bytes in flight, and the wide tile
+    re-reads the activation tile half as often. Taken, the one whose programs fill their waves best (the
+    wider on a tie), where that is >= 50% of the waves' slots at M <= 128 (memory-bound) and >= 70% beyond,
+    and only where three stages fit in shared memory (a GPU with less keeps the 128 x 64 tiles). H200
+    sweeps of every candidate, OPT-66B, 2026-11-29: at M = 128, 1.00-1.07 of the best from 30% to 100% of
+    the neurons, where 128 x 64 tiles with three stages took up to 1.27x; at M = 256, 1.00 at 50-100%.
     """
-    bm, bn = (256, 128) if M > 128 else (128, 256)
-    programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
-    if _wave_use(programs, sms) < 0.7 or C.fit_stages(3, _stage_bytes(bm, bn, 64, False), smem) < 3:
-        return None
-    return bm, bn, 64, 8
+    least = 0.5 if M <= 128 else 0.7
+    best, pick = least, None
+    for bn, stages in ((256, 4), (128, 5)):
+        stages = C.fit_stages(stages, _stage_bytes(128, bn, 64, False), smem)
+        use = _wave_use(C.cdiv(M, 128) * C.cdiv(n_sel, bn), sms)
+        if stages >= 3 and (use > best or (use == best and pick is None)):
+            best, pick = use, (128, bn, 64, 8, stages)
+    return pick
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried per batch-tile size (kept small: each
@@ -465,7 +534,16 @@ _TILES = {
         (128, 64, 8, 4),
         (128, 128, 4, 4),
     ),
-    128: ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4), (64, 128, 8, 3), (256, 64, 8, 3)),
+    128: (
+        (128, 64, 8, 3),
+        (64, 64, 4, 3),
+        (128, 32, 8, 4),
+        (64, 128, 8, 3),
+        (256, 64, 8, 3),
+        (128, 64, 8, 5),
+        (256, 64, 8, 4),
+        (64, 64, 4, 4),
+    ),
 }
 
 
@@ -477,6 +555,8 @@ def _candidates(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) ->
             tiles += [(256, 64, 64, 8, 3), (256, 128, 64, 8, 3)]
     out = []
     for bm, bn, bk, nw, ns in tiles:
+        if C.fit_stages(ns, _stage_bytes(bm, bn, bk, gated), smem) < ns:
+            continue  # does not fit this GPU's shared memory (gated 128 x 256 anywhere)
         tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
         programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
         s = _splits_for(programs, d, bk, 2 * sms if bm <= 16 else sms)

@@ -96,3 +96,25 @@ def test_large_batch_split_count_fills_whole_waves():
     # Few neurons: the fp32 partials outweigh the waves they would fill.
     assert split(288, 396, 128, 3686, 64) == 1
     assert split(1, 132, 128, 200, 64) == 1  # 200 neurons: no room for two splits of >= 2 steps
+
+
+@pytest.mark.parametrize(
+    "tile, schedule",
+    [((128, 256), {"splits": 3}), ((256, 128), {"splits": 2}), ((128, 128), {"splits": 1, "stream_k": 1})],
+)
+@pytest.mark.parametrize("gated", [False, True])
+def test_wide_tiles_finish_split_sums_piece_by_piece(tile, schedule, gated, force_config, device, gen):
+    """Wide tiles sum their partials 64 columns at a time: every piece, the padded last columns of
+    the tile and the padded rows beyond M must come out right (k = 230 is not a multiple of 64)."""
+    M, d, n, k = 150, 192, 400, 230
+    x, w_gate, w_up, b, idx = _inputs(M, d, n, k, device, gen)
+    bm, bn = tile
+    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2} | schedule
+    force_config(cfg)
+    if gated:
+        out = selective_gated_up(x, w_gate, w_up, idx, out=poisoned((M, k), F16, device))
+        ref = selective_gated_up_reference(x.cpu(), w_gate.cpu(), w_up.cpu(), idx.cpu(), dtype=torch.float64)
+    else:
+        out = selective_up(x, w_up, idx, b, out=poisoned((M, k), F16, device))
+        ref = selective_up_reference(x.cpu(), w_up.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
+    assert_rel_close(out.cpu(), ref, F16, f"{'gated ' if gated else ''}up {bm} x {bn} {schedule}")

@@ -227,28 +227,62 @@ def test_heuristic_schedules_at_the_measured_shapes():
         assert "stream_k" not in few_columns
 
 
-def test_large_batch_wide_tiles_only_where_they_fill_their_waves():
-    """Ungated up at M > 64 takes the one-program-per-SM wide tile (256 x 128 beyond 128 rows, else
-    128 x 256) where its programs keep >= 70% of their waves' slots busy and all three stages fit in
-    shared memory; never gated. The down projection of a wide model at 64 < M <= 128 takes 128 x 128
-    tiles with 8 warps."""
+def test_large_batch_deep_tiles_only_where_they_fill_their_waves():
+    """Ungated up at M > 64 takes a one-program-per-SM tile with a deep pipeline (128 x 256 with four
+    stages, or 128 x 128 with five), whichever fills its waves better (the wider on a tie), where that
+    is >= 50% of the slots at M <= 128 and >= 70% beyond, and three stages fit; never gated. The down
+    projection of a wide model at 64 < M <= 128 takes 128 x 128 tiles with 8 warps."""
     from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
 
-    def tile(cfg: dict) -> tuple[int, int, int]:
-        return cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]
+    def tile(cfg: dict) -> tuple[int, int, int, int]:
+        return cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
 
-    for smem in (163 * 1024, 228 * 1024):
-        for sms in (108, 132):
-            for M, (bm, bn) in ((256, (256, 128)), (200, (256, 128)), (128, (128, 256)), (100, (128, 256))):
-                busy = bn * int(0.8 * sms)  # 0.8 of one wave of wide programs
-                idle = bn * (sms + sms // 5)  # 1.2 waves: the second 20% full
-                assert tile(selective_mlp_up._heuristic(M, busy, 9216, sms, False, smem)) == (bm, bn, 8)
-                assert selective_mlp_up._heuristic(M, idle, 9216, sms, False, smem)["BLOCK_N"] == 64
-                assert selective_mlp_up._heuristic(M, busy, 9216, sms, True, smem)["BLOCK_N"] == 64
+    smem = 228 * 1024
+    for sms in (108, 132):
+        for M in (100, 128, 200, 256):
+            rows = -(-M // 128)
+            wide = 256 * int(0.8 * sms) // rows  # 0.8 of a wave of 128 x 256 programs (and of 128 x 128)
+            assert tile(selective_mlp_up._heuristic(M, wide, 9216, sms, False, smem)) == (128, 256, 8, 4)
+            narrow = 128 * int(0.8 * sms) // rows  # 0.8 of a wave of 128 x 128, 0.4 of 128 x 256
+            assert tile(selective_mlp_up._heuristic(M, narrow, 9216, sms, False, smem)) == (128, 128, 8, 5)
+            assert selective_mlp_up._heuristic(M, wide, 9216, sms, True, smem)["BLOCK_N"] == 64
+        idle = 128 * (sms + sms // 5) // 2  # 128 x 128: 60% of two waves; 128 x 256: 1.2 waves at M <= 128
+        assert selective_mlp_up._heuristic(256, idle, 9216, sms, False, smem)["BLOCK_N"] == 64
+        assert selective_mlp_up._heuristic(128, idle, 9216, sms, False, smem)["BLOCK_N"] == 128
+    a100 = selective_mlp_up._heuristic(128, 256 * 80, 9216, 108, False, 163 * 1024)
+    assert tile(a100) == (128, 256, 8, 3)  # four stages do not fit; three do
     assert selective_mlp_up._heuristic(256, 128 * 100, 9216, 132, False, 99 * 1024)["BLOCK_N"] == 64
     for M, d, expected in ((128, 9216, (128, 128, 8)), (256, 9216, (128, 64, 4)), (128, 4096, (128, 64, 4))):
         cfg = selective_mlp_down._heuristic(M, 3686, d, 132, 228 * 1024)
         assert (cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["num_warps"]) == expected, (M, d, cfg)
+
+
+def test_large_batch_up_splits_only_tiles_short_of_half_a_wave():
+    """Beyond 64 rows the up projection splits d only where even 64-row tiles give fewer than half a
+    wave of programs (H200 sweep, Llama-3-8B gated up at M = 128 and 10% of the neurons: two splits
+    16.1 us against 21.9 us whole); 128-row and wide tiles that fill half a wave stay whole."""
+    from polar_sparsity.kernels import selective_mlp_up
+
+    smem = 228 * 1024
+    few = selective_mlp_up._heuristic(128, 1434, 4096, 132, True, smem)  # 2 x 23 programs
+    assert (few["BLOCK_M"], few["splits"]) == (64, 2)
+    assert selective_mlp_up._heuristic(128, 2867, 4096, 132, True, smem)["splits"] == 1  # 2 x 45
+    for M in (128, 256):
+        for k in (1434, 3686, 11059, 36864):
+            cfg = selective_mlp_up._heuristic(M, k, 9216, 132, False, smem)
+            assert cfg["splits"] == 1 or cfg["BLOCK_M"] == 64, (M, k, cfg)
+
+
+def test_up_candidates_fit_shared_memory():
+    """Tiles whose pipeline does not fit the GPU's shared memory are not candidates (the gated
+    128 x 256 tile needs 240 KB for three stages: an H200 sweep spent compiles on it failing)."""
+    from polar_sparsity.kernels import selective_mlp_up
+
+    for smem in (99 * 1024, 163 * 1024, 227 * 1024):
+        for gated in (False, True):
+            for cfg in selective_mlp_up._candidates(256, 4096, 4096, 132, gated, smem):
+                stage = selective_mlp_up._stage_bytes(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], gated)
+                assert cfg["num_stages"] * stage <= smem - 8192, (smem, gated, cfg)
 
 
 def test_heuristic_stages_fit_shared_memory():
