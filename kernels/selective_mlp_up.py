@@ -443,13 +443,12 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
     M > 64: 128 x 64 tensor-core tiles (the selected weight rows are re-read once per 128 batch rows only),
     128-wide steps and 8 warps under one wave of programs, 64-row tiles under half a wave, split-d only where
     even those fill less than half a wave (H200 sweeps at M = 128 and 256; Llama-3-8B gated up at M = 128, 10%
-    of the neurons: two splits 16.1 us, none 21.9 us); ungated, one program per SM of the wide tiles (256 x
-    128 over the whole batch beyond 128 rows, else 128 x 256, 8 warps) where they keep at least 70% of their
-    waves' slots busy (:func:`_wide_tiles`). 16 < M <= 64: the widest ``BLOCK_N`` that still gives about half
-    a wave of programs (wider tiles re-read the activation tile fewer times; narrow tiles take longer
-    K-steps), no split then (tuning split only one of 20 such keys); 128-wide tiles that fit one wave
-    (ungated) take 128-wide steps with 4 warps, one program per SM where shared memory holds all four stages
-    (OPT-66B at M = 64, density 0.3: 53.7 against 66.5 us with 64-wide steps and 8 warps; H200 sweep,
+    of the neurons: two splits 16.1 us, none 21.9 us); one program per SM of a deep-pipelined 128 x 256 or 128
+    x 128 tile where those fill their waves (:func:`_wide_tiles`). 16 < M <= 64: the widest ``BLOCK_N`` that
+    still gives about half a wave of programs (wider tiles re-read the activation tile fewer times; narrow
+    tiles take longer K-steps), no split then (tuning split only one of 20 such keys); 128-wide tiles that fit
+    one wave (ungated) take 128-wide steps with 4 warps, one program per SM where shared memory holds all four
+    stages (OPT-66B at M = 64, density 0.3: 53.7 against 66.5 us with 64-wide steps and 8 warps; H200 sweep,
     2026-11-29). M <= 16: 64 neurons x 128 per step when that gives a quarter wave of programs, else 32;
     split-d to one wave, or stream-K once the tiles alone fill a wave (tiles x splits then leaves a partial
     wave that equal shares avoid: 4-6% faster on the H200 at OPT-66B's up projection, density >= 0.3). Gated,
@@ -465,7 +464,7 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
         bk, nw = (128, 8) if tiles < sms else (64, 4)  # under one wave: longer steps, more warps
         if tiles < sms / 2:  # few neurons: 64-row tiles, twice the programs
             bm, bk, nw, ns = 64, 128, 4, 4
-        elif not gated and (wide := _wide_tiles(M, n_sel, sms, smem)):
+        elif wide := _wide_tiles(M, n_sel, sms, gated, smem):
             bm, bn, bk, nw, ns = wide
     elif whole_tiles:  # gated, M <= 16
         bm, nw, ns = 16, 4, 4
@@ -497,22 +496,26 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
     return cfg | {"splits": _splits_for(programs, d, bk, sms if bm == 16 else sms // 2)}
 
 
-def _wide_tiles(M: int, n_sel: int, sms: int, smem: int) -> tuple[int, int, int, int, int] | None:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the ungated large-batch tile that runs one
-    program per SM with a deep pipeline, or None.
+def _wide_tiles(
+    M: int, n_sel: int, sms: int, gated: bool, smem: int
+) -> tuple[int, int, int, int, int] | None:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the large-batch tile that runs one program
+    per SM with a deep pipeline, or None.
 
-    128 x 256 tiles with four stages (192 KB of loads in flight) or 128 x 128 with five (160 KB): a
-    lone program per SM then streams its weight rows at the most bytes in flight, and the wide tile
-    re-reads the activation tile half as often. Taken, the one whose programs fill their waves best (the
-    wider on a tie), where that is >= 50% of the waves' slots at M <= 128 (memory-bound) and >= 70% beyond,
-    and only where three stages fit in shared memory (a GPU with less keeps the 128 x 64 tiles). H200
-    sweeps of every candidate, OPT-66B, 2026-11-29: at M = 128, 1.00-1.07 of the best from 30% to 100% of
-    the neurons, where 128 x 64 tiles with three stages took up to 1.27x; at M = 256, 1.00 at 50-100%.
+    128 x 256 tiles with four stages (192 KB of loads in flight) or 128 x 128 with five (four when gated:
+    two weight tiles a step): a lone program per SM then streams its weight rows with the most bytes in
+    flight, and the wide tile re-reads the activation tile half as often. Taken, the one whose programs
+    fill their waves best (the wider on a tie), where that is >= 50% of the waves' slots at M <= 128
+    (memory-bound) and >= 70% beyond, and only where three stages fit in shared memory (a GPU with less
+    keeps the 128 x 64 tiles; gated 128 x 256 fits nowhere). H200 sweeps of every candidate, 2026-11-29:
+    OPT-66B at M = 128, 1.00-1.07 of the best from 30% to 100% of the neurons, where 128 x 64 tiles with
+    three stages took up to 1.27x; at M = 256, 1.00 at 20-100%; Llama-3-8B gated, the best config at the
+    six shapes this rule takes (M = 128 and 256), 1.06-1.07x faster than 128 x 64 tiles.
     """
     least = 0.5 if M <= 128 else 0.7
     best, pick = least, None
     for bn, stages in ((256, 4), (128, 5)):
-        stages = C.fit_stages(stages, _stage_bytes(128, bn, 64, False), smem)
+        stages = C.fit_stages(stages, _stage_bytes(128, bn, 64, gated), smem)
         use = _wave_use(C.cdiv(M, 128) * C.cdiv(n_sel, bn), sms)
         if stages >= 3 and (use > best or (use == best and pick is None)):
             best, pick = use, (128, bn, 64, 8, stages)
@@ -543,6 +546,7 @@ _TILES = {
         (128, 64, 8, 5),
         (256, 64, 8, 4),
         (64, 64, 4, 4),
+        (128, 64, 8, 4),
     ),
 }
 

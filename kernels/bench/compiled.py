@@ -184,6 +184,7 @@ CASES = {
     "up M=256": _up_case(256, 128, 128, 8, False),
     "up M=256, 128 x 256 tiles, split": _up_case(256, 128, 256, 8, False, stages=3, split=True),
     "up M=128, 128 x 128 tiles, 5 stages": _up_case(128, 128, 128, 8, False, stages=5),
+    "gated up M=256, 128 x 128 tiles, 4 stages": _up_case(256, 128, 128, 8, True, stages=4),
     "gated up M=64": _up_case(64, 64, 128, 8, True),
     "up M=64, 128-wide steps": _up_case(64, 64, 128, 4, False, bk=128),
     "up M=64, stream-K": _up_stream_k_case(64, 64, 128, 8, split=True),

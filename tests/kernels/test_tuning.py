@@ -228,10 +228,11 @@ def test_heuristic_schedules_at_the_measured_shapes():
 
 
 def test_large_batch_deep_tiles_only_where_they_fill_their_waves():
-    """Ungated up at M > 64 takes a one-program-per-SM tile with a deep pipeline (128 x 256 with four
-    stages, or 128 x 128 with five), whichever fills its waves better (the wider on a tie), where that
-    is >= 50% of the slots at M <= 128 and >= 70% beyond, and three stages fit; never gated. The down
-    projection of a wide model at 64 < M <= 128 takes 128 x 128 tiles with 8 warps."""
+    """Up at M > 64 takes a one-program-per-SM tile with a deep pipeline (128 x 256 with four stages, or
+    128 x 128 with five, four when gated), whichever fills its waves better (the wider on a tie), where
+    that is >= 50% of the slots at M <= 128 and >= 70% beyond, and three stages fit (gated 128 x 256
+    never does). The down projection of a wide model at 64 < M <= 128 takes 128 x 128 tiles with 8
+    warps."""
     from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
 
     def tile(cfg: dict) -> tuple[int, int, int, int]:
@@ -245,7 +246,7 @@ def test_large_batch_deep_tiles_only_where_they_fill_their_waves():
             assert tile(selective_mlp_up._heuristic(M, wide, 9216, sms, False, smem)) == (128, 256, 8, 4)
             narrow = 128 * int(0.8 * sms) // rows  # 0.8 of a wave of 128 x 128, 0.4 of 128 x 256
             assert tile(selective_mlp_up._heuristic(M, narrow, 9216, sms, False, smem)) == (128, 128, 8, 5)
-            assert selective_mlp_up._heuristic(M, wide, 9216, sms, True, smem)["BLOCK_N"] == 64
+            assert tile(selective_mlp_up._heuristic(M, wide, 9216, sms, True, smem)) == (128, 128, 8, 4)
         idle = 128 * (sms + sms // 5) // 2  # 128 x 128: 60% of two waves; 128 x 256: 1.2 waves at M <= 128
         assert selective_mlp_up._heuristic(256, idle, 9216, sms, False, smem)["BLOCK_N"] == 64
         assert selective_mlp_up._heuristic(128, idle, 9216, sms, False, smem)["BLOCK_N"] == 128
