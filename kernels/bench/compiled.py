@@ -181,6 +181,7 @@ def _attn_stream_k_case(group: int, block_n: int, warps: int) -> tuple:
 
 CASES = {
     "up M=16": _up_case(16, 16, 64, 4, False),
+    "up M=16, stream-K": _up_stream_k_case(16, 16, 64, 4, split=True),
     "up M=256": _up_case(256, 128, 128, 8, False),
     "up M=256, 128 x 256 tiles, split": _up_case(256, 128, 256, 8, False, stages=3, split=True),
     "up M=128, 128 x 128 tiles, 5 stages": _up_case(128, 128, 128, 8, False, stages=5),
