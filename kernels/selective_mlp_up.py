@@ -137,7 +137,7 @@ def _up_finish(
     if SPLIT:  # a constexpr test alone: without SPLIT the partial path is not compiled
         if n_parts > 1:
             ws_own = WS + (part * (2 if GATED else 1) * M * n_sel).to(tl.int64)
-            ws_own += rm[:, None] * n_sel + rn[None, :]  # int32: a slot holds M x k < 2**31 sums
+            ws_own += (rm[:, None] * n_sel + rn[None, :]).to(tl.int64)
             tl.store(ws_own, acc_u, mask=mask)
             if GATED:
                 tl.store(ws_own + M * n_sel, acc_g, mask=mask)
