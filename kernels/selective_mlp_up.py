@@ -561,10 +561,14 @@ def _candidates(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) ->
         tiles = [(64, 64, 128, 4, 4), (64, 16, 256, 4, 4)] + [(128, *t) for t in _TILES[128]]
         if M > 128:  # one tile over the whole batch: each weight row is read exactly once
             tiles += [(256, 64, 64, 8, 3), (256, 128, 64, 8, 3)]
-    out = []
+    out, seen = [], set()
     for bm, bn, bk, nw, ns in tiles:
-        if C.fit_stages(ns, _stage_bytes(bm, bn, bk, gated), smem) < ns:
-            continue  # does not fit this GPU's shared memory (gated 128 x 256 anywhere)
+        # As many of the stages as fit this GPU's shared memory (a launch that does not fit fails),
+        # and never a pipeline of one.
+        ns = C.fit_stages(ns, _stage_bytes(bm, bn, bk, gated), smem)
+        if ns < 2 or (bm, bn, bk, nw, ns) in seen:
+            continue
+        seen.add((bm, bn, bk, nw, ns))
         tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
         programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
         s = _splits_for(programs, d, bk, 2 * sms if bm <= 16 else sms)
