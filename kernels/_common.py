@@ -67,6 +67,13 @@ def fit_stages(wanted: int, stage_bytes: int, smem: int) -> int:
     return max(1, min(wanted, (smem - 8192) // max(stage_bytes, 1)))
 
 
+def candidate_stages(wanted: int, stage_bytes: int, smem: int) -> int | None:
+    """Pipeline stages a tuning candidate gets on this GPU: as many of ``wanted`` as fit
+    (:func:`fit_stages`; a launch that does not fit fails), or None where fewer than two would."""
+    stages = fit_stages(wanted, stage_bytes, smem)
+    return stages if stages >= 2 else None
+
+
 def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; move it there")

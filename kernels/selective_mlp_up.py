@@ -562,11 +562,9 @@ def _candidates(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) ->
         if M > 128:  # one tile over the whole batch: each weight row is read exactly once
             tiles += [(256, 64, 64, 8, 3), (256, 128, 64, 8, 3)]
     out, seen = [], set()
-    for bm, bn, bk, nw, ns in tiles:
-        # As many of the stages as fit this GPU's shared memory (a launch that does not fit fails),
-        # and never a pipeline of one.
-        ns = C.fit_stages(ns, _stage_bytes(bm, bn, bk, gated), smem)
-        if ns < 2 or (bm, bn, bk, nw, ns) in seen:
+    for bm, bn, bk, nw, wanted in tiles:
+        ns = C.candidate_stages(wanted, _stage_bytes(bm, bn, bk, gated), smem)
+        if ns is None or (bm, bn, bk, nw, ns) in seen:
             continue
         seen.add((bm, bn, bk, nw, ns))
         tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}

@@ -274,22 +274,28 @@ def test_large_batch_up_splits_only_tiles_short_of_half_a_wave():
             assert cfg["splits"] == 1 or cfg["BLOCK_M"] == 64, (M, k, cfg)
 
 
-def test_up_candidates_fit_shared_memory():
+def test_gemm_candidates_fit_shared_memory():
     """Candidates take as many of their stages as fit the GPU's shared memory (the gated 128 x 256
     tile needs 240 KB for three: an H200 sweep spent compiles on it failing), never one, and no
     config twice."""
-    from polar_sparsity.kernels import selective_mlp_up
+    from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
+
+    def stage_bytes(cfg: dict, gated: bool) -> int:
+        if "BLOCK_D" in cfg:
+            return selective_mlp_down._stage_bytes(cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["BLOCK_K"])
+        return selective_mlp_up._stage_bytes(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], gated)
 
     for smem in (99 * 1024, 163 * 1024, 227 * 1024):
-        for gated in (False, True):
-            for M in (16, 64, 256):
-                candidates = selective_mlp_up._candidates(M, 4096, 4096, 132, gated, smem)
+        for M in (16, 64, 256):
+            for gated, candidates in (
+                (False, selective_mlp_down._candidates(M, 4096, 4096, 132, smem)),
+                (False, selective_mlp_up._candidates(M, 4096, 4096, 132, False, smem)),
+                (True, selective_mlp_up._candidates(M, 4096, 4096, 132, True, smem)),
+            ):
                 assert len({json.dumps(c, sort_keys=True) for c in candidates}) == len(candidates)
                 for cfg in candidates:
-                    stage = selective_mlp_up._stage_bytes(
-                        cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], gated
-                    )
-                    assert cfg["num_stages"] >= 2 and cfg["num_stages"] * stage <= smem - 8192, (smem, cfg)
+                    stages = cfg["num_stages"]
+                    assert stages >= 2 and stages * stage_bytes(cfg, gated) <= smem - 8192, (smem, cfg)
     gated_wide = selective_mlp_up._candidates(256, 4096, 4096, 132, True, 227 * 1024)
     assert {c["num_stages"] for c in gated_wide if (c["BLOCK_M"], c["BLOCK_N"]) == (128, 256)} == {2}
 
