@@ -104,8 +104,9 @@ def test_large_batch_split_count_fills_whole_waves():
 )
 @pytest.mark.parametrize("gated", [False, True])
 def test_wide_tiles_finish_split_sums_piece_by_piece(tile, schedule, gated, force_config, device, gen):
-    """Wide tiles sum their partials 64 columns at a time: every piece, the padded last columns of
-    the tile and the padded rows beyond M must come out right (k = 230 is not a multiple of 64)."""
+    """Tiles of more than 128 x 128 sums (gated 128 x 128 too) add their split partials 64 columns at
+    a time, smaller ones whole: every piece, the padded last columns of the tile and the padded rows
+    beyond M must come out right (k = 230 is not a multiple of 64)."""
     M, d, n, k = 150, 192, 400, 230
     x, w_gate, w_up, b, idx = _inputs(M, d, n, k, device, gen)
     bm, bn = tile
