@@ -8,7 +8,7 @@ without reading kernel code.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 
 import torch
@@ -67,11 +67,18 @@ def fit_stages(wanted: int, stage_bytes: int, smem: int) -> int:
     return max(1, min(wanted, (smem - 8192) // max(stage_bytes, 1)))
 
 
-def candidate_stages(wanted: int, stage_bytes: int, smem: int) -> int | None:
-    """Pipeline stages a tuning candidate gets on this GPU: as many of ``wanted`` as fit
-    (:func:`fit_stages`; a launch that does not fit fails), or None where fewer than two would."""
-    stages = fit_stages(wanted, stage_bytes, smem)
-    return stages if stages >= 2 else None
+def fitting_tiles(
+    tiles: list[tuple[int, ...]], stage_bytes: Callable[..., int], smem: int
+) -> list[tuple[int, ...]]:
+    """Tuning candidates' tiles on this GPU: each ``(*shape, stages)`` with as many of its stages as
+    fit in shared memory (:func:`fit_stages`; a launch that does not fit fails), dropped where fewer
+    than two would, and each resulting tile once. ``stage_bytes(*shape)`` gives one stage's bytes."""
+    out: list[tuple[int, ...]] = []
+    for *shape, wanted in tiles:
+        tile = (*shape, fit_stages(wanted, stage_bytes(*shape), smem))
+        if tile[-1] >= 2 and tile not in out:
+            out.append(tile)
+    return out
 
 
 def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:

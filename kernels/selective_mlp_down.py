@@ -447,17 +447,15 @@ def _split_options(tiles: int, n_sel: int, block_k: int, sms: int, base: int) ->
 
 
 def _candidates(M: int, n_sel: int, d: int, sms: int, smem: int) -> list[_tuning.Config]:
-    tiles_by_bm = [(_block_m(M), t) for t in _TILES[16 if M <= 16 else 64]]
+    tile_shapes = [(_block_m(M), *t) for t in _TILES[16 if M <= 16 else 64]]
     if M > 64:  # the two best 64-row tiles of the H100 M=256 tuning, then the 128-row ones
-        tiles_by_bm = [(64, (256, 64, 4, 3)), (64, (128, 64, 4, 4))] + [(128, t) for t in _TILES[128]]
+        tile_shapes = [(64, 256, 64, 4, 3), (64, 128, 64, 4, 4)] + [(128, *t) for t in _TILES[128]]
         if M > 128:  # one tile over the whole batch: each weight row is read exactly once
-            tiles_by_bm += [(256, (64, 64, 8, 3)), (256, (128, 64, 8, 3))]
-    out, seen = [], set()
-    for bm, (bd, bk, nw, wanted) in tiles_by_bm:
-        ns = C.candidate_stages(wanted, _stage_bytes(bm, bd, bk), smem)
-        if ns is None or (bm, bd, bk, nw, ns) in seen:
-            continue
-        seen.add((bm, bd, bk, nw, ns))
+            tile_shapes += [(256, 64, 64, 8, 3), (256, 128, 64, 8, 3)]
+    out = []
+    for bm, bd, bk, nw, ns in C.fitting_tiles(
+        tile_shapes, lambda bm, bd, bk, _: _stage_bytes(bm, bd, bk), smem
+    ):
         tile = {"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
         tiles = C.cdiv(M, bm) * C.cdiv(d, bd)
         s = _splits_for(tiles, n_sel, bk, 2 * sms if bm <= 16 else sms)

@@ -516,14 +516,13 @@ def _wide_tiles(
     three stages took up to 1.27x; at M = 256, 1.00 at 20-100%; Llama-3-8B gated, the best config at the
     six shapes this rule takes (M = 128 and 256), 1.06-1.07x faster than 128 x 64 tiles.
     """
-    least = 0.5 if M <= 128 else 0.7
-    best, pick = least, None
+    options = []  # (share of the waves' slots filled, tile), the wider tile first
     for bn, stages in ((256, 4), (128, 5)):
         stages = C.fit_stages(stages, _stage_bytes(128, bn, 64, gated), smem)
-        use = _wave_use(C.cdiv(M, 128) * C.cdiv(n_sel, bn), sms)
-        if stages >= 3 and (use > best or (use == best and pick is None)):
-            best, pick = use, (128, bn, 64, 8, stages)
-    return pick
+        if stages >= 3:
+            options.append((_wave_use(C.cdiv(M, 128) * C.cdiv(n_sel, bn), sms), (128, bn, 64, 8, stages)))
+    use, tile = max(options, key=lambda o: o[0], default=(0.0, None))  # max keeps the first of a tie
+    return tile if use >= (0.5 if M <= 128 else 0.7) else None
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried per batch-tile size (kept small: each
@@ -561,12 +560,10 @@ def _candidates(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) ->
         tiles = [(64, 64, 128, 4, 4), (64, 16, 256, 4, 4)] + [(128, *t) for t in _TILES[128]]
         if M > 128:  # one tile over the whole batch: each weight row is read exactly once
             tiles += [(256, 64, 64, 8, 3), (256, 128, 64, 8, 3)]
-    out, seen = [], set()
-    for bm, bn, bk, nw, wanted in tiles:
-        ns = C.candidate_stages(wanted, _stage_bytes(bm, bn, bk, gated), smem)
-        if ns is None or (bm, bn, bk, nw, ns) in seen:
-            continue
-        seen.add((bm, bn, bk, nw, ns))
+    out = []
+    for bm, bn, bk, nw, ns in C.fitting_tiles(
+        tiles, lambda bm, bn, bk, _: _stage_bytes(bm, bn, bk, gated), smem
+    ):
         tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
         programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
         s = _splits_for(programs, d, bk, 2 * sms if bm <= 16 else sms)
