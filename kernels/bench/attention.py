@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import dense_decode_attention, selective_group_attention, selective_head_attention
 from ._harness import rotations, time_graph, try_time
-from .shapes import ELEMENT_BYTES, Case
+from .shapes import ELEMENT_BYTES, SELECTIVE, Case
 
 MAX_ROTATIONS = 16  # ``rotations()``'s cap: index sets (and graph-pool outputs) per timed call
 KEPT_HEADS = "sdpa cudnn, kept heads only"  # the same-size dense attention (module docstring)
@@ -110,7 +110,7 @@ def bench_shape(case: Case, bw: float, dtype=torch.float16) -> list[dict]:
         fns = [lambda q=q, k=k, v=v, i=idx[i]: op(q, k, v, seqlens, i, validate=False) for i in range(R)]
         us = time_graph(fns)
         kept_us, err = try_time(lambda q=q, kk=kk, R=R: _kept_heads_only(q, kk, H // Hkv, N, R))
-        for method, t, note in (("selective (ours)", us, ""), (KEPT_HEADS, kept_us, err)):
+        for method, t, note in ((SELECTIVE, us, ""), (KEPT_HEADS, kept_us, err)):
             rows.append(
                 dict(
                     shape=name,

@@ -18,7 +18,7 @@ from .. import _tuning, selective_down, selective_gated_up, selective_up
 from .. import selective_mlp_down as _down_mod
 from .. import selective_mlp_up as _up_mod
 from ._harness import l2_bytes, rotations, time_graph
-from .shapes import ELEMENT_BYTES, Case
+from .shapes import ELEMENT_BYTES, SELECTIVE, Case
 
 TUNE_MAX_M = 256  # with --tune, every benchmark batch size is swept (graph-timed)
 MAX_ROTATIONS = 16  # ``rotations()``'s cap
@@ -193,7 +193,7 @@ def bench_model(cases: list[Case], bw: float, dtype=torch.float16, tune: bool = 
             down_rows = [_row_block(ws[i % copies]["w_down_t"], k, i) for i in range(R)]
             t_up_rows = time_graph([lambda w=w, x=x: F.linear(x, w) for w in up_rows])
             t_down_rows = time_graph([lambda w=w, a=a: torch.mm(a, w) for w in down_rows])
-            for method, tu, td in (("selective (ours)", t_up, t_down), (KEPT_ROWS, t_up_rows, t_down_rows)):
+            for method, tu, td in ((SELECTIVE, t_up, t_down), (KEPT_ROWS, t_up_rows, t_down_rows)):
                 rows.append(_row(model, up_name, M, method, k / n, k, tu, up_bytes, bw, dense_up))
                 rows.append(_row(model, "down", M, method, k / n, k, td, down_bytes, bw, dense_down))
     del ws

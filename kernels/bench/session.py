@@ -31,6 +31,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from .shapes import SELECTIVE
+
 BENCH = [sys.executable, "-m", "polar_sparsity.kernels.bench"]
 KERNEL_TESTS = Path(__file__).resolve().parents[2] / "tests" / "kernels"  # the checkout's, not a copy
 # Benchmark options per config mode (first-use tuning adds its own, initially empty, cache).
@@ -157,9 +159,6 @@ def _with_roofline(gemm: list[dict]) -> list[dict]:
         roofline = max(_num(r, "limit_us"), _flops(r) / peak if peak == peak and peak > 0 else 0.0)
         out.append(dict(r, frac_of_roofline=roofline / _num(r, "latency_us")))
     return out
-
-
-SELECTIVE = "selective (ours)"
 
 
 def _targets(mode_dir: Path) -> list[tuple[str, str, str, str]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 ELEMENT_BYTES = 2  # the benchmarks run in fp16
+SELECTIVE = "selective (ours)"  # the method column of our selective op's rows, in every benchmark
 MLP_KINDS = ("relu", "gated")  # relu: sparse neurons (OPT); gated: SwiGLU (Llama, Mistral, Qwen2)
 HEAD_DIM_RANGE = (16, 256)  # the attention kernels take any multiple of 8 in this range
 
