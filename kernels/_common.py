@@ -236,3 +236,9 @@ def stream_k_plan(total: int, steps: int, programs: int, min_share: int = 2) -> 
     share = max(cdiv(total, programs), min(min_share, steps))
     slots = 1 if share % steps == 0 else cdiv(steps - 1, share) + 1
     return share, cdiv(total, share), slots
+
+
+def whole_wave_tiles(tiles: int, slots: int) -> int:
+    """Tiles of the whole waves of ``slots`` programs: a split schedule that splits only the tiles of
+    the last, partial wave runs these whole (all tiles when the waves are whole)."""
+    return tiles // slots * slots

@@ -304,8 +304,11 @@ class GraphTimer:
 
 def schedule(cfg: Config) -> str:
     """How a config spreads its work: ``stream-K`` (one program per resident slot, equal shares of
-    the iterations) or ``grid`` (one program per tile, or per tile and split)."""
-    return "stream-K" if cfg.get("stream_k", 0) else "grid"
+    the iterations), ``last-wave split`` (one program per tile, the last partial wave's tiles split)
+    or ``grid`` (one program per tile, or per tile and split)."""
+    if cfg.get("stream_k", 0):
+        return "stream-K"
+    return "last-wave split" if cfg.get("last_wave_split", 0) else "grid"
 
 
 def best_by_schedule(timed: Sequence[tuple[Config, float]]) -> str:

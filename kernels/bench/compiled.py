@@ -114,6 +114,7 @@ def _up_case(
 ) -> tuple:
     args = dict(X="*fp16", WG="*fp16", WU="*fp16", BIAS="*fp16", IDX="*i32", OUT="*fp16", WS="*fp32")
     args |= dict(CNT="*i32", M=M, n_sel=_K, d=_D, n_rows=_N, d_chunk=_D, num_m=M // bm + 2, n_splits=2)
+    args |= dict(whole_tiles=132 if split else 0)
     args |= dict(stride_xm=_D, stride_wg=_D, stride_wu=_D, stride_om=_K)
     consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GATED=gated, HAS_BIAS=not gated, RELU=not gated)
     consts |= dict(SPLIT=split, EVEN_K=True, UPCAST=False)
@@ -144,7 +145,9 @@ def _stream_k(case: tuple, kernel, grid_args: tuple[str, str], steps: int, tiles
 def _up_stream_k_case(M: int, bm: int, bn: int, warps: int, split: bool) -> tuple:
     tiles = _K // bn * (M // bm + 2)
     case = _up_case(M, bm, bn, warps, False)
-    return _stream_k(case, up._up_stream_k_kernel, ("d_chunk", "n_splits"), _D // 64, tiles, split)
+    return _stream_k(
+        case, up._up_stream_k_kernel, ("d_chunk", "n_splits", "whole_tiles"), _D // 64, tiles, split
+    )
 
 
 def _down_stream_k_case(M: int, bm: int, bd: int, warps: int, split: bool) -> tuple:

@@ -9,6 +9,7 @@ from polar_sparsity.kernels import (
     selective_up,
     selective_up_reference,
 )
+from polar_sparsity.kernels._common import num_sms, whole_wave_tiles
 from polar_sparsity.kernels.testing import assert_rel_close, poisoned
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -79,6 +80,33 @@ def test_split_d_paths(gated, schedule, force_config, device, gen):
         selective_up(x, wu, idx, b, out=out)
         ref = selective_up_reference(x.cpu(), wu.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
     assert_rel_close(out.cpu(), ref, torch.float16, str(schedule))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_last_wave_split(gated, force_config, device, gen):
+    """Only the tiles of the last, partial wave split over d: the whole waves' programs write their
+    tiles directly, the split tiles' last program adds the partials."""
+    force_config(
+        {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+        | {"splits": 3, "last_wave_split": 1}
+    )
+    sms = num_sms(torch.device(device))
+    M, d, k = 19, 196, (sms // 2 + 3) * 16 - 5  # 2 x (SMs / 2 + 3) tiles: one whole wave and 6 more
+    n = k + 9
+    assert whole_wave_tiles(2 * (sms // 2 + 3), sms) == sms
+    x = torch.randn(M, d, generator=gen).half().to(device)
+    wg, wu = _w(n, d, torch.float16, device, gen), _w(n, d, torch.float16, device, gen)
+    b = torch.randn(n, generator=gen).half().to(device)
+    idx = _idx(n, k, device, gen)
+    out = poisoned((M, k), torch.float16, device)
+    for _ in range(2):  # the arrival counters are reset for the next call
+        if gated:
+            selective_gated_up(x, wg, wu, idx, out=out)
+            ref = selective_gated_up_reference(x.cpu(), wg.cpu(), wu.cpu(), idx.cpu(), dtype=torch.float64)
+        else:
+            selective_up(x, wu, idx, b, out=out)
+            ref = selective_up_reference(x.cpu(), wu.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
+        assert_rel_close(out.cpu(), ref, torch.float16, "last-wave split")
 
 
 @pytest.mark.parametrize("gated", [False, True])

@@ -248,7 +248,7 @@ def test_large_batch_deep_tiles_only_where_they_fill_their_waves():
             assert tile(selective_mlp_up._heuristic(M, narrow, 9216, sms, False, smem)) == (128, 128, 8, 5)
             assert tile(selective_mlp_up._heuristic(M, wide, 9216, sms, True, smem)) == (128, 128, 8, 4)
         idle = 128 * (sms + sms // 5) // 2  # 128 x 128: 60% of two waves; 128 x 256: 1.2 waves at M <= 128
-        assert selective_mlp_up._heuristic(256, idle, 9216, sms, False, smem)["BLOCK_N"] == 64
+        assert selective_mlp_up._heuristic(256, idle, 9216, sms, True, smem)["BLOCK_N"] == 64
         assert selective_mlp_up._heuristic(128, idle, 9216, sms, False, smem)["BLOCK_N"] == 128
     a100 = selective_mlp_up._heuristic(128, 256 * 80, 9216, 108, False, 163 * 1024)
     assert tile(a100) == (128, 256, 8, 3)  # four stages do not fit; three do
@@ -258,10 +258,37 @@ def test_large_batch_deep_tiles_only_where_they_fill_their_waves():
         assert (cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["num_warps"]) == expected, (M, d, cfg)
 
 
+def test_large_batch_up_halves_a_last_wave_at_most_half_full():
+    """Ungated up at M > 128: 128 x 128 tiles with five stages where their last wave holds at most
+    half the slots, that wave's tiles split over d in two (the whole waves run unsplit); not where
+    the waves are whole, the last one more than half full, everything fits one wave, the model is
+    gated, or the five stages do not fit."""
+    from polar_sparsity.kernels import selective_mlp_up
+
+    smem = 228 * 1024
+    for sms in (108, 132):
+        for M, row_tiles in ((200, 2), (256, 2), (512, 4)):
+            for waves, tail in ((1, 0.3), (2, 0.1), (3, 0.4)):
+                n_sel = 128 * int((waves + tail) * sms) // row_tiles
+                cfg = selective_mlp_up._heuristic(M, n_sel, 9216, sms, False, smem)
+                assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"]) == (128, 128, 5), (M, n_sel, cfg)
+                assert (cfg["splits"], cfg["last_wave_split"]) == (2, 1)
+                assert cfg in selective_mlp_up._candidates(M, n_sel, 9216, sms, False, smem)
+                assert "last_wave_split" not in selective_mlp_up._heuristic(M, n_sel, 9216, sms, True, smem)
+            for n_tiles in (2 * sms, sms + 3 * sms // 4, sms - 4):  # whole waves; 3/4 full; one wave
+                cfg = selective_mlp_up._heuristic(256, 128 * n_tiles // 2, 9216, sms, False, smem)
+                assert "last_wave_split" not in cfg, (n_tiles, cfg)
+        assert "last_wave_split" not in selective_mlp_up._heuristic(
+            128, 128 * (sms + 10), 9216, sms, False, smem
+        )
+    assert "last_wave_split" not in selective_mlp_up._heuristic(256, 128 * 140, 9216, 132, False, 99 * 1024)
+
+
 def test_large_batch_up_splits_only_tiles_short_of_half_a_wave():
     """Beyond 64 rows the up projection splits d only where even 64-row tiles give fewer than half a
     wave of programs (H200 sweep, Llama-3-8B gated up at M = 128 and 10% of the neurons: two splits
-    16.1 us against 21.9 us whole); 128-row and wide tiles that fill half a wave stay whole."""
+    16.1 us against 21.9 us whole); 128-row and wide tiles that fill half a wave stay whole, but for the
+    tiles of a last wave at most half full (the test above)."""
     from polar_sparsity.kernels import selective_mlp_up
 
     smem = 228 * 1024
@@ -271,7 +298,7 @@ def test_large_batch_up_splits_only_tiles_short_of_half_a_wave():
     for M in (128, 256):
         for k in (1434, 3686, 11059, 36864):
             cfg = selective_mlp_up._heuristic(M, k, 9216, 132, False, smem)
-            assert cfg["splits"] == 1 or cfg["BLOCK_M"] == 64, (M, k, cfg)
+            assert cfg["splits"] == 1 or cfg["BLOCK_M"] == 64 or cfg.get("last_wave_split"), (M, k, cfg)
 
 
 def test_gemm_candidates_fit_shared_memory():
