@@ -23,6 +23,26 @@ def _idx(n, k, device, gen):
     return torch.randperm(n, generator=gen)[:k].int().to(device)
 
 
+def _check_against_reference(gated, M, d, n, k, device, gen, label, calls=1):
+    """Random fp16 inputs of these sizes through selective_up (with bias) or selective_gated_up,
+    ``calls`` times into one output, each result against the fp64 reference."""
+    x = torch.randn(M, d, generator=gen).half().to(device)
+    wg, wu = _w(n, d, torch.float16, device, gen), _w(n, d, torch.float16, device, gen)
+    b = torch.randn(n, generator=gen).half().to(device)
+    idx = _idx(n, k, device, gen)
+    out = poisoned((M, k), torch.float16, device)
+    if gated:
+        ref = selective_gated_up_reference(x.cpu(), wg.cpu(), wu.cpu(), idx.cpu(), dtype=torch.float64)
+    else:
+        ref = selective_up_reference(x.cpu(), wu.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
+    for _ in range(calls):
+        if gated:
+            selective_gated_up(x, wg, wu, idx, out=out)
+        else:
+            selective_up(x, wu, idx, b, out=out)
+        assert_rel_close(out.cpu(), ref, torch.float16, label)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("M", "d", "n", "k"), [(1, 64, 40, 1), (5, 72, 40, 40), (33, 96, 70, 23)])
 @pytest.mark.parametrize("bias", [True, False])
@@ -67,19 +87,8 @@ def test_split_d_paths(gated, schedule, force_config, device, gen):
     """Split over d (split-d, or stream-K's shares spanning 1-2 tiles): the last program of a tile to
     arrive adds the fp32 partials, bias and activation."""
     force_config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2} | schedule)
-    M, d, n, k = 19, 196, 48, 21  # d not a multiple of BLOCK_K: ragged last chunk; 7 steps per tile
-    x = torch.randn(M, d, generator=gen).half().to(device)
-    wg, wu = _w(n, d, torch.float16, device, gen), _w(n, d, torch.float16, device, gen)
-    b = torch.randn(n, generator=gen).half().to(device)
-    idx = _idx(n, k, device, gen)
-    out = poisoned((M, k), torch.float16, device)
-    if gated:
-        selective_gated_up(x, wg, wu, idx, out=out)
-        ref = selective_gated_up_reference(x.cpu(), wg.cpu(), wu.cpu(), idx.cpu(), dtype=torch.float64)
-    else:
-        selective_up(x, wu, idx, b, out=out)
-        ref = selective_up_reference(x.cpu(), wu.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
-    assert_rel_close(out.cpu(), ref, torch.float16, str(schedule))
+    # d not a multiple of BLOCK_K: ragged last chunk; 7 steps per tile
+    _check_against_reference(gated, 19, 196, 48, 21, device, gen, str(schedule))
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -92,21 +101,9 @@ def test_last_wave_split(gated, force_config, device, gen):
     )
     sms = num_sms(torch.device(device))
     M, d, k = 19, 196, (sms // 2 + 3) * 16 - 5  # 2 x (SMs / 2 + 3) tiles: one whole wave and 6 more
-    n = k + 9
     assert whole_wave_tiles(2 * (sms // 2 + 3), sms) == sms
-    x = torch.randn(M, d, generator=gen).half().to(device)
-    wg, wu = _w(n, d, torch.float16, device, gen), _w(n, d, torch.float16, device, gen)
-    b = torch.randn(n, generator=gen).half().to(device)
-    idx = _idx(n, k, device, gen)
-    out = poisoned((M, k), torch.float16, device)
-    for _ in range(2):  # the arrival counters are reset for the next call
-        if gated:
-            selective_gated_up(x, wg, wu, idx, out=out)
-            ref = selective_gated_up_reference(x.cpu(), wg.cpu(), wu.cpu(), idx.cpu(), dtype=torch.float64)
-        else:
-            selective_up(x, wu, idx, b, out=out)
-            ref = selective_up_reference(x.cpu(), wu.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
-        assert_rel_close(out.cpu(), ref, torch.float16, "last-wave split")
+    # twice: the arrival counters are reset for the next call
+    _check_against_reference(gated, M, d, k + 9, k, device, gen, "last-wave split", calls=2)
 
 
 @pytest.mark.parametrize("gated", [False, True])
