@@ -241,4 +241,9 @@ def stream_k_plan(total: int, steps: int, programs: int, min_share: int = 2) -> 
 def whole_wave_tiles(tiles: int, slots: int) -> int:
     """Tiles of the whole waves of ``slots`` programs: a split schedule that splits only the tiles of
     the last, partial wave runs these whole (all tiles when the waves are whole)."""
+    if slots < 1:
+        raise ValueError(
+            f"a last-wave split needs at least one program slot; got {slots} "
+            "(a config's 'last_wave_split' is programs per SM, >= 1)"
+        )
     return tiles // slots * slots

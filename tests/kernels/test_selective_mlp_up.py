@@ -106,6 +106,15 @@ def test_last_wave_split(gated, force_config, device, gen):
     _check_against_reference(gated, M, d, k + 9, k, device, gen, "last-wave split", calls=2)
 
 
+def test_a_last_wave_split_without_programs_is_named(force_config, device, gen):
+    force_config(
+        {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+        | {"splits": 2, "last_wave_split": -1}
+    )
+    with pytest.raises(ValueError, match=r"got -\d+ .*'last_wave_split' is programs per SM, >= 1"):
+        _check_against_reference(False, 3, 64, 20, 5, device, gen, "never run")
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_split_d_repeat_is_deterministic(gated, force_config, device, gen):
     """The in-kernel split reduction resets its arrival counters: repeated calls are bitwise equal."""
