@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from functools import cache
+from typing import NamedTuple
 
 import torch
 
@@ -59,6 +60,76 @@ def _cuda_shared_memory(index: int) -> int:
     from triton.runtime import driver
 
     return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+# Compute capability majors whose tensor cores take both operand tiles from registers (``mma.sync``:
+# 8 Ampere and Ada, 12 consumer Blackwell), so a tile's accumulators and K-step operands share a
+# thread's 255 registers; Hopper's ``wgmma`` (9) and datacenter Blackwell's ``tcgen05`` (10) read
+# them from shared memory.
+MMA_SYNC_MAJORS = (8, 12)
+
+
+@cache
+def operands_in_registers(device: torch.device) -> bool:
+    """Whether this GPU's tensor cores take their operands from registers (see :data:`MMA_SYNC_MAJORS`);
+    False in the interpreter, which models no GPU."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] in MMA_SYNC_MAJORS
+
+
+class GpuFacts(NamedTuple):
+    """What the GEMM heuristics and candidate lists know of a GPU."""
+
+    sms: int
+    smem: int  # bytes of shared memory one program may use
+    operands_in_registers: bool  # see MMA_SYNC_MAJORS
+
+
+def gpu_facts(device: torch.device) -> GpuFacts:
+    return GpuFacts(num_sms(device), max_shared_memory(device), operands_in_registers(device))
+
+
+# A tile fits a thread's registers on an ``mma.sync`` GPU with at most 64 fp32 accumulators a thread
+# and K-steps of at most 128: every GEMM tile that broke either spilled (compiled for sm_80 and sm_89
+# with Triton 3.6, 2026-11-29: up to 20 KB of stack at 128 accumulators), and no tile within both did.
+REGISTER_ACCUMULATORS = 64
+REGISTER_STEP = 128
+
+
+def fit_registers(
+    bm: int, bn: int, bk: int, num_warps: int, accumulators: int, operands_in_registers: bool
+) -> tuple[int, int]:
+    """(BLOCK_K, num_warps) of a ``bm`` x ``bn`` tile (``accumulators`` fp32 tiles of that size) that
+    compiles without spilling: on an ``mma.sync`` GPU, steps of at most :data:`REGISTER_STEP` and up to
+    8 warps to hold the accumulators; unchanged where the operands come from shared memory."""
+    if not operands_in_registers:
+        return bk, num_warps
+    while num_warps < 8 and not accumulators_fit(bm, bn, num_warps, accumulators):
+        num_warps *= 2
+    return min(bk, REGISTER_STEP), num_warps
+
+
+def fits_registers(bm: int, bn: int, bk: int, num_warps: int, accumulators: int) -> bool:
+    """Whether a tile compiles without spilling on an ``mma.sync`` GPU (see :data:`REGISTER_STEP`)."""
+    return bk <= REGISTER_STEP and accumulators_fit(bm, bn, num_warps, accumulators)
+
+
+def accumulators_fit(bm: int, bn: int, num_warps: int, accumulators: int = 1) -> bool:
+    """Whether ``accumulators`` fp32 ``bm`` x ``bn`` tiles leave an ``mma.sync`` thread room for its
+    operands (:data:`REGISTER_ACCUMULATORS` a thread)."""
+    return accumulators * bm * bn <= REGISTER_ACCUMULATORS * 32 * num_warps
+
+
+def fit_steps(bk: int, wanted: int, stage_bytes: Callable[[int], int], smem: int) -> tuple[int, int]:
+    """(BLOCK_K, stages): ``wanted`` stages of ``bk``-long steps where at least three of them (or all
+    wanted, if fewer) fit in shared memory; else steps halved, down to 32, until they do. A GPU with
+    less shared memory (99 KB on Ada and consumer Blackwell, 163 KB on an A100) then keeps copies in
+    flight while it multiplies instead of running one unpipelined stage of a long step."""
+    least = min(wanted, 3)
+    while bk > 32 and fit_stages(wanted, stage_bytes(bk), smem) < least:
+        bk //= 2
+    return bk, fit_stages(wanted, stage_bytes(bk), smem)
 
 
 def fit_stages(wanted: int, stage_bytes: int, smem: int) -> int:

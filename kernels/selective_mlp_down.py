@@ -321,7 +321,9 @@ def _splits_for(programs: int, n_sel: int, block_k: int, target: int) -> int:
 
 
 @cache  # pure; called on every launch of a key that has no tuned config
-def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Config:
+def _heuristic(
+    M: int, n_sel: int, d: int, sms: int, smem: int, operands_in_registers: bool = False
+) -> _tuning.Config:
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
     M <= 64: 128-column tiles (64 when d / 128 gives less than half a wave at M > 16), 64 neurons per
@@ -337,30 +339,29 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
     whole waves of resident programs without too much fp32 partial traffic (:func:`_large_batch_splits`;
     Llama-3-8B at M = 128 wants 2-6 splits). M > 128 with long reductions (>= 96 steps)
     and half a wave of 256 x 128 tiles: one tile over the whole batch (each weight row read once) under
-    stream-K, one program per SM. From the H200 graph-timed sweeps at M = 1-256 (2026-11-29; the M = 256
-    rules from ``kernels.bench.config_sweep``, every candidate at each shape: the whole-batch tile was the
-    fastest config for OPT-66B at k = 7,373-25,805; 256-column tiles at k >= 6,144 took 1.08-1.33x the
-    best for Llama-3-8B, 128 x 64 tiles 1.00-1.05x).
+    stream-K, one program per SM, where its accumulators fit (not on an ``mma.sync`` GPU). From the H200
+    graph-timed sweeps at M = 1-256 (2026-11-29; the M = 256 rules from ``kernels.bench.config_sweep``,
+    every candidate at each shape: the whole-batch tile was the fastest config for OPT-66B at k =
+    7,373-25,805; 256-column tiles at k >= 6,144 took 1.08-1.33x the best for Llama-3-8B, 128 x 64 tiles
+    1.00-1.05x). Each tile is then fitted to the GPU's registers and shared memory (:func:`_fit`).
     """
     wide = C.cdiv(d, 128) >= sms / 2  # 128-column tiles alone fill half a wave
     whole_batch = M > 128 and n_sel >= 96 * 64 and wide
+    whole_batch &= not operands_in_registers or C.accumulators_fit(256, 128, 8)
     if whole_batch:
-        bm, bd, bk, nw = 256, 128, 64, 8
-        stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
+        bm, bd, (bk, nw, stages) = 256, 128, _fit(256, 128, 64, 8, 3, smem, operands_in_registers)
         splits = 1
     elif 64 < M <= 128 and wide:
         # 128 x 128 with 8 warps takes 118 registers a thread (H200, Triton 3.6): two programs share an
         # SM where shared memory holds both (3 splits, one such wave, were the sweep's best at every k).
-        bm, bd, bk, nw = 128, 128, 64, 8
-        stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
+        bm, bd, (bk, nw, stages) = 128, 128, _fit(128, 128, 64, 8, 3, smem, operands_in_registers)
         slots = sms * C.resident_programs(nw, stages * _stage_bytes(bm, bd, bk), smem, registers=118)
         splits = _large_batch_splits(C.cdiv(d, bd), slots, bm, n_sel, bk)
     elif M > 64:
-        bm, bd, bk, nw = 128, 64, 64, 4
-        stages = C.fit_stages(3, _stage_bytes(bm, bd, bk), smem)
+        bm, bd, (bk, nw, stages) = 128, 64, _fit(128, 64, 64, 4, 3, smem, operands_in_registers)
         slots = sms * C.resident_programs(nw, stages * _stage_bytes(bm, bd, bk), smem)
         splits = _large_batch_splits(C.cdiv(M, bm) * C.cdiv(d, bd), slots, bm, n_sel, bk)
-    elif not wide and (long_steps := _long_steps(_block_m(M), n_sel, smem)):
+    elif not wide and (long_steps := _long_steps(_block_m(M), n_sel, smem, operands_in_registers)):
         bm, bd, nw = _block_m(M), 64, 4
         bk, stages = long_steps
         waves = 2 if bm <= 16 else 1
@@ -368,9 +369,8 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
     else:
         bm = _block_m(M)
         bd = 128 if bm <= 16 or wide else 64
-        bk, nw = 64, 4
         ns, waves = (3, 3) if bm <= 16 else (4, 2)
-        stages = C.fit_stages(ns, _stage_bytes(bm, bd, bk), smem)
+        bk, nw, stages = _fit(bm, bd, 64, 4, ns, smem, operands_in_registers)
         splits = max(1, min(waves * sms // (C.cdiv(M, bm) * C.cdiv(d, bd)), n_sel // (2 * bk)))
     cfg = {
         "BLOCK_M": bm,
@@ -383,11 +383,26 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, smem: int) -> _tuning.Confi
     return cfg | {"stream_k": 1} if whole_batch else cfg
 
 
-def _long_steps(bm: int, n_sel: int, smem: int) -> tuple[int, int] | None:
+def _fit(
+    bm: int, bd: int, bk: int, nw: int, stages: int, smem: int, operands_in_registers: bool
+) -> tuple[int, int, int]:
+    """(BLOCK_K, num_warps, stages) of a tile on this GPU: its registers first
+    (:func:`_common.fit_registers`), then as many of ``stages`` as shared memory holds, with shorter
+    steps before fewer stages (:func:`_common.fit_steps`)."""
+    bk, nw = C.fit_registers(bm, bd, bk, nw, 1, operands_in_registers)
+    bk, stages = C.fit_steps(bk, stages, lambda k: _stage_bytes(bm, bd, k), smem)
+    return bk, nw, stages
+
+
+def _long_steps(bm: int, n_sel: int, smem: int, operands_in_registers: bool) -> tuple[int, int] | None:
     """(BLOCK_K, stages) of the narrow-model rule for 64-column tiles: 256-neuron steps with 3 stages
     from 4096 neurons, else 128 with 4, whichever has all its stages in shared memory (a GPU with
-    less keeps the 64-neuron steps: fewer stages would leave the copies of one step in flight)."""
-    for bk, ns in ((256, 3), (128, 4)) if n_sel >= 16 * 256 else ((128, 4),):
+    less keeps the 64-neuron steps: fewer stages would leave the copies of one step in flight). Steps
+    of at most :data:`_common.REGISTER_STEP` on an ``mma.sync`` GPU."""
+    steps = ((256, 3), (128, 4)) if n_sel >= 16 * 256 else ((128, 4),)
+    for bk, ns in steps:
+        if bk > C.REGISTER_STEP and operands_in_registers:
+            continue
         if C.fit_stages(ns, _stage_bytes(bm, 64, bk), smem) == ns:
             return bk, ns
     return None
@@ -446,12 +461,16 @@ def _split_options(tiles: int, n_sel: int, block_k: int, sms: int, base: int) ->
     return sorted(s for s in opts if s == 1 or (s <= 64 and n_sel // s >= 2 * block_k))
 
 
-def _candidates(M: int, n_sel: int, d: int, sms: int, smem: int) -> list[_tuning.Config]:
+def _candidates(
+    M: int, n_sel: int, d: int, sms: int, smem: int, operands_in_registers: bool = False
+) -> list[_tuning.Config]:
     tile_shapes = [(_block_m(M), *t) for t in _TILES[16 if M <= 16 else 64]]
     if M > 64:  # the two best 64-row tiles of the H100 M=256 tuning, then the 128-row ones
         tile_shapes = [(64, 256, 64, 4, 3), (64, 128, 64, 4, 4)] + [(128, *t) for t in _TILES[128]]
         if M > 128:  # one tile over the whole batch: each weight row is read exactly once
             tile_shapes += [(256, 64, 64, 8, 3), (256, 128, 64, 8, 3)]
+    if operands_in_registers:  # tiles that would spill are not worth compiling
+        tile_shapes = [t for t in tile_shapes if C.fits_registers(*t[:4], accumulators=1)]
     out = []
     for bm, bd, bk, nw, ns in C.fitting_tiles(
         tile_shapes, lambda bm, bd, bk, _: _stage_bytes(bm, bd, bk), smem
@@ -517,7 +536,7 @@ def selective_down(
     C.check_index_range("idx", idx, n_rows, validate)
     if out is None:
         out = torch.empty((M, d), device=a.device, dtype=a.dtype)
-    sms, smem = C.num_sms(a.device), C.max_shared_memory(a.device)
+    sms, smem, in_registers = C.gpu_facts(a.device)
     key = config_key(M, n_sel, d)
 
     def launch(cfg: _tuning.Config) -> None:
@@ -526,8 +545,8 @@ def selective_down(
     cfg = _tuning.pick(
         key,
         a.device,
-        lambda: _heuristic(M, n_sel, d, sms, smem),
-        lambda: _candidates(M, n_sel, d, sms, smem),
+        lambda: _heuristic(M, n_sel, d, sms, smem, in_registers),
+        lambda: _candidates(M, n_sel, d, sms, smem, in_registers),
         launch,
     )
     launch(cfg)

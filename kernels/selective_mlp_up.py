@@ -455,7 +455,9 @@ def _wave_use(programs: int, sms: int) -> float:
 
 
 @cache  # pure; called on every launch of a key that has no tuned config
-def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> _tuning.Config:
+def _heuristic(
+    M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int, operands_in_registers: bool = False
+) -> _tuning.Config:
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
     M > 64: 128 x 64 tensor-core tiles (the selected weight rows are re-read once per 128 batch rows only),
@@ -473,7 +475,9 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
     M <= 16, with half a wave of 32-wide tiles: no split and no stream-K (a program streams two weight tiles
     per step, and split partials are two accumulators), 64-wide tiles unless 32-wide ones fill their waves
     clearly better (H200 sweep of every candidate, Llama-3-8B at M = 1 and 16: 1.00-1.13 of the best, against
-    up to 1.30 with the split rule).
+    up to 1.30 with the split rule). Every tile is then fitted to the GPU: on an ``mma.sync`` GPU steps of at
+    most 128 and enough warps for the accumulators (:func:`_common.fit_registers`), and shorter steps before
+    fewer pipeline stages where shared memory is short (:func:`_common.fit_steps`).
     """
     whole_tiles = M <= 16 and gated and C.cdiv(n_sel, 32) >= sms / 2  # no split, no stream-K
     if halved := _halved_last_wave(M, n_sel, d, sms, gated, smem):
@@ -484,7 +488,7 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
         bk, nw = (128, 8) if tiles < sms else (64, 4)  # under one wave: longer steps, more warps
         if tiles < sms / 2:  # few neurons: 64-row tiles, twice the programs
             bm, bk, nw, ns = 64, 128, 4, 4
-        elif wide := _wide_tiles(M, n_sel, sms, gated, smem):
+        elif wide := _wide_tiles(M, n_sel, sms, gated, smem, operands_in_registers):
             bm, bn, bk, nw, ns = wide
     elif whole_tiles:  # gated, M <= 16
         bm, nw, ns = 16, 4, 4
@@ -503,7 +507,8 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
         if one_wave and C.fit_stages(ns, _stage_bytes(bm, bn, 128, gated), smem) == ns:
             bk, nw = 128, 4  # one program per SM, each with twice the bytes in flight per step
     programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
-    stages = C.fit_stages(ns, _stage_bytes(bm, bn, bk, gated), smem)
+    bk, nw = C.fit_registers(bm, bn, bk, nw, 2 if gated else 1, operands_in_registers)
+    bk, stages = C.fit_steps(bk, ns, lambda k: _stage_bytes(bm, bn, k, gated), smem)
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": stages}
     if whole_tiles:  # fp32 partials cost more than the waves they fill (two accumulators when gated)
         return cfg | {"splits": 1}
@@ -513,7 +518,10 @@ def _heuristic(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> 
             "stream_k": C.resident_programs(nw, stages * _stage_bytes(bm, bn, bk, gated), smem),
         }
     # Beyond 64 rows this splits only 64-row tiles short of half a wave (the others already fill it).
-    return cfg | {"splits": _splits_for(programs, d, bk, sms if bm == 16 else sms // 2)}
+    splits = _splits_for(programs, d, bk, sms if bm == 16 else sms // 2)
+    if splits > 1 and gated and operands_in_registers and bm * bn >= 64 * 64:
+        cfg["num_warps"] = 8  # split partials beside two accumulators: 4 warps spilled (sm_89, Triton 3.6)
+    return cfg | {"splits": splits}
 
 
 def _halved_last_wave(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> _tuning.Config | None:
@@ -539,7 +547,7 @@ def _halved_last_wave(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: i
 
 
 def _wide_tiles(
-    M: int, n_sel: int, sms: int, gated: bool, smem: int
+    M: int, n_sel: int, sms: int, gated: bool, smem: int, operands_in_registers: bool = False
 ) -> tuple[int, int, int, int, int] | None:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the large-batch tile that runs one program
     per SM with a deep pipeline, or None.
@@ -549,13 +557,17 @@ def _wide_tiles(
     flight, and the wide tile re-reads the activation tile half as often. Taken, the one whose programs
     fill their waves best (the wider on a tie), where that is >= 50% of the waves' slots at M <= 128
     (memory-bound) and >= 70% beyond, and only where three stages fit in shared memory (a GPU with less
-    keeps the 128 x 64 tiles; gated 128 x 256 fits nowhere). H200 sweeps of every candidate, 2026-11-29:
-    OPT-66B at M = 128, 1.00-1.07 of the best from 30% to 100% of the neurons, where 128 x 64 tiles with
-    three stages took up to 1.27x; at M = 256, 1.00 at 20-100%; Llama-3-8B gated, the best config at the
-    six shapes this rule takes (M = 128 and 256), 1.06-1.07x faster than 128 x 64 tiles.
+    keeps the 128 x 64 tiles; gated 128 x 256 fits nowhere), and whose accumulators fit a thread's
+    registers on an ``mma.sync`` GPU (:func:`_common.accumulators_fit`: 128 x 128, ungated, only). H200
+    sweeps of every candidate, 2026-11-29: OPT-66B at M = 128, 1.00-1.07 of the best from 30% to 100% of
+    the neurons, where 128 x 64 tiles with three stages took up to 1.27x; at M = 256, 1.00 at 20-100%;
+    Llama-3-8B gated, the best config at the six shapes this rule takes (M = 128 and 256), 1.06-1.07x
+    faster than 128 x 64 tiles.
     """
     options = []  # (share of the waves' slots filled, tile), the wider tile first
     for bn, stages in ((256, 4), (128, 5)):
+        if operands_in_registers and not C.accumulators_fit(128, bn, 8, 2 if gated else 1):
+            continue
         stages = C.fit_stages(stages, _stage_bytes(128, bn, 64, gated), smem)
         if stages >= 3:
             options.append((_wave_use(C.cdiv(M, 128) * C.cdiv(n_sel, bn), sms), (128, bn, 64, 8, stages)))
@@ -592,12 +604,16 @@ _TILES = {
 }
 
 
-def _candidates(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> list[_tuning.Config]:
+def _candidates(
+    M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int, operands_in_registers: bool = False
+) -> list[_tuning.Config]:
     tiles = [(_block_m(M), *t) for t in _TILES[16 if M <= 16 else 64]]
     if M > 64:  # the two best 64-row tiles of the H100 M=256 tuning, then the 128-row ones
         tiles = [(64, 64, 128, 4, 4), (64, 16, 256, 4, 4)] + [(128, *t) for t in _TILES[128]]
         if M > 128:  # one tile over the whole batch: each weight row is read exactly once
             tiles += [(256, 64, 64, 8, 3), (256, 128, 64, 8, 3)]
+    if operands_in_registers:  # tiles that would spill are not worth compiling
+        tiles = [t for t in tiles if C.fits_registers(*t[:4], accumulators=2 if gated else 1)]
     out = []
     for bm, bn, bk, nw, ns in C.fitting_tiles(
         tiles, lambda bm, bn, bk, _: _stage_bytes(bm, bn, bk, gated), smem
@@ -658,7 +674,7 @@ def _run(x, w_gate, w_up, bias, idx, out, relu: bool, validate: bool) -> torch.T
     if out is None:
         out = torch.empty((M, n_sel), device=x.device, dtype=x.dtype)
     gated = w_gate is not None
-    sms, smem = C.num_sms(x.device), C.max_shared_memory(x.device)
+    sms, smem, in_registers = C.gpu_facts(x.device)
     key = config_key(M, n_sel, d, gated)
 
     def launch(cfg: _tuning.Config) -> None:
@@ -667,8 +683,8 @@ def _run(x, w_gate, w_up, bias, idx, out, relu: bool, validate: bool) -> torch.T
     cfg = _tuning.pick(
         key,
         x.device,
-        lambda: _heuristic(M, n_sel, d, sms, gated, smem),
-        lambda: _candidates(M, n_sel, d, sms, gated, smem),
+        lambda: _heuristic(M, n_sel, d, sms, gated, smem, in_registers),
+        lambda: _candidates(M, n_sel, d, sms, gated, smem, in_registers),
         launch,
     )
     launch(cfg)

@@ -22,6 +22,7 @@ Triton's JIT must be live (``TRITON_INTERPRET`` unset): the test suite runs this
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import shutil
@@ -30,9 +31,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+from .. import _common as C
 from .. import _decode_attention as attn
 from .. import selective_mlp_down as down
 from .. import selective_mlp_up as up
+from .shapes import ModelShape, default_densities, kept_units, paper_cases
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,10 @@ class LoopReport:
     async_mma: bool  # Hopper warp-group MMA (wgmma) in the loop
 
 
-def _specialize(kernel, args: dict, constexprs: dict) -> tuple[dict, dict]:
-    """Signature and attributes as a launch would specialize them."""
-    sig, attrs = {}, {}
+def _specialize(kernel, args: dict, constexprs: dict) -> tuple[dict, dict, dict]:
+    """Signature, attributes and constants as a launch would specialize them (an integer argument
+    equal to 1 becomes a constant, one divisible by 16 says so)."""
+    sig, attrs, consts = {}, {}, dict(constexprs)
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
@@ -57,13 +61,13 @@ def _specialize(kernel, args: dict, constexprs: dict) -> tuple[dict, dict]:
             sig[name] = value
             if value.startswith("*"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif value == 1:
+            sig[name], consts[name] = "constexpr", 1
         else:
-            if value == 1:
-                raise ValueError(f"{name}=1 would be specialized as a constant; use a value != 1")
             sig[name] = "i32"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    return sig, attrs
+    return sig, attrs, consts
 
 
 def compile_for(kernel, args: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
@@ -71,8 +75,8 @@ def compile_for(kernel, args: dict, constexprs: dict, arch: int, num_warps: int,
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    sig, attrs = _specialize(kernel, args, constexprs)
-    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+    sig, attrs, consts = _specialize(kernel, args, constexprs)
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     return compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
@@ -156,7 +160,7 @@ def _down_stream_k_case(M: int, bm: int, bd: int, warps: int, split: bool) -> tu
     return _stream_k(case, down._down_stream_k_kernel, ("k_chunk", "n_splits"), _K // 64, tiles, split)
 
 
-def _attn_case(group: int, block_n: int, warps: int) -> tuple:
+def _attn_case(group: int, block_n: int, warps: int, stages: int = 3) -> tuple:
     n_max, kv_heads, head_dim = 8192, 8, 128
     q_heads = kv_heads * group
     args = dict(Q="*fp16", K="*fp16", V="*fp16", SEQLENS="*i32", IDX="*i32", OUT="*fp16", PO="*fp32")
@@ -170,11 +174,11 @@ def _attn_case(group: int, block_n: int, warps: int) -> tuple:
     consts = dict(GROUP=group, BLOCK_G=max(16, group), HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_N=block_n)
     consts |= dict(HAS_IDX=True, SPLIT=True, MERGE_HERE=False, ZERO_FILL=False, BLOCK_H=1, BLOCK_K=1)
     consts |= dict(USE_DOT=True, UPCAST=False)
-    return attn._attn_chunk_kernel, args, consts, warps, 3
+    return attn._attn_chunk_kernel, args, consts, warps, stages
 
 
-def _attn_stream_k_case(group: int, block_n: int, warps: int) -> tuple:
-    _, args, consts, warps, stages = _attn_case(group, block_n, warps)
+def _attn_stream_k_case(group: int, block_n: int, warps: int, stages: int = 3) -> tuple:
+    _, args, consts, warps, stages = _attn_case(group, block_n, warps, stages)
     for name in ("chunk", "n_splits"):
         del args[name]
     args |= dict(blocks=8192 // block_n, share=48, total=8192 // block_n * 64, slots=2)
@@ -207,6 +211,146 @@ CASES = {
 }
 
 
+@dataclass(frozen=True)
+class GpuProfile:
+    """A GPU as the heuristics see it, from its public specifications."""
+
+    arch: int  # compute capability, e.g. 89
+    sms: int
+    smem: int  # bytes of shared memory one program may opt into
+
+    def facts(self) -> C.GpuFacts:
+        return C.GpuFacts(self.sms, self.smem, self.arch // 10 in C.MMA_SYNC_MAJORS)
+
+
+GPUS = {
+    "a100": GpuProfile(80, 108, 163 * 1024),
+    "a10": GpuProfile(86, 72, 99 * 1024),
+    "rtx-3090": GpuProfile(86, 82, 99 * 1024),
+    "l4": GpuProfile(89, 58, 99 * 1024),
+    "l40s": GpuProfile(89, 142, 99 * 1024),
+    "rtx-4090": GpuProfile(89, 128, 99 * 1024),
+    "h100-pcie": GpuProfile(90, 114, 227 * 1024),
+    "h100": GpuProfile(90, 132, 227 * 1024),
+    "h200": GpuProfile(90, 132, 227 * 1024),
+    "b200": GpuProfile(100, 148, 227 * 1024),
+    "rtx-5090": GpuProfile(120, 170, 99 * 1024),
+}
+HEURISTIC_BATCHES = (1, 16, 64, 128, 256)  # the gemm benchmark's batch sizes and M = 128
+
+
+def _up_launch(M: int, k: int, model: ModelShape, gpu: C.GpuFacts) -> tuple[dict, tuple]:
+    """The heuristic's config and compile case of ``selective_up`` (gated for a SwiGLU model)."""
+    d, gated = model.hidden, model.mlp == "gated"
+    cfg = up._heuristic(M, k, d, gpu.sms, gated, gpu.smem, gpu.operands_in_registers)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    tiles, steps = C.cdiv(M, bm) * C.cdiv(k, bn), C.cdiv(d, bk)
+    d_chunk, splits = C.split_chunks(d, bk, cfg["splits"])
+    case = _up_case(M, bm, bn, cfg["num_warps"], gated, bk, cfg["num_stages"], split=splits > 1)
+    case[1].update(M=M, n_sel=k, d=d, n_rows=model.ffn, d_chunk=d_chunk, num_m=C.cdiv(M, bm), n_splits=splits)
+    case[1].update(stride_xm=d, stride_wg=d, stride_wu=d, stride_om=k)
+    case[1]["whole_tiles"] = (
+        C.whole_wave_tiles(tiles, gpu.sms * cfg["last_wave_split"]) if cfg.get("last_wave_split") else 0
+    )
+    case[2]["EVEN_K"] = d % bk == 0
+    if cfg.get("stream_k"):
+        share, _, slots = C.stream_k_plan(tiles * steps, steps, gpu.sms * cfg["stream_k"])
+        case = _stream_k(
+            case, up._up_stream_k_kernel, ("d_chunk", "n_splits", "whole_tiles"), steps, tiles, True
+        )
+        case[1].update(share=share)
+        case[2]["SPLIT"] = slots > 1
+    return cfg, case
+
+
+def _down_launch(M: int, k: int, model: ModelShape, gpu: C.GpuFacts) -> tuple[dict, tuple]:
+    """The heuristic's config and compile case of ``selective_down``."""
+    d = model.hidden
+    cfg = down._heuristic(M, k, d, gpu.sms, gpu.smem, gpu.operands_in_registers)
+    bm, bd, bk = cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["BLOCK_K"]
+    tiles, steps = C.cdiv(M, bm) * C.cdiv(d, bd), C.cdiv(k, bk)
+    k_chunk, splits = C.split_chunks(k, bk, cfg["splits"])
+    case = _down_case(M, bm, bd, cfg["num_warps"], k, bk, cfg["num_stages"])
+    case[1].update(M=M, d=d, n_rows=model.ffn, k_chunk=k_chunk, num_m=C.cdiv(M, bm), n_splits=splits)
+    case[1].update(stride_am=C.cdiv(k, 16) * 16 if M > 1 else 0, stride_wn=d, stride_om=d)
+    case[2].update(SPLIT=splits > 1, EVEN_D=d % bd == 0, HAS_BIAS=model.mlp != "gated")
+    if cfg.get("stream_k"):
+        share, _, slots = C.stream_k_plan(tiles * steps, steps, gpu.sms * cfg["stream_k"])
+        case = _stream_k(case, down._down_stream_k_kernel, ("k_chunk", "n_splits"), steps, tiles, True)
+        case[1].update(share=share)
+        case[2]["SPLIT"] = slots > 1
+    return cfg, case
+
+
+def _attn_launch(
+    batch: int, kept: int, context: int, model: ModelShape, gpu: C.GpuFacts
+) -> tuple[dict, tuple]:
+    """The heuristic's config and compile case of selective decode attention over ``kept`` KV heads."""
+    group = model.heads // model.kv_heads
+    cfg = attn._heuristic(group, batch * kept, context, gpu.sms, model.head_dim, gpu.smem)
+    case = _attn_case(group, cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+    if cfg.get("stream_k"):
+        case = _attn_stream_k_case(group, cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+    return cfg, case
+
+
+def heuristic_cases(gpu: GpuProfile) -> dict[str, tuple[dict, tuple, int]]:
+    """Each distinct kernel the heuristics launch at the benchmark shapes on ``gpu`` (GEMMs at
+    :data:`HEURISTIC_BATCHES`, attention at its paper cases, every density point): its first shape's
+    name -> (config, compile case, how many shapes launch it)."""
+    facts, launches = gpu.facts(), []
+    for model, _, _ in paper_cases("gemm"):
+        for M, density in itertools.product(HEURISTIC_BATCHES, default_densities("gemm", model)):
+            k = kept_units(density, model.ffn)
+            op = "gated up" if model.mlp == "gated" else "up"
+            launches.append((f"{op} {model.name} M={M} k={k}", *_up_launch(M, k, model, facts)))
+            launches.append((f"down {model.name} M={M} k={k}", *_down_launch(M, k, model, facts)))
+    for bench in ("attn", "gqa"):
+        for model, batches, contexts in paper_cases(bench):
+            for B, N, density in itertools.product(batches, contexts, default_densities(bench, model)):
+                kept = kept_units(density, model.attention_units)
+                name = f"{bench} {model.name} B={B} N={N} kept={kept}"
+                launches.append((name, *_attn_launch(B, kept, N, model, facts)))
+    distinct: dict[tuple, list] = {}
+    for name, cfg, (kernel, args, consts, warps, stages) in launches:
+        key = (kernel.__name__, tuple(sorted(consts.items())), warps, stages)
+        distinct.setdefault(key, [name, cfg, (kernel, args, consts, warps, stages), 0])[3] += 1
+    return {name: (cfg, case, count) for name, cfg, case, count in distinct.values()}
+
+
+def _check_gpu(name: str, check: bool) -> int:
+    """Compile the heuristics' kernels for GPU ``name`` and report each: loop, shared memory, registers."""
+    gpu = GPUS[name]
+    print(
+        f"| kernel ({name}, sm_{gpu.arch}, {gpu.sms} SMs, {gpu.smem // 1024} KB) | shapes | config "
+        "| shared KB | registers / thread | stack bytes | spills in the main loop | sync tile loads "
+        "| copies in flight |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    failed = []
+    for label, (cfg, (kernel, kargs, consts, warps, stages), count) in heuristic_cases(gpu).items():
+        compiled = compile_for(kernel, kargs, consts, gpu.arch, warps, stages)
+        report = loop_report(compiled.asm["ttgir"])
+        regs, stack = resources(compiled.asm["cubin"]) or ("-", "-")
+        spills = loop_spills(compiled.asm["cubin"])
+        shared = compiled.metadata.shared
+        shown = " ".join(f"{k}={v}" for k, v in sorted(cfg.items()))
+        print(
+            f"| {label} | {count} | {shown} | {shared / 1024:.0f} | {regs} | {stack} "
+            f"| {'-' if spills is None else spills} | {report.sync_tile_loads} | {report.copies_in_flight} |",
+            flush=True,
+        )
+        if spills or shared > gpu.smem or report.sync_tile_loads or not report.async_copies:
+            failed.append(label)
+    if failed:
+        print(
+            f"kernels that spill in their main loop, overflow shared memory or wait on a tile load: "
+            f"{', '.join(failed)}",
+            file=sys.stderr,
+        )
+    return 1 if check and failed else 0
+
+
 def _cuobjdump() -> str | None:
     import triton
 
@@ -214,8 +358,8 @@ def _cuobjdump() -> str | None:
     return bundled if os.path.isfile(bundled) else shutil.which("cuobjdump")
 
 
-def resources(cubin: bytes) -> tuple[int, int] | None:
-    """(registers a thread, stack bytes) of a compiled kernel, or None without ``cuobjdump``."""
+def _dump(cubin: bytes, flag: str) -> str | None:
+    """``cuobjdump <flag>`` of a cubin, or None without the tool."""
     tool = _cuobjdump()
     if tool is None:
         return None
@@ -223,9 +367,40 @@ def resources(cubin: bytes) -> tuple[int, int] | None:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+        return subprocess.run([tool, flag, path], capture_output=True, text=True).stdout
+
+
+def resources(cubin: bytes) -> tuple[int, int] | None:
+    """(registers a thread, stack bytes) of a compiled kernel, or None without ``cuobjdump``."""
+    usage = _dump(cubin, "-res-usage")
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage or "")
     return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_TENSOR_CORE_OP = re.compile(r"\b(HMMA|HGMMA|UTC\w*MMA)\b")  # mma.sync, wgmma, tcgen05
+
+
+def loop_spills(cubin: bytes) -> int | None:
+    """Local-memory accesses (register spills and their reloads) inside the innermost loops that issue
+    tensor-core products, read from the machine code; None without ``cuobjdump``. A spill there costs
+    every step; one in the epilogue (a few values kept across a split's partial sums) costs once a tile."""
+    sass = _dump(cubin, "-sass")
+    if sass is None:
+        return None
+    code = [(int(addr, 16), text) for addr, text in _SASS_LINE.findall(sass)]
+    loops = []  # (start, end) address ranges closed by a backward branch
+    for addr, text in code:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    mma_loops = [r for r in loops if any(r[0] <= a <= r[1] and _TENSOR_CORE_OP.search(t) for a, t in code)]
+    innermost = [r for r in mma_loops if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in mma_loops)]
+    return sum(
+        1
+        for a, t in code
+        if re.match(r"(@!?P\d\s+)?(LDL|STL)\b", t) and any(lo <= a <= hi for lo, hi in innermost)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,8 +413,17 @@ def main(argv: list[str] | None = None) -> int:
         help="compute capability to compile for: 80 (A100), 86 / 89 (RTX 30xx / 40xx, L40S), 90 (H100, "
         "H200), 100 / 120 (Blackwell)",
     )
+    p.add_argument(
+        "--gpu",
+        choices=sorted(GPUS),
+        help="instead of the fixed cases: compile what the heuristics pick on this GPU at the benchmark "
+        "shapes (its compute capability, SMs and shared memory), and check that none spills registers in "
+        "its main loop, overflows shared memory or waits on a tile load",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 when a main loop waits on a tile load")
     args = p.parse_args(argv)
+    if args.gpu:
+        return _check_gpu(args.gpu, args.check)
     failed = []
     print(
         f"| kernel (sm_{args.arch}) | sync tile loads | async copies | copies in flight | wgmma "

@@ -4,6 +4,7 @@ The selection logic (`_tuning.resolve`) runs here on the CPU with a tuner that r
 and counts its calls (timing candidates needs a GPU; `test_first_use_tuning_on_gpu` times real ones).
 """
 
+import itertools
 import json
 import multiprocessing
 import warnings
@@ -480,3 +481,40 @@ def test_a_bad_tuning_log_path_is_named_before_timing(tmp_path, monkeypatch, whe
 def test_tuning_logs_report_the_fastest_config_of_each_schedule():
     timed = [({"splits": 2}, 3.0), ({"splits": 1, "stream_k": 1}, 2.0), ({"splits": 4}, 1.5)]
     assert _tuning.best_by_schedule(timed) == "grid 1.5 us, stream-K 2.0 us"
+
+
+def test_short_shared_memory_halves_the_steps_before_it_drops_stages():
+    def stage(bk):
+        return (64 + 32) * bk * 2  # a 64-row tile and a 32-neuron weight tile per step
+
+    assert _common.fit_steps(256, 4, stage, 227 * 1024) == (256, 4)  # all four 48 KB stages fit
+    assert _common.fit_steps(256, 4, stage, 99 * 1024) == (128, 3)  # not 1 stage of 256
+    assert _common.fit_steps(64, 2, stage, 99 * 1024) == (64, 2)  # two wanted, two kept
+    assert _common.fit_steps(32, 4, lambda bk: 200 * 1024, 99 * 1024) == (32, 1)  # nothing shorter
+
+
+def test_register_fit_only_where_tensor_cores_read_registers():
+    assert _common.fit_registers(128, 64, 256, 4, 2, operands_in_registers=False) == (256, 4)
+    assert _common.fit_registers(128, 64, 256, 4, 2, operands_in_registers=True) == (128, 8)
+    assert _common.fit_registers(64, 64, 64, 4, 1, operands_in_registers=True) == (64, 4)
+    assert not _common.fits_registers(256, 128, 64, 8, accumulators=1)  # 128 fp32 a thread
+    assert not _common.operands_in_registers(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("smem", [99 * 1024, 163 * 1024])
+def test_gemm_heuristics_on_mma_sync_gpus_keep_pipelines_and_registers(smem):
+    """Ada / consumer Blackwell (99 KB) and A100 (163 KB) shapes: every heuristic tile keeps >= 3
+    stages, steps of at most 128 and at most 64 accumulators a thread; the same shapes on a GPU
+    whose tensor cores read shared memory keep the tiles tuned on the H200 (256-neuron steps)."""
+    from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
+
+    for (d, n, gated), M, density in itertools.product(
+        ((9216, 36864, False), (4096, 14336, True)), (1, 16, 64, 128, 256), (0.1, 0.3, 0.5, 1.0)
+    ):
+        k = round(density * n)
+        up = selective_mlp_up._heuristic(M, k, d, 128, gated, smem, True)
+        down = selective_mlp_down._heuristic(M, k, d, 128, smem, True)
+        for cfg, bn, accs in ((up, up.get("BLOCK_N"), 2 if gated else 1), (down, down.get("BLOCK_D"), 1)):
+            shape = (cfg["BLOCK_M"], bn, cfg["BLOCK_K"], cfg["num_warps"])
+            assert cfg["num_stages"] >= 3 and _common.fits_registers(*shape, accs), (M, k, d, cfg)
+    assert selective_mlp_up._heuristic(64, 1434, 4096, 128, True, 227 * 1024)["BLOCK_K"] == 256
