@@ -91,8 +91,9 @@ def gpu_facts(device: torch.device) -> GpuFacts:
 
 
 # A tile fits a thread's registers on an ``mma.sync`` GPU with at most 64 fp32 accumulators a thread
-# and K-steps of at most 128: every GEMM tile that broke either spilled (compiled for sm_80 and sm_89
-# with Triton 3.6, 2026-11-29: up to 20 KB of stack at 128 accumulators), and no tile within both did.
+# and K-steps of at most 128: no GEMM tile within both bounds spilled, and every tile that spilled
+# broke one of them (compiled for sm_80 and sm_89 with Triton 3.6, 2026-11-29: up to 20 KB of stack
+# at 128 accumulators).
 REGISTER_ACCUMULATORS = 64
 REGISTER_STEP = 128
 
