@@ -111,11 +111,6 @@ def fit_registers(
     return min(bk, REGISTER_STEP), num_warps
 
 
-def fits_registers(bm: int, bn: int, bk: int, num_warps: int, accumulators: int) -> bool:
-    """Whether a tile compiles without spilling on an ``mma.sync`` GPU (see :data:`REGISTER_STEP`)."""
-    return bk <= REGISTER_STEP and accumulators_fit(bm, bn, num_warps, accumulators)
-
-
 def accumulators_fit(bm: int, bn: int, num_warps: int, accumulators: int = 1) -> bool:
     """Whether ``accumulators`` fp32 ``bm`` x ``bn`` tiles leave an ``mma.sync`` thread room for its
     operands (:data:`REGISTER_ACCUMULATORS` a thread)."""

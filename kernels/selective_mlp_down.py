@@ -461,16 +461,12 @@ def _split_options(tiles: int, n_sel: int, block_k: int, sms: int, base: int) ->
     return sorted(s for s in opts if s == 1 or (s <= 64 and n_sel // s >= 2 * block_k))
 
 
-def _candidates(
-    M: int, n_sel: int, d: int, sms: int, smem: int, operands_in_registers: bool = False
-) -> list[_tuning.Config]:
+def _candidates(M: int, n_sel: int, d: int, sms: int, smem: int) -> list[_tuning.Config]:
     tile_shapes = [(_block_m(M), *t) for t in _TILES[16 if M <= 16 else 64]]
     if M > 64:  # the two best 64-row tiles of the H100 M=256 tuning, then the 128-row ones
         tile_shapes = [(64, 256, 64, 4, 3), (64, 128, 64, 4, 4)] + [(128, *t) for t in _TILES[128]]
         if M > 128:  # one tile over the whole batch: each weight row is read exactly once
             tile_shapes += [(256, 64, 64, 8, 3), (256, 128, 64, 8, 3)]
-    if operands_in_registers:  # tiles that would spill are not worth compiling
-        tile_shapes = [t for t in tile_shapes if C.fits_registers(*t[:4], accumulators=1)]
     out = []
     for bm, bd, bk, nw, ns in C.fitting_tiles(
         tile_shapes, lambda bm, bd, bk, _: _stage_bytes(bm, bd, bk), smem
@@ -546,7 +542,7 @@ def selective_down(
         key,
         a.device,
         lambda: _heuristic(M, n_sel, d, sms, smem, in_registers),
-        lambda: _candidates(M, n_sel, d, sms, smem, in_registers),
+        lambda: _candidates(M, n_sel, d, sms, smem),
         launch,
     )
     launch(cfg)

@@ -604,16 +604,12 @@ _TILES = {
 }
 
 
-def _candidates(
-    M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int, operands_in_registers: bool = False
-) -> list[_tuning.Config]:
+def _candidates(M: int, n_sel: int, d: int, sms: int, gated: bool, smem: int) -> list[_tuning.Config]:
     tiles = [(_block_m(M), *t) for t in _TILES[16 if M <= 16 else 64]]
     if M > 64:  # the two best 64-row tiles of the H100 M=256 tuning, then the 128-row ones
         tiles = [(64, 64, 128, 4, 4), (64, 16, 256, 4, 4)] + [(128, *t) for t in _TILES[128]]
         if M > 128:  # one tile over the whole batch: each weight row is read exactly once
             tiles += [(256, 64, 64, 8, 3), (256, 128, 64, 8, 3)]
-    if operands_in_registers:  # tiles that would spill are not worth compiling
-        tiles = [t for t in tiles if C.fits_registers(*t[:4], accumulators=2 if gated else 1)]
     out = []
     for bm, bn, bk, nw, ns in C.fitting_tiles(
         tiles, lambda bm, bn, bk, _: _stage_bytes(bm, bn, bk, gated), smem
@@ -684,7 +680,7 @@ def _run(x, w_gate, w_up, bias, idx, out, relu: bool, validate: bool) -> torch.T
         key,
         x.device,
         lambda: _heuristic(M, n_sel, d, sms, gated, smem, in_registers),
-        lambda: _candidates(M, n_sel, d, sms, gated, smem, in_registers),
+        lambda: _candidates(M, n_sel, d, sms, gated, smem),
         launch,
     )
     launch(cfg)

@@ -75,7 +75,7 @@ def _gemm_sweep(op: str, M: int, k: int, model: str, ws: list[dict]) -> Sweep:
         out = torch.empty(M, k, device=dev, dtype=dtype)
         return _sweep(
             up_mod.config_key(M, k, d, gated),
-            up_mod._candidates(M, k, d, sms, gated, smem, in_registers),
+            up_mod._candidates(M, k, d, sms, gated, smem),
             up_mod._heuristic(M, k, d, sms, gated, smem, in_registers),
             dev,
             lambda cfg, wj: up_mod._launch(
@@ -87,7 +87,7 @@ def _gemm_sweep(op: str, M: int, k: int, model: str, ws: list[dict]) -> Sweep:
     out = torch.empty(M, d, device=dev, dtype=dtype)
     return _sweep(
         down_mod.config_key(M, k, d),
-        down_mod._candidates(M, k, d, sms, smem, in_registers),
+        down_mod._candidates(M, k, d, sms, smem),
         down_mod._heuristic(M, k, d, sms, smem, in_registers),
         dev,
         lambda cfg, wj: down_mod._launch(a, wj[0]["w_down_t"], wj[1], wj[0]["b_down"], out, cfg),

@@ -108,7 +108,7 @@ def _sweep(key: str, candidates: list[dict], make_fns) -> None:
 
 
 def _tune_case(M, d, n_rows, k, gated, ws, copies, x, a, idx) -> None:
-    sms, smem, in_registers = C.gpu_facts(x.device)
+    sms, smem = C.num_sms(x.device), C.max_shared_memory(x.device)
     R = len(idx)
     up_out = torch.empty(M, k, device="cuda", dtype=x.dtype)
     down_out = torch.empty(M, d, device="cuda", dtype=x.dtype)
@@ -129,12 +129,8 @@ def _tune_case(M, d, n_rows, k, gated, ws, copies, x, a, idx) -> None:
             for i in range(R)
         ]
 
-    _sweep(
-        _up_mod.config_key(M, k, d, gated),
-        _up_mod._candidates(M, k, d, sms, gated, smem, in_registers),
-        up_fns,
-    )
-    _sweep(_down_mod.config_key(M, k, d), _down_mod._candidates(M, k, d, sms, smem, in_registers), down_fns)
+    _sweep(_up_mod.config_key(M, k, d, gated), _up_mod._candidates(M, k, d, sms, gated, smem), up_fns)
+    _sweep(_down_mod.config_key(M, k, d), _down_mod._candidates(M, k, d, sms, smem), down_fns)
 
 
 def _row(model, op, M, method, dens, k, us, nbytes, bw, dense_us=math.nan) -> dict:

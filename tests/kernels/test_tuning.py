@@ -497,7 +497,7 @@ def test_register_fit_only_where_tensor_cores_read_registers():
     assert _common.fit_registers(128, 64, 256, 4, 2, operands_in_registers=False) == (256, 4)
     assert _common.fit_registers(128, 64, 256, 4, 2, operands_in_registers=True) == (128, 8)
     assert _common.fit_registers(64, 64, 64, 4, 1, operands_in_registers=True) == (64, 4)
-    assert not _common.fits_registers(256, 128, 64, 8, accumulators=1)  # 128 fp32 a thread
+    assert not _common.accumulators_fit(256, 128, 8)  # 128 fp32 a thread
     assert not _common.operands_in_registers(torch.device("cpu"))
 
 
@@ -516,5 +516,6 @@ def test_gemm_heuristics_on_mma_sync_gpus_keep_pipelines_and_registers(smem):
         down = selective_mlp_down._heuristic(M, k, d, 128, smem, True)
         for cfg, bn, accs in ((up, up.get("BLOCK_N"), 2 if gated else 1), (down, down.get("BLOCK_D"), 1)):
             shape = (cfg["BLOCK_M"], bn, cfg["BLOCK_K"], cfg["num_warps"])
-            assert cfg["num_stages"] >= 3 and _common.fits_registers(*shape, accs), (M, k, d, cfg)
+            assert cfg["num_stages"] >= 3 and shape[2] <= _common.REGISTER_STEP, (M, k, d, cfg)
+            assert _common.accumulators_fit(shape[0], shape[1], shape[3], accs), (M, k, d, cfg)
     assert selective_mlp_up._heuristic(64, 1434, 4096, 128, True, 227 * 1024)["BLOCK_K"] == 256
