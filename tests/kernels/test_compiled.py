@@ -12,12 +12,17 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-def test_main_loops_wait_on_no_tile_load(arch):
+def _jit_env() -> dict[str, str]:
+    """This environment with Triton's JIT live (the interpreter off)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_main_loops_wait_on_no_tile_load(arch):
     cmd = [sys.executable, "-m", "polar_sparsity.kernels.bench.compiled", "--arch", str(arch), "--check"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, env=_jit_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "| down M=64 | 0 |" in run.stdout, run.stdout
     # registers a thread and spilled bytes, read from the machine code: the down kernel spills nothing
@@ -31,10 +36,8 @@ def test_an_unknown_architecture_is_named_before_compiling():
 
 
 def _gpu_check(gpu: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     cmd = [sys.executable, "-m", "polar_sparsity.kernels.bench.compiled", "--gpu", gpu, "--check"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=_jit_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _assert_fits(runs: dict[str, subprocess.Popen]) -> None:
@@ -69,9 +72,9 @@ def test_a_spill_in_the_main_loop_is_found():
         "    kern, args, consts, w, s = c._up_case(128, 128, bn, 8, True, stages=3)\n"
         "    print(bn, c.loop_spills(c.compile_for(kern, args, consts, 80, w, s).asm['cubin']))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=_jit_env(), capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr
     spills = dict(line.split() for line in run.stdout.splitlines())
     assert int(spills["128"]) > 0 and spills["64"] == "0", run.stdout
