@@ -398,6 +398,16 @@ def _known(key: str, gpu: str, cache: TuningCache) -> Config | None:
     return cfg
 
 
+def with_first(first: Iterable[Config | None], candidates: Iterable[Config]) -> list[Config]:
+    """``candidates`` with the configs of ``first`` (None skipped) timed before them, each config once:
+    a tuning run then never keeps a config slower than the heuristic's or a known one."""
+    out: list[Config] = []
+    for cfg in (*first, *candidates):
+        if cfg is not None and cfg not in out:
+            out.append(dict(cfg))
+    return out
+
+
 def pick(
     key: str,
     device: torch.device,
@@ -418,7 +428,7 @@ def pick(
         gpu,
         user_cache(device),
         heuristic,
-        lambda: tune(key, candidates(), launch, device),
+        lambda: tune(key, with_first([heuristic()], candidates()), launch, device),
         capturing=is_capturing(),
     )
 

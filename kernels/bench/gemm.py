@@ -75,7 +75,7 @@ def _up(w: dict, x, idx):
     return selective_up(x, w["w_up"], idx, w["b_up"], validate=False)
 
 
-def _sweep(key: str, candidates: list[dict], make_fns) -> None:
+def _sweep(key: str, heuristic: dict, candidates: list[dict], make_fns) -> None:
     """Graph-timed tuning: time every candidate exactly as the benchmark times the op (CUDA-graph
     replay over rotated inputs) and record the fastest for ``key``. Cold single-launch timing (the
     generic tuner) mis-ranks configs of these 10-300 us kernels."""
@@ -83,8 +83,7 @@ def _sweep(key: str, candidates: list[dict], make_fns) -> None:
         return
     _tuning.tune_log_path()  # a bad log path is named before the timing, not after
     shipped = _tuning.known_config(key, torch.device("cuda"))
-    if shipped is not None and shipped not in candidates:
-        candidates = [shipped, *candidates]  # never pick worse than the shipped config
+    candidates = _tuning.with_first([shipped, heuristic], candidates)
     best, timed = None, []
     for cfg in candidates:
         try:
@@ -108,7 +107,7 @@ def _sweep(key: str, candidates: list[dict], make_fns) -> None:
 
 
 def _tune_case(M, d, n_rows, k, gated, ws, copies, x, a, idx) -> None:
-    sms, smem = C.num_sms(x.device), C.max_shared_memory(x.device)
+    sms, smem, in_registers = C.gpu_facts(x.device)
     R = len(idx)
     up_out = torch.empty(M, k, device="cuda", dtype=x.dtype)
     down_out = torch.empty(M, d, device="cuda", dtype=x.dtype)
@@ -129,8 +128,18 @@ def _tune_case(M, d, n_rows, k, gated, ws, copies, x, a, idx) -> None:
             for i in range(R)
         ]
 
-    _sweep(_up_mod.config_key(M, k, d, gated), _up_mod._candidates(M, k, d, sms, gated, smem), up_fns)
-    _sweep(_down_mod.config_key(M, k, d), _down_mod._candidates(M, k, d, sms, smem), down_fns)
+    _sweep(
+        _up_mod.config_key(M, k, d, gated),
+        _up_mod._heuristic(M, k, d, sms, gated, smem, in_registers),
+        _up_mod._candidates(M, k, d, sms, gated, smem),
+        up_fns,
+    )
+    _sweep(
+        _down_mod.config_key(M, k, d),
+        _down_mod._heuristic(M, k, d, sms, smem, in_registers),
+        _down_mod._candidates(M, k, d, sms, smem),
+        down_fns,
+    )
 
 
 def _row(model, op, M, method, dens, k, us, nbytes, bw, dense_us=math.nan) -> dict:

@@ -519,3 +519,11 @@ def test_gemm_heuristics_on_mma_sync_gpus_keep_pipelines_and_registers(smem):
             assert cfg["num_stages"] >= 3 and shape[2] <= _common.REGISTER_STEP, (M, k, d, cfg)
             assert _common.accumulators_fit(shape[0], shape[1], shape[3], accs), (M, k, d, cfg)
     assert selective_mlp_up._heuristic(64, 1434, 4096, 128, True, 227 * 1024)["BLOCK_K"] == 256
+
+
+def test_tuning_times_the_heuristic_and_known_configs_before_the_candidates():
+    """A tuning run can then never keep a config slower than the heuristic's (on a GPU whose fitted
+    heuristic tile is not among the candidates) or a known one; each config is timed once."""
+    candidates = [{"BLOCK_N": 64}, {"BLOCK_N": 128}]
+    assert _tuning.with_first([HEURISTIC], candidates) == [HEURISTIC, *candidates]
+    assert _tuning.with_first([None, {"BLOCK_N": 128}], candidates) == [{"BLOCK_N": 128}, {"BLOCK_N": 64}]
