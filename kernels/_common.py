@@ -78,16 +78,39 @@ def operands_in_registers(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] in MMA_SYNC_MAJORS
 
 
+TMA_MAJOR = 9  # Hopper and later copy tiles with the tensor memory accelerator (TMA)
+
+
+def tma_feeds_shared_memory_mma(major: int) -> bool:
+    """Whether a GPU of this compute capability major copies tiles by TMA into shared memory that its
+    tensor cores read directly (Hopper 9.x, datacenter Blackwell 10.x): where the descriptor path was
+    measured. Before Hopper, Triton lowers a descriptor load to plain loads outside the copy pipeline;
+    consumer Blackwell (12.x) has TMA but reads operands from registers, and was not measured."""
+    return major >= TMA_MAJOR and major not in MMA_SYNC_MAJORS
+
+
+@cache
+def has_tma(device: torch.device) -> bool:
+    """:func:`tma_feeds_shared_memory_mma` for this GPU. The interpreter runs tensor descriptors too:
+    True there, so the CPU tests cover the descriptor path."""
+    if device.type != "cuda":
+        return True
+    return tma_feeds_shared_memory_mma(torch.cuda.get_device_capability(device)[0])
+
+
 class GpuFacts(NamedTuple):
     """What the GEMM heuristics and candidate lists know of a GPU."""
 
     sms: int
     smem: int  # bytes of shared memory one program may use
     operands_in_registers: bool  # see MMA_SYNC_MAJORS
+    tma: bool  # see has_tma
 
 
 def gpu_facts(device: torch.device) -> GpuFacts:
-    return GpuFacts(num_sms(device), max_shared_memory(device), operands_in_registers(device))
+    return GpuFacts(
+        num_sms(device), max_shared_memory(device), operands_in_registers(device), has_tma(device)
+    )
 
 
 # A tile fits a thread's registers on an ``mma.sync`` GPU with at most 64 fp32 accumulators a thread

@@ -13,7 +13,9 @@ is too few programs for an H100, the sum over the k selected neurons is split; e
 fp32 partial sum (plain stores) and bumps an arrival counter of its output tile; the last split to
 arrive adds the partials in split order (deterministic), adds the bias and casts, in the same kernel.
 The stream-K schedule (``_down_stream_k_kernel``) launches one program per resident slot instead, each
-taking an equal run of the tile-major (tile, neuron step) iterations, merged the same way.
+taking an equal run of the tile-major (tile, neuron step) iterations, merged the same way. A config
+with ``tma_a`` loads the activation tile through a host tensor descriptor (TMA) instead of per-thread
+copies (see :func:`_activation_by_tma`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from functools import cache
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _common as C
 from . import _tuning
@@ -52,6 +55,8 @@ def _down_step(acc, a, W, rows, rd, mask_d, n_rows, stride_wn, EVEN_D: tl.conste
 @triton.jit
 def _down_range(
     a_rows,
+    A_DESC,
+    m0,
     W,
     IDX,
     rd,
@@ -65,6 +70,7 @@ def _down_range(
     BLOCK_K: tl.constexpr,
     EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    TMA_A: tl.constexpr,
 ):
     """Sum over the selected neurons j_start..j_end of one output tile, in fp32."""
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -80,11 +86,14 @@ def _down_range(
         rj = j0 + tl.arange(0, BLOCK_K)
         rows = rows_next
         rows_next = tl.load(IDX + rj + BLOCK_K, mask=rj + BLOCK_K < j_end, other=-1)
-        a = tl.load(a_rows + rj[None, :])
+        a = A_DESC.load([m0, j0]) if TMA_A else tl.load(a_rows + rj[None, :])
         acc = _down_step(acc, a, W, rows, rd, mask_d, n_rows, stride_wn, EVEN_D, UPCAST)
     if j_full < j_end:
         rj = j_full + tl.arange(0, BLOCK_K)
-        a = tl.load(a_rows + rj[None, :], mask=(rj < j_end)[None, :], other=0.0)
+        if TMA_A:  # columns past j_end meet zero weight rows (index -1); past k the copy reads zeros
+            a = A_DESC.load([m0, j_full])
+        else:
+            a = tl.load(a_rows + rj[None, :], mask=(rj < j_end)[None, :], other=0.0)
         acc = _down_step(acc, a, W, rows_next, rd, mask_d, n_rows, stride_wn, EVEN_D, UPCAST)
     return acc
 
@@ -150,6 +159,7 @@ def _down_finish(
 @triton.jit
 def _down_kernel(
     A,
+    A_DESC,
     W,
     BIAS,
     IDX,
@@ -173,6 +183,7 @@ def _down_kernel(
     SPLIT: tl.constexpr,
     EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    TMA_A: tl.constexpr,
 ):
     """Split-K schedule: program (tile, split) sums the split's ``k_chunk`` neurons of one tile."""
     pid = tl.program_id(0)
@@ -182,6 +193,8 @@ def _down_kernel(
     j_end = tl.minimum(j_start + k_chunk, n_sel)
     acc = _down_range(
         a_rows,
+        A_DESC,
+        (pid % num_m) * BLOCK_M,
         W,
         IDX,
         rd,
@@ -195,6 +208,7 @@ def _down_kernel(
         BLOCK_K,
         EVEN_D,
         UPCAST,
+        TMA_A,
     )
     _down_finish(
         acc,
@@ -222,6 +236,7 @@ def _down_kernel(
 @triton.jit
 def _down_stream_k_kernel(
     A,
+    A_DESC,
     W,
     BIAS,
     IDX,
@@ -246,6 +261,7 @@ def _down_stream_k_kernel(
     SPLIT: tl.constexpr,
     EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    TMA_A: tl.constexpr,
 ):
     """Stream-K schedule: the (tile, BLOCK_K step) iterations, tile-major, are dealt out in equal
     ``share``s, one per program, and a program launches once per resident slot of the GPU. Every
@@ -260,6 +276,8 @@ def _down_stream_k_kernel(
         j_end = tl.minimum(s_hi * BLOCK_K, n_sel)
         acc = _down_range(
             a_rows,
+            A_DESC,
+            (tile % num_m) * BLOCK_M,
             W,
             IDX,
             rd,
@@ -273,6 +291,7 @@ def _down_stream_k_kernel(
             BLOCK_K,
             EVEN_D,
             UPCAST,
+            TMA_A,
         )
         _down_finish(
             acc,
@@ -322,7 +341,7 @@ def _splits_for(programs: int, n_sel: int, block_k: int, target: int) -> int:
 
 @cache  # pure; called on every launch of a key that has no tuned config
 def _heuristic(
-    M: int, n_sel: int, d: int, sms: int, smem: int, operands_in_registers: bool = False
+    M: int, n_sel: int, d: int, sms: int, smem: int, operands_in_registers: bool = False, tma: bool = False
 ) -> _tuning.Config:
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
@@ -343,7 +362,8 @@ def _heuristic(
     graph-timed sweeps at M = 1-256 (2026-11-29; the M = 256 rules from ``kernels.bench.config_sweep``,
     every candidate at each shape: the whole-batch tile was the fastest config for OPT-66B at k =
     7,373-25,805; 256-column tiles at k >= 6,144 took 1.08-1.33x the best for Llama-3-8B, 128 x 64 tiles
-    1.00-1.05x). Each tile is then fitted to the GPU's registers and shared memory (:func:`_fit`).
+    1.00-1.05x). Each tile is then fitted to the GPU's registers and shared memory (:func:`_fit`), and
+    64-row tiles load their activation tile by TMA where the GPU has it (:func:`_activation_by_tma`).
     """
     wide = C.cdiv(d, 128) >= sms / 2  # 128-column tiles alone fill half a wave
     whole_batch = M > 128 and n_sel >= 96 * 64 and wide
@@ -379,8 +399,18 @@ def _heuristic(
         "num_warps": nw,
         "num_stages": stages,
         "splits": splits,
-    }
+    } | _activation_by_tma(bm, tma)
     return cfg | {"stream_k": 1} if whole_batch else cfg
+
+
+def _activation_by_tma(bm: int, tma: bool) -> dict[str, int]:
+    """``{"tma_a": 1}`` (the activation tile copied by TMA, the weight rows still gathered by per-thread
+    copies) for 64-row tiles on a GPU with TMA, else nothing. H200 interleaved A/B of the heuristic's
+    configs at the benchmark shapes (2026-11-29): 1.02-1.10x at M = 64, both models. 128-row tiles ran
+    0.93-1.11x (median 0.98). The whole-batch 256-row tile ran 1.10-1.16x faster, but spills inside its
+    main loop with the descriptor (18-43 local accesses a step under Triton 3.9 / 3.6), which the
+    compile check (``kernels.bench.compiled --gpu``) refuses: it keeps per-thread copies."""
+    return {"tma_a": 1} if tma and bm == 64 else {}
 
 
 def _fit(
@@ -461,7 +491,7 @@ def _split_options(tiles: int, n_sel: int, block_k: int, sms: int, base: int) ->
     return sorted(s for s in opts if s == 1 or (s <= 64 and n_sel // s >= 2 * block_k))
 
 
-def _candidates(M: int, n_sel: int, d: int, sms: int, smem: int) -> list[_tuning.Config]:
+def _candidates(M: int, n_sel: int, d: int, sms: int, smem: int, tma: bool = False) -> list[_tuning.Config]:
     tile_shapes = [(_block_m(M), *t) for t in _TILES[16 if M <= 16 else 64]]
     if M > 64:  # the two best 64-row tiles of the H100 M=256 tuning, then the 128-row ones
         tile_shapes = [(64, 256, 64, 4, 3), (64, 128, 64, 4, 4)] + [(128, *t) for t in _TILES[128]]
@@ -472,6 +502,7 @@ def _candidates(M: int, n_sel: int, d: int, sms: int, smem: int) -> list[_tuning
         tile_shapes, lambda bm, bd, bk, _: _stage_bytes(bm, bd, bk), smem
     ):
         tile = {"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
+        tile |= _activation_by_tma(bm, tma)
         tiles = C.cdiv(M, bm) * C.cdiv(d, bd)
         s = _splits_for(tiles, n_sel, bk, 2 * sms if bm <= 16 else sms)
         out += [{**tile, "splits": split} for split in _split_options(tiles, n_sel, bk, sms, s)]
@@ -532,7 +563,7 @@ def selective_down(
     C.check_index_range("idx", idx, n_rows, validate)
     if out is None:
         out = torch.empty((M, d), device=a.device, dtype=a.dtype)
-    sms, smem, in_registers = C.gpu_facts(a.device)
+    gpu = C.gpu_facts(a.device)
     key = config_key(M, n_sel, d)
 
     def launch(cfg: _tuning.Config) -> None:
@@ -541,8 +572,8 @@ def selective_down(
     cfg = _tuning.pick(
         key,
         a.device,
-        lambda: _heuristic(M, n_sel, d, sms, smem, in_registers),
-        lambda: _candidates(M, n_sel, d, sms, smem),
+        lambda: _heuristic(M, n_sel, d, *gpu),
+        lambda: _candidates(M, n_sel, d, gpu.sms, gpu.smem, gpu.tma),
         launch,
     )
     launch(cfg)
@@ -564,6 +595,10 @@ def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
     num_m = C.cdiv(M, bm)
     tiles = num_m * C.cdiv(d, bd)
     steps = C.cdiv(n_sel, bk)
+    # The activation tile by TMA (see _activation_by_tma) where the GPU has it and the rows are aligned
+    # (pitched above when M > 1; a descriptor needs 16-byte aligned rows and base).
+    tma_a = bool(cfg.get("tma_a", 0)) and C.has_tma(a.device) and M > 1 and a.data_ptr() % 16 == 0
+    a_desc = TensorDescriptor.from_tensor(a, [bm, bk]) if tma_a else a
     meta = dict(
         BLOCK_M=bm,
         BLOCK_D=bd,
@@ -571,10 +606,11 @@ def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
         HAS_BIAS=bias is not None,
         EVEN_D=d % bd == 0,
         UPCAST=upcast_dot(a.dtype),
+        TMA_A=tma_a,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    args = (a, w_down_t, bias if bias is not None else a, idx, out)  # a: dummy bias when HAS_BIAS is False
+    args = (a, a_desc, w_down_t, bias if bias is not None else a, idx, out)  # a: dummy bias without HAS_BIAS
     sizes = (M, n_sel, d, w_down_t.shape[0])
     strides = (stride_am, w_down_t.stride(0), out.stride(0))
     if cfg.get("stream_k", 0):

@@ -670,7 +670,7 @@ def _run(x, w_gate, w_up, bias, idx, out, relu: bool, validate: bool) -> torch.T
     if out is None:
         out = torch.empty((M, n_sel), device=x.device, dtype=x.dtype)
     gated = w_gate is not None
-    sms, smem, in_registers = C.gpu_facts(x.device)
+    gpu = C.gpu_facts(x.device)
     key = config_key(M, n_sel, d, gated)
 
     def launch(cfg: _tuning.Config) -> None:
@@ -679,8 +679,8 @@ def _run(x, w_gate, w_up, bias, idx, out, relu: bool, validate: bool) -> torch.T
     cfg = _tuning.pick(
         key,
         x.device,
-        lambda: _heuristic(M, n_sel, d, sms, gated, smem, in_registers),
-        lambda: _candidates(M, n_sel, d, sms, gated, smem),
+        lambda: _heuristic(M, n_sel, d, gpu.sms, gated, gpu.smem, gpu.operands_in_registers),
+        lambda: _candidates(M, n_sel, d, gpu.sms, gated, gpu.smem),
         launch,
     )
     launch(cfg)

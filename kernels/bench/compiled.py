@@ -127,10 +127,12 @@ def _up_case(
 
 def _down_case(M: int, bm: int, bd: int, warps: int, k: int = _K, bk: int = 64, stages: int = 4) -> tuple:
     """``k`` may be odd: the activation rows are then pitched to 16 elements, as the wrapper does."""
-    args = dict(A="*fp16", W="*fp16", BIAS="*fp16", IDX="*i32", OUT="*fp16", WS="*fp32", CNT="*i32")
+    args = dict(A="*fp16", A_DESC="*fp16", W="*fp16", BIAS="*fp16", IDX="*i32", OUT="*fp16", WS="*fp32")
+    args |= dict(CNT="*i32")
     args |= dict(M=M, n_sel=k, d=_D, n_rows=_N, k_chunk=-(-k // bk) * bk, num_m=M // bm + 2, n_splits=2)
     args |= dict(stride_am=-(-k // 16) * 16, stride_wn=_D, stride_om=_D)
     consts = dict(BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=bk, HAS_BIAS=True, SPLIT=False, EVEN_D=True, UPCAST=False)
+    consts |= dict(TMA_A=False)
     return down._down_kernel, args, consts, warps, stages
 
 
@@ -220,7 +222,10 @@ class GpuProfile:
     smem: int  # bytes of shared memory one program may opt into
 
     def facts(self) -> C.GpuFacts:
-        return C.GpuFacts(self.sms, self.smem, self.arch // 10 in C.MMA_SYNC_MAJORS)
+        major = self.arch // 10
+        return C.GpuFacts(
+            self.sms, self.smem, major in C.MMA_SYNC_MAJORS, C.tma_feeds_shared_memory_mma(major)
+        )
 
 
 GPUS = {
@@ -266,7 +271,7 @@ def _up_launch(M: int, k: int, model: ModelShape, gpu: C.GpuFacts) -> tuple[dict
 def _down_launch(M: int, k: int, model: ModelShape, gpu: C.GpuFacts) -> tuple[dict, tuple]:
     """The heuristic's config and compile case of ``selective_down``."""
     d = model.hidden
-    cfg = down._heuristic(M, k, d, gpu.sms, gpu.smem, gpu.operands_in_registers)
+    cfg = down._heuristic(M, k, d, *gpu)
     bm, bd, bk = cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["BLOCK_K"]
     tiles, steps = C.cdiv(M, bm) * C.cdiv(d, bd), C.cdiv(k, bk)
     k_chunk, splits = C.split_chunks(k, bk, cfg["splits"])
@@ -274,6 +279,9 @@ def _down_launch(M: int, k: int, model: ModelShape, gpu: C.GpuFacts) -> tuple[di
     case[1].update(M=M, d=d, n_rows=model.ffn, k_chunk=k_chunk, num_m=C.cdiv(M, bm), n_splits=splits)
     case[1].update(stride_am=C.cdiv(k, 16) * 16 if M > 1 else 0, stride_wn=d, stride_om=d)
     case[2].update(SPLIT=splits > 1, EVEN_D=d % bd == 0, HAS_BIAS=model.mlp != "gated")
+    if cfg.get("tma_a"):  # the activation tile by TMA: a descriptor argument (M > 1 when it applies)
+        case[1]["A_DESC"] = f"tensordesc<fp16[{bm}, {bk}]>"
+        case[2]["TMA_A"] = True
     if cfg.get("stream_k"):
         share, _, slots = C.stream_k_plan(tiles * steps, steps, gpu.sms * cfg["stream_k"])
         case = _stream_k(case, down._down_stream_k_kernel, ("k_chunk", "n_splits"), steps, tiles, True)

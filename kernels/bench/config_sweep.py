@@ -67,7 +67,8 @@ def _gemm_sweep(op: str, M: int, k: int, model: str, ws: list[dict]) -> Sweep:
     shape = PAPER_MODELS[model]
     d, n, gated = shape.hidden, shape.ffn, shape.mlp == "gated"
     dtype, dev = ws[0]["w_up"].dtype, ws[0]["w_up"].device
-    sms, smem, in_registers = C.gpu_facts(dev)
+    gpu = C.gpu_facts(dev)
+    sms, smem = gpu.sms, gpu.smem
     rot = max(len(ws), rotations(k * d * (3 if gated and op == "up" else 2)))
     inputs = [(ws[i % len(ws)], torch.randperm(n, device=dev)[:k].int()) for i in range(rot)]
     if op == "up":
@@ -76,7 +77,7 @@ def _gemm_sweep(op: str, M: int, k: int, model: str, ws: list[dict]) -> Sweep:
         return _sweep(
             up_mod.config_key(M, k, d, gated),
             up_mod._candidates(M, k, d, sms, gated, smem),
-            up_mod._heuristic(M, k, d, sms, gated, smem, in_registers),
+            up_mod._heuristic(M, k, d, sms, gated, smem, gpu.operands_in_registers),
             dev,
             lambda cfg, wj: up_mod._launch(
                 x, wj[0]["w_gate"], wj[0]["w_up"], wj[0]["b_up"], wj[1], out, not gated, cfg
@@ -87,8 +88,8 @@ def _gemm_sweep(op: str, M: int, k: int, model: str, ws: list[dict]) -> Sweep:
     out = torch.empty(M, d, device=dev, dtype=dtype)
     return _sweep(
         down_mod.config_key(M, k, d),
-        down_mod._candidates(M, k, d, sms, smem),
-        down_mod._heuristic(M, k, d, sms, smem, in_registers),
+        down_mod._candidates(M, k, d, sms, smem, gpu.tma),
+        down_mod._heuristic(M, k, d, *gpu),
         dev,
         lambda cfg, wj: down_mod._launch(a, wj[0]["w_down_t"], wj[1], wj[0]["b_down"], out, cfg),
         inputs,

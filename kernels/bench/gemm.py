@@ -107,7 +107,8 @@ def _sweep(key: str, heuristic: dict, candidates: list[dict], make_fns) -> None:
 
 
 def _tune_case(M, d, n_rows, k, gated, ws, copies, x, a, idx) -> None:
-    sms, smem, in_registers = C.gpu_facts(x.device)
+    gpu = C.gpu_facts(x.device)
+    sms, smem = gpu.sms, gpu.smem
     R = len(idx)
     up_out = torch.empty(M, k, device="cuda", dtype=x.dtype)
     down_out = torch.empty(M, d, device="cuda", dtype=x.dtype)
@@ -130,14 +131,14 @@ def _tune_case(M, d, n_rows, k, gated, ws, copies, x, a, idx) -> None:
 
     _sweep(
         _up_mod.config_key(M, k, d, gated),
-        _up_mod._heuristic(M, k, d, sms, gated, smem, in_registers),
+        _up_mod._heuristic(M, k, d, sms, gated, smem, gpu.operands_in_registers),
         _up_mod._candidates(M, k, d, sms, gated, smem),
         up_fns,
     )
     _sweep(
         _down_mod.config_key(M, k, d),
-        _down_mod._heuristic(M, k, d, sms, smem, in_registers),
-        _down_mod._candidates(M, k, d, sms, smem),
+        _down_mod._heuristic(M, k, d, *gpu),
+        _down_mod._candidates(M, k, d, sms, smem, gpu.tma),
         down_fns,
     )
 

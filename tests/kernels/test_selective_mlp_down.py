@@ -63,6 +63,23 @@ def test_stream_k_paths(programs_per_sm, block_k, k, force_config, device, gen):
 
 
 @pytest.mark.parametrize(
+    ("schedule", "k"), [({"splits": 1}, 61), ({"splits": 3}, 61), ({"splits": 1, "stream_k": 2}, 200)]
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation_tile_by_tma(schedule, k, dtype, force_config, device, gen):
+    """The descriptor path (tma_a): rows past M and the partial last step read zeros or meet zero weight
+    rows; a tensor whose base is not 16-byte aligned takes the per-thread copies instead."""
+    tile = {"BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "tma_a": 1}
+    force_config(tile | schedule)
+    wide, w_t, b, idx = _case(18, 72, 250, 16 * (k // 16 + 1), dtype, device, gen)  # rows 16-aligned
+    for rows in (wide[:, :k], wide[:, 1 : k + 1]):  # aligned base; then 2 bytes off (per-thread copies)
+        out = poisoned((18, 72), dtype, device)
+        selective_down(rows, w_t, idx[:k], b, out=out)
+        ref = selective_down_reference(rows.cpu(), w_t.cpu(), idx[:k].cpu(), b.cpu(), dtype=torch.float64)
+        assert_rel_close(out.cpu(), ref, dtype, f"tma_a {schedule}")
+
+
+@pytest.mark.parametrize(
     ("tiles", "steps", "programs"), [(6, 4, 4), (6, 4, 5), (72, 288, 264), (1, 1, 8), (5, 7, 3)]
 )
 def test_stream_k_plan_covers_every_step_once(tiles, steps, programs):

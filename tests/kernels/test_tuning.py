@@ -429,8 +429,7 @@ def test_first_use_tuning_on_gpu(tmp_path, monkeypatch):
     key = selective_mlp_down.config_key(8, 1000, 512)
     assert key in _tuning.tuned_keys()
     cfg = _tuning.user_cache(dev).get(key)
-    sms, smem, in_registers = _common.gpu_facts(dev)
-    assert cfg in [selective_mlp_down._heuristic(8, 1000, 512, sms, smem, in_registers), *few]  # timed first
+    assert cfg in [selective_mlp_down._heuristic(8, 1000, 512, *_common.gpu_facts(dev)), *few]  # timed first
     monkeypatch.setattr(_tuning, "_CHOSEN", {})  # a new process: read from the cache, not timed again
     monkeypatch.setattr(_tuning, "_TUNED", set())
     selective_down(a, w_t, idx)
@@ -528,3 +527,19 @@ def test_tuning_times_the_heuristic_and_known_configs_before_the_candidates():
     candidates = [{"BLOCK_N": 64}, {"BLOCK_N": 128}]
     assert _tuning.with_first([HEURISTIC], candidates) == [HEURISTIC, *candidates]
     assert _tuning.with_first([None, {"BLOCK_N": 128}], candidates) == [{"BLOCK_N": 128}, {"BLOCK_N": 64}]
+
+
+def test_down_activation_tile_by_tma_for_64_row_tiles_only():
+    """The H200 A/B's rule: 64-row tiles (M = 33-64) load the activation tile by TMA on a GPU with TMA;
+    16-, 128- and 256-row tiles, and GPUs without TMA, keep per-thread copies."""
+    from polar_sparsity.kernels import selective_mlp_down
+
+    smem = 227 * 1024
+    for M, rows in ((16, 16), (64, 64), (128, 128), (256, 256)):
+        cfg = selective_mlp_down._heuristic(M, 18432, 9216, 132, smem, False, True)
+        assert cfg["BLOCK_M"] == rows and ("tma_a" in cfg) == (rows == 64), (M, cfg)
+        assert "tma_a" not in selective_mlp_down._heuristic(M, 18432, 9216, 132, smem, False, False)
+    for cfg in selective_mlp_down._candidates(256, 18432, 9216, 132, smem, True):
+        assert ("tma_a" in cfg) == (cfg["BLOCK_M"] == 64), cfg
+    assert _common.has_tma(torch.device("cpu"))  # the interpreter runs the descriptor path too
+    assert [_common.tma_feeds_shared_memory_mma(m) for m in (8, 9, 10, 12)] == [False, True, True, False]
