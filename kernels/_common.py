@@ -151,6 +151,25 @@ def fit_steps(bk: int, wanted: int, stage_bytes: Callable[[int], int], smem: int
     return bk, fit_stages(wanted, stage_bytes(bk), smem)
 
 
+def fit_tile(
+    bm: int,
+    bn: int,
+    bk: int,
+    num_warps: int,
+    stages: int,
+    accumulators: int,
+    stage_bytes: Callable[[int], int],
+    smem: int,
+    operands_in_registers: bool,
+) -> tuple[int, int, int]:
+    """(BLOCK_K, num_warps, stages) of a ``bm`` x ``bn`` tile on this GPU: its registers first
+    (:func:`fit_registers`), then as many of ``stages`` as shared memory holds, with shorter steps
+    before fewer stages (:func:`fit_steps`; ``stage_bytes(bk)`` is one stage's bytes)."""
+    bk, num_warps = fit_registers(bm, bn, bk, num_warps, accumulators, operands_in_registers)
+    bk, stages = fit_steps(bk, stages, stage_bytes, smem)
+    return bk, num_warps, stages
+
+
 def fit_stages(wanted: int, stage_bytes: int, smem: int) -> int:
     """The most pipeline stages <= ``wanted`` whose buffers (``stage_bytes`` each) fit in ``smem``
     (with 8 KB kept for the epilogue and scratch); at least 1."""

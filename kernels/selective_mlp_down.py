@@ -416,12 +416,10 @@ def _activation_by_tma(bm: int, tma: bool) -> dict[str, int]:
 def _fit(
     bm: int, bd: int, bk: int, nw: int, stages: int, smem: int, operands_in_registers: bool
 ) -> tuple[int, int, int]:
-    """(BLOCK_K, num_warps, stages) of a tile on this GPU: its registers first
-    (:func:`_common.fit_registers`), then as many of ``stages`` as shared memory holds, with shorter
-    steps before fewer stages (:func:`_common.fit_steps`)."""
-    bk, nw = C.fit_registers(bm, bd, bk, nw, 1, operands_in_registers)
-    bk, stages = C.fit_steps(bk, stages, lambda k: _stage_bytes(bm, bd, k), smem)
-    return bk, nw, stages
+    """:func:`_common.fit_tile` of a down tile (one accumulator)."""
+    return C.fit_tile(
+        bm, bd, bk, nw, stages, 1, lambda k: _stage_bytes(bm, bd, k), smem, operands_in_registers
+    )
 
 
 def _long_steps(bm: int, n_sel: int, smem: int, operands_in_registers: bool) -> tuple[int, int] | None:

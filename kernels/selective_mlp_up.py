@@ -507,8 +507,8 @@ def _heuristic(
         if one_wave and C.fit_stages(ns, _stage_bytes(bm, bn, 128, gated), smem) == ns:
             bk, nw = 128, 4  # one program per SM, each with twice the bytes in flight per step
     programs = C.cdiv(M, bm) * C.cdiv(n_sel, bn)
-    bk, nw = C.fit_registers(bm, bn, bk, nw, 2 if gated else 1, operands_in_registers)
-    bk, stages = C.fit_steps(bk, ns, lambda k: _stage_bytes(bm, bn, k, gated), smem)
+    accumulators, stage_bytes = 2 if gated else 1, lambda k: _stage_bytes(bm, bn, k, gated)
+    bk, nw, stages = C.fit_tile(bm, bn, bk, nw, ns, accumulators, stage_bytes, smem, operands_in_registers)
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": stages}
     if whole_tiles:  # fp32 partials cost more than the waves they fill (two accumulators when gated)
         return cfg | {"splits": 1}
