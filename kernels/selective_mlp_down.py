@@ -100,12 +100,14 @@ def _down_range(
 
 @triton.jit
 def _down_tile(A, tile, num_m, M, d, stride_am, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows, columns and activation row pointers of output tile ``tile`` (batch tiles vary fastest)."""
+    """Rows, columns and activation row pointers of output tile ``tile`` (batch tiles vary fastest).
+    Rows past M load row ``rm mod M``, each a different real row, never stored: pointed all at row 0
+    they made one hot line in L2 (H200, Llama-3-8B down at M = 200: 1.3-1.8x slower than with this)."""
     rm = (tile % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rm < M
     rd = (tile // num_m) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = rd < d
-    a_rows = A + tl.where(mask_m, rm, 0).to(tl.int64)[:, None] * stride_am
+    a_rows = A + tl.where(mask_m, rm, rm % M).to(tl.int64)[:, None] * stride_am
     return rm, rd, a_rows, mask_m[:, None] & mask_d[None, :], mask_d
 
 
@@ -405,12 +407,11 @@ def _heuristic(
 
 def _activation_by_tma(bm: int, tma: bool) -> dict[str, int]:
     """``{"tma_a": 1}`` (the activation tile copied by TMA, the weight rows still gathered by per-thread
-    copies) for 64-row tiles on a GPU with TMA, else nothing. H200 interleaved A/B of the heuristic's
-    configs at the benchmark shapes (2026-11-29): 1.02-1.10x at M = 64, both models. 128-row tiles ran
-    0.93-1.11x (median 0.98). The whole-batch 256-row tile ran 1.10-1.16x faster, but spills inside its
-    main loop with the descriptor (18-43 local accesses a step under Triton 3.9 / 3.6), which the
-    compile check (``kernels.bench.compiled --gpu``) refuses: it keeps per-thread copies."""
-    return {"tma_a": 1} if tma and bm == 64 else {}
+    copies) for 64-row and whole-batch 256-row tiles on a GPU with TMA, else nothing. H200 interleaved
+    A/B of the heuristic's configs (2026-11-29): 1.02-1.10x at M = 64, both models; OPT-66B's 256-row
+    tiles at M = 200 and 256 1.05-1.24x (stream-K and split grid alike). 128-row tiles ran 0.85-1.13x
+    (median 0.99): they keep per-thread copies."""
+    return {"tma_a": 1} if tma and bm in (64, 256) else {}
 
 
 def _fit(

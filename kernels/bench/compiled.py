@@ -386,6 +386,7 @@ def resources(cubin: bytes) -> tuple[int, int] | None:
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_INNER_LOOP_BYTES = 16 * 16  # a loop of >= 16 instructions (16 bytes each) is more than a spin-wait
 _TENSOR_CORE_OP = re.compile(r"\b(HMMA|HGMMA|UTC\w*MMA)\b")  # mma.sync, wgmma, tcgen05
 
 
@@ -394,16 +395,25 @@ def loop_spills(cubin: bytes) -> int | None:
     tensor-core products, read from the machine code; None without ``cuobjdump``. A spill there costs
     every step; one in the epilogue (a few values kept across a split's partial sums) costs once a tile."""
     sass = _dump(cubin, "-sass")
-    if sass is None:
-        return None
+    return None if sass is None else main_loop_spills(sass)
+
+
+def main_loop_spills(sass: str) -> int:
+    """:func:`loop_spills` of a kernel's SASS text (``cuobjdump -sass``)."""
     code = [(int(addr, 16), text) for addr, text in _SASS_LINE.findall(sass)]
     loops = []  # (start, end) address ranges closed by a backward branch
     for addr, text in code:
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < addr:
             loops.append((int(target.group(1), 16), addr))
-    mma_loops = [r for r in loops if any(r[0] <= a <= r[1] and _TENSOR_CORE_OP.search(t) for a, t in code)]
-    innermost = [r for r in mma_loops if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in mma_loops)]
+    # A range that holds another loop of its own (not a few-instruction wait on a barrier) is an outer
+    # loop, e.g. stream-K's loop over tiles with the partial step and the partials' sum, whose blocks
+    # may be laid out after its main loop's.
+    inner = [r for r in loops if r[1] - r[0] >= _INNER_LOOP_BYTES]
+    innermost = [r for r in loops if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in inner)]
+    innermost = [
+        r for r in innermost if any(r[0] <= a <= r[1] and _TENSOR_CORE_OP.search(t) for a, t in code)
+    ]
     return sum(
         1
         for a, t in code

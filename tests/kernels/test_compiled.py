@@ -78,3 +78,34 @@ def test_a_spill_in_the_main_loop_is_found():
     assert run.returncode == 0, run.stderr
     spills = dict(line.split() for line in run.stdout.splitlines())
     assert int(spills["128"]) > 0 and spills["64"] == "0", run.stdout
+
+
+def _sass(lines: list[tuple[int, str]]) -> str:
+    return "\n".join(f"        /*{addr:04x}*/                   {text} ;" for addr, text in lines)
+
+
+def _loop(start: int, body: list[str]) -> list[tuple[int, str]]:
+    """Instructions from ``start`` (16 bytes each), closed by a branch back to ``start``."""
+    return [(start + 16 * i, t) for i, t in enumerate(body)] + [(start + 16 * len(body), f"BRA 0x{start:x}")]
+
+
+def test_spills_count_in_the_main_loop_only():
+    """Per-step spills are those in the innermost tensor-core loop. A loop holding another real loop is
+    an outer one even when its blocks come after the main loop's (stream-K's loop over tiles: the
+    compiler lays the partial step and the partials' sum out behind the main loop); a spin-wait of a
+    few instructions inside the main loop does not make it an outer loop."""
+    from polar_sparsity.kernels.bench.compiled import main_loop_spills
+
+    main = _loop(0x100, ["HGMMA.64x128x16.F32 R24, gdesc[UR4], R24"] * 8)
+    spin = _loop(0x200, ["SYNCS.PHASECHK.TRANS64 P0, [UR4], R3"])  # a barrier wait, 2 instructions
+    sums = _loop(0x700, ["LDG.E R4, desc[UR6][R2.64]", "FADD R5, R5, R4"] * 10)  # the partials' sum
+    outer = [(0x400, "HGMMA.64x128x16.F32 R24, gdesc[UR4], R24"), (0x410, "LDL R160, [R1+0x1c]")]
+    outer += [(0x420, "STL [R1+0x4], R12")] + sums + [(0x900, "BRA 0x400")]
+    assert main_loop_spills(_sass(main + spin + outer)) == 0
+    spilling_main = _loop(0x100, ["HGMMA.64x128x16.F32 R24, gdesc[UR4], R24", "LDL R2, [R1+0x4]"])
+    assert main_loop_spills(_sass(spilling_main + spin + outer)) == 1
+    # A spin-wait inside the main loop's range leaves it the innermost loop.
+    wait = _loop(0x120, ["SYNCS.PHASECHK.TRANS64 P0, [UR4], R3"])
+    waiting_main = [(0x100, "HGMMA.64x128x16.F32 R24, gdesc[UR4], R24"), (0x110, "STL [R1], R2"), *wait]
+    waiting_main += [(0x140, "LDL R2, [R1]"), (0x150, "BRA 0x100")]
+    assert main_loop_spills(_sass(waiting_main)) == 2

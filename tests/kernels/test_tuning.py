@@ -529,17 +529,17 @@ def test_tuning_times_the_heuristic_and_known_configs_before_the_candidates():
     assert _tuning.with_first([None, {"BLOCK_N": 128}], candidates) == [{"BLOCK_N": 128}, {"BLOCK_N": 64}]
 
 
-def test_down_activation_tile_by_tma_for_64_row_tiles_only():
-    """The H200 A/B's rule: 64-row tiles (M = 33-64) load the activation tile by TMA on a GPU with TMA;
-    16-, 128- and 256-row tiles, and GPUs without TMA, keep per-thread copies."""
+def test_down_activation_tile_by_tma_for_64_and_256_row_tiles():
+    """The H200 A/B's rule: 64-row tiles (M = 33-64) and whole-batch 256-row tiles load the activation
+    tile by TMA on a GPU with TMA; 16- and 128-row tiles, and GPUs without TMA, keep per-thread copies."""
     from polar_sparsity.kernels import selective_mlp_down
 
     smem = 227 * 1024
-    for M, rows in ((16, 16), (64, 64), (128, 128), (256, 256)):
+    for M, rows in ((16, 16), (64, 64), (128, 128), (200, 256), (256, 256)):
         cfg = selective_mlp_down._heuristic(M, 18432, 9216, 132, smem, False, True)
-        assert cfg["BLOCK_M"] == rows and ("tma_a" in cfg) == (rows == 64), (M, cfg)
+        assert cfg["BLOCK_M"] == rows and ("tma_a" in cfg) == (rows in (64, 256)), (M, cfg)
         assert "tma_a" not in selective_mlp_down._heuristic(M, 18432, 9216, 132, smem, False, False)
     for cfg in selective_mlp_down._candidates(256, 18432, 9216, 132, smem, True):
-        assert ("tma_a" in cfg) == (cfg["BLOCK_M"] == 64), cfg
+        assert ("tma_a" in cfg) == (cfg["BLOCK_M"] in (64, 256)), cfg
     assert _common.has_tma(torch.device("cpu"))  # the interpreter runs the descriptor path too
     assert [_common.tma_feeds_shared_memory_mma(m) for m in (8, 9, 10, 12)] == [False, True, True, False]
