@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import json
 import math
 import platform
@@ -89,6 +90,40 @@ def read_bandwidth(gib: float = 4.0) -> float:
         best = max(best, x.numel() * 2 / (us * 1e-6))
     del x
     torch.cuda.empty_cache()
+    return best
+
+
+_READ_BLOCK = 4096  # fp16 elements a program reads per step of _read_kernel
+
+
+@functools.cache  # one measurement per size and process
+def same_bytes_read_us(nbytes: int) -> float:
+    """Microseconds a plain streaming-read kernel takes to read ``nbytes`` from HBM, timed as the
+    benchmarks time an op (graph replay over rotated buffers), the fastest of a few grid sizes and warp
+    counts. The bytes limit divides by the rate of a 4 GiB read; at tens of MB every kernel also pays
+    launch, ramp-up and tail, and this is that floor measured: no kernel reading these bytes once
+    can be faster."""
+    elements = max(_READ_BLOCK, nbytes // 2)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = torch.empty(sms * 16, device="cuda", dtype=torch.float32)
+    best = math.inf
+    for programs in sorted({sms * 2, sms * 4, sms * 8, sms * 16, min(sms, elements // _READ_BLOCK)}):
+        per = elements // programs // _READ_BLOCK * _READ_BLOCK
+        if per == 0:  # too few bytes for this many programs
+            continue
+        read = per * programs  # <= elements: the time is scaled up to all of them
+        bufs = [torch.empty(read, device="cuda", dtype=torch.float16) for _ in range(rotations(read * 2))]
+        for warps in (4, 8):
+            us = time_graph(
+                [
+                    lambda x=x, p=programs, n=per, w=warps: _read_kernel[(p,)](
+                        x, out, n, BLOCK=_READ_BLOCK, num_warps=w
+                    )
+                    for x in bufs
+                ]
+            )
+            best = min(best, us * elements / read)
+        del bufs
     return best
 
 

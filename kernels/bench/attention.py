@@ -3,7 +3,8 @@
 Beside each selective point, SDPA cuDNN runs dense attention over a cache that holds only as many
 KV heads (method ``sdpa cudnn, kept heads only``): the selective op's bytes with the gather for
 free, i.e. what the vendor kernel reaches at that size (GQA as packed queries, each KV head read
-once).
+once); the ``streaming read, same bytes`` row is a plain read of as many bytes, the floor any kernel
+of that size pays.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import dense_decode_attention, selective_group_attention, selective_head_attention
-from ._harness import rotations, time_graph, try_time
-from .shapes import ELEMENT_BYTES, SELECTIVE, Case
+from ._harness import rotations, same_bytes_read_us, time_graph, try_time
+from .shapes import ELEMENT_BYTES, SELECTIVE, STREAM_READ, Case
 
 MAX_ROTATIONS = 16  # ``rotations()``'s cap: index sets (and graph-pool outputs) per timed call
 KEPT_HEADS = "sdpa cudnn, kept heads only"  # the same-size dense attention (module docstring)
@@ -110,7 +111,8 @@ def bench_shape(case: Case, bw: float, dtype=torch.float16) -> list[dict]:
         fns = [lambda q=q, k=k, v=v, i=idx[i]: op(q, k, v, seqlens, i, validate=False) for i in range(R)]
         us = time_graph(fns)
         kept_us, err = try_time(lambda q=q, kk=kk, R=R: _kept_heads_only(q, kk, H // Hkv, N, R))
-        for method, t, note in ((SELECTIVE, us, ""), (KEPT_HEADS, kept_us, err)):
+        read_us = same_bytes_read_us(nbytes)
+        for method, t, note in ((SELECTIVE, us, ""), (KEPT_HEADS, kept_us, err), (STREAM_READ, read_us, "")):
             rows.append(
                 dict(
                     shape=name,

@@ -3,7 +3,8 @@
 Beside each selective point, cuBLAS runs the same GEMM on a contiguous block of as many weight rows
 (method ``cublas, kept rows only``): the bytes and FLOPs of the selective op with the gather for
 free, i.e. what the vendor library reaches at that size. Where a selective op misses its bandwidth
-limit, this row says how much of the miss any kernel of that size pays (launch, ramp-up, tail).
+limit, this row says how much of the miss any kernel of that size pays (launch, ramp-up, tail); the
+``streaming read, same bytes`` row is the floor of that: a plain read of as many bytes.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from .. import _common as C
 from .. import _tuning, selective_down, selective_gated_up, selective_up
 from .. import selective_mlp_down as _down_mod
 from .. import selective_mlp_up as _up_mod
-from ._harness import l2_bytes, rotations, time_graph
-from .shapes import ELEMENT_BYTES, SELECTIVE, Case
+from ._harness import l2_bytes, rotations, same_bytes_read_us, time_graph
+from .shapes import ELEMENT_BYTES, SELECTIVE, STREAM_READ, Case
 
 TUNE_MAX_M = 256  # with --tune, every benchmark batch size is swept (graph-timed)
 MAX_ROTATIONS = 16  # ``rotations()``'s cap
@@ -203,7 +204,12 @@ def bench_model(cases: list[Case], bw: float, dtype=torch.float16, tune: bool = 
             down_rows = [_row_block(ws[i % copies]["w_down_t"], k, i) for i in range(R)]
             t_up_rows = time_graph([lambda w=w, x=x: F.linear(x, w) for w in up_rows])
             t_down_rows = time_graph([lambda w=w, a=a: torch.mm(a, w) for w in down_rows])
-            for method, tu, td in ((SELECTIVE, t_up, t_down), (KEPT_ROWS, t_up_rows, t_down_rows)):
+            reads = (same_bytes_read_us(up_bytes), same_bytes_read_us(down_bytes))
+            for method, tu, td in (
+                (SELECTIVE, t_up, t_down),
+                (KEPT_ROWS, t_up_rows, t_down_rows),
+                (STREAM_READ, *reads),
+            ):
                 rows.append(_row(model, up_name, M, method, k / n, k, tu, up_bytes, bw, dense_up))
                 rows.append(_row(model, "down", M, method, k / n, k, td, down_bytes, bw, dense_down))
     del ws

@@ -1,6 +1,6 @@
 """The GPU session's summary reads the benchmark CSVs: baseline rows at the selective op's size
-(``cublas, kept rows only``) are neither an op of the heuristic / tuned ratio tables nor the sparse
-path of the never-slower-than-dense checks."""
+(``cublas, kept rows only``, ``streaming read, same bytes``) are neither an op of the heuristic /
+tuned ratio tables nor the sparse path of the never-slower-than-dense checks."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def _gemm_csv(directory: Path, selective_us: float) -> None:
         shape = f"opt-66b d=9216 n=36864 relu {op} M=64"
         common = dict(shape=shape, model="opt-66b d=9216 n=36864 relu", op=op, M=64)
         rows.append(dict(common, method="cublas dense", density=1.0, k=36864, latency_us=100.0))
-        for method, us in (("selective (ours)", selective_us), ("cublas, kept rows only", 90.0)):
+        methods = (("selective (ours)", selective_us), ("cublas, kept rows only", 90.0))
+        for method, us in (*methods, ("streaming read, same bytes", 25.0)):
             rows.append(
                 dict(
                     common,
@@ -55,7 +56,8 @@ def test_fallback_checks_compare_the_selective_mlp_with_dense(tmp_path):
 def test_targets_show_the_vendor_at_the_same_size(tmp_path):
     _gemm_csv(tmp_path / "tuned", selective_us=40.0)
     targets = {name: rest for name, *rest in session._targets(tmp_path / "tuned")}
-    ours, met, vendor = targets["GEMMs >= 0.85 of limit, M <= 64, density >= 0.3"]
+    ours, met, vendor, floor = targets["GEMMs >= 0.85 of limit, M <= 64, density >= 0.3"]
     assert ours.startswith("0.500") and met == "MISSED"  # limit 20 us / 40 us
     assert vendor.startswith("0.222")  # 20 / 90: cuBLAS on the kept rows
-    assert targets["block OPT-66B density 0.3 >= 2.0x dense"] == ["-", "not measured", "-"]
+    assert floor.startswith("0.800")  # 20 / 25: a plain read of the same bytes
+    assert targets["block OPT-66B density 0.3 >= 2.0x dense"] == ["-", "not measured", "-", "-"]
