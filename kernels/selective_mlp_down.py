@@ -365,7 +365,7 @@ def _heuristic(
     every candidate at each shape: the whole-batch tile was the fastest config for OPT-66B at k =
     7,373-25,805; 256-column tiles at k >= 6,144 took 1.08-1.33x the best for Llama-3-8B, 128 x 64 tiles
     1.00-1.05x). Each tile is then fitted to the GPU's registers and shared memory (:func:`_fit`), and
-    64-row tiles load their activation tile by TMA where the GPU has it (:func:`_activation_by_tma`).
+    64- and 256-row tiles load their activation tile by TMA where the GPU has it (:func:`_activation_by_tma`).
     """
     wide = C.cdiv(d, 128) >= sms / 2  # 128-column tiles alone fill half a wave
     whole_batch = M > 128 and n_sel >= 96 * 64 and wide

@@ -18,9 +18,8 @@ import yaml
 
 ELEMENT_BYTES = 2  # the benchmarks run in fp16
 SELECTIVE = "selective (ours)"  # the method column of our selective op's rows, in every benchmark
-STREAM_READ = (
-    "streaming read, same bytes"  # a plain read of the selective op's bytes (_harness.same_bytes_read_us)
-)
+# The method of a plain read of the selective op's bytes (``_harness.same_bytes_read_us``).
+STREAM_READ = "streaming read, same bytes"
 MLP_KINDS = ("relu", "gated")  # relu: sparse neurons (OPT); gated: SwiGLU (Llama, Mistral, Qwen2)
 HEAD_DIM_RANGE = (16, 256)  # the attention kernels take any multiple of 8 in this range
 
