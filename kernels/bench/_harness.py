@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _common as C
 from .._tuning import graph_replay_us
 
 REPS = 25
@@ -78,7 +79,7 @@ def _read_kernel(X, OUT, n_per_prog, BLOCK: tl.constexpr):
 
 def read_bandwidth(gib: float = 4.0) -> float:
     """Streaming-read bandwidth in bytes/s (bytes read only): the ceiling for read-bound kernels."""
-    block, programs = 4096, torch.cuda.get_device_properties(0).multi_processor_count * 16
+    block, programs = 4096, C.num_sms(torch.device("cuda")) * 16
     per = int(gib * 2**30) // 2 // programs // block * block
     x = torch.randn(per * programs, device="cuda", dtype=torch.float16)
     out = torch.empty(programs, device="cuda", dtype=torch.float32)
@@ -110,7 +111,7 @@ def same_bytes_read_us(nbytes: int) -> float:
     ramp-up and tail, and this is that floor measured: no kernel reading these bytes once can be
     faster."""
     elements = max(_READ_BLOCK, nbytes // 2)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = C.num_sms(torch.device("cuda"))
     out = torch.empty(sms * max(_READ_PROGRAMS_PER_SM), device="cuda", dtype=torch.float32)
     best = math.inf
     for programs in sorted({min(sms * p, elements // _READ_BLOCK) for p in _READ_PROGRAMS_PER_SM}):
