@@ -806,23 +806,64 @@ def _partial_states(out, seqlens, n_pairs: int, slots: int, group: int, merge_he
 
 def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg, zero_fill=False) -> None:
     B, Hq, D = q.shape
-    n_kv, n_max = k_cache.shape[1], k_cache.shape[2]
+    has_idx = kv_idx is not None
+    idx = kv_idx if has_idx else seqlens  # a stand-in, never read, when HAS_IDX is False
+    strides = dict(stride_qb=q.stride(0), stride_qh=q.stride(1))
+    for name, t in (("k", k_cache), ("v", v_cache)):
+        strides |= {f"stride_{name}{dim}": t.stride(i) for i, dim in enumerate("bhn")}
+    strides |= dict(
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ib=kv_idx.stride(0) if has_idx else 0
+    )
+    attend, merge = _plan(
+        B,
+        Hq,
+        D,
+        *k_cache.shape[1:3],
+        n_sel,
+        group,
+        strides,
+        cfg,
+        sms=C.num_sms(q.device),
+        has_idx=has_idx,
+        zero_fill=zero_fill,
+        upcast=upcast_dot(q.dtype),
+    )
+    po, pml, cnt = _partial_states(out, seqlens, B * n_sel, attend.partial_slots, group, attend.counters > 0)
+    attend.launch(
+        Q=q, K=k_cache, V=v_cache, SEQLENS=seqlens, IDX=idx, OUT=out, PO=po, PML=pml, CNT=cnt, qk_scale=scale
+    )
+    if merge is not None:
+        merge.launch(PO=po, PML=pml, IDX=idx, OUT=out)
+
+
+def _plan(
+    B: int,
+    Hq: int,
+    D: int,
+    n_kv: int,
+    n_max: int,
+    n_sel: int,
+    group: int,
+    strides: dict[str, int],
+    cfg: _tuning.Config,
+    *,
+    sms: int,
+    has_idx: bool,
+    zero_fill: bool,
+    upcast: bool,
+) -> tuple[C.LaunchPlan, C.LaunchPlan | None]:
+    """The launches of ``cfg`` at these sizes: the attention kernel (split-K grid of (pair, chunk)
+    programs or stream-K), and the merge of the chunks' partial states where the grid splits the
+    context and does not merge in-kernel (else None). ``strides`` holds the kernels' stride arguments
+    by name; ``counters`` of the attention plan is the pairs' arrival counters of an in-kernel merge
+    (0 without one)."""
     bn = cfg["BLOCK_N"]
     use_dot = bool(cfg["use_dot"]) or group > 1
     block_d = C.next_pow2(D)
-    has_idx = kv_idx is not None
-    idx = kv_idx if has_idx else seqlens  # dummy pointer, never read when HAS_IDX is False
-    stride_ib = kv_idx.stride(0) if has_idx else 0
     n_pairs = B * n_sel
-    strides = (
-        q.stride(0),
-        q.stride(1),
-        *k_cache.stride()[:3],
-        *v_cache.stride()[:3],
-        *out.stride()[:2],
-        stride_ib,
-    )
-    meta = dict(
+    blocks = C.cdiv(n_max, bn)
+    scalars = strides | dict(n_sel=n_sel, n_kv=n_kv, n_q=Hq, n_max=n_max)
+    constexprs = dict(
         GROUP=group,
         BLOCK_G=max(16, C.next_pow2(group)) if use_dot else 1,
         HEAD_DIM=D,
@@ -833,70 +874,51 @@ def _launch(q, k_cache, v_cache, seqlens, kv_idx, out, scale, n_sel, group, cfg,
         BLOCK_H=C.next_pow2(Hq) if zero_fill else 1,
         BLOCK_K=C.next_pow2(n_sel) if zero_fill else 1,
         USE_DOT=use_dot,
-        UPCAST=upcast_dot(q.dtype),
+        UPCAST=upcast,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    args = (q, k_cache, v_cache, seqlens, idx, out)
-    sizes = (n_sel, n_kv, Hq, n_max)
-    blocks = C.cdiv(n_max, bn)
     if cfg.get("stream_k", 0):
         share, programs, slots = C.stream_k_plan(
-            n_pairs * blocks, blocks, C.num_sms(q.device) * cfg["stream_k"], C.cdiv(MIN_CHUNK, bn)
+            n_pairs * blocks, blocks, sms * cfg["stream_k"], C.cdiv(MIN_CHUNK, bn)
         )
-        po, pml, cnt = _partial_states(out, seqlens, n_pairs, slots, group, merge_here=True)
-        _attn_stream_k_kernel[(programs,)](
-            *args,
-            po,
-            pml,
-            cnt,
-            scale,
-            *strides,
-            *sizes,
-            blocks,
-            share,
-            n_pairs * blocks,
+        scalars |= dict(blocks=blocks, share=share, total=n_pairs * blocks, slots=slots)
+        attend = C.LaunchPlan(
+            _attn_stream_k_kernel,
+            (programs,),
+            scalars,
+            constexprs | dict(SPLIT=slots > 1),
             slots,
-            SPLIT=slots > 1,
-            **meta,
+            n_pairs if slots > 1 else 0,
         )
-        return
+        return attend, None
     chunk, splits = C.split_chunks(n_max, bn, cfg["splits"])
     merge_here = splits > 1 and bool(cfg.get("merge_here", 0))
-    po, pml, cnt = _partial_states(out, seqlens, n_pairs, splits, group, merge_here)
-    _attn_chunk_kernel[(n_pairs, splits)](
-        *args,
-        po,
-        pml,
-        cnt,
-        scale,
-        *strides,
-        *sizes,
-        chunk,
+    attend = C.LaunchPlan(
+        _attn_chunk_kernel,
+        (n_pairs, splits),
+        scalars | dict(chunk=chunk, n_splits=splits),
+        constexprs | dict(SPLIT=splits > 1, MERGE_HERE=merge_here),
         splits,
-        SPLIT=splits > 1,
-        MERGE_HERE=merge_here,
-        **meta,
+        n_pairs if merge_here else 0,
     )
-    if splits > 1 and not merge_here:
-        _attn_merge_kernel[(B * n_sel, group)](
-            po,
-            pml,
-            idx,
-            out,
-            out.stride(0),
-            out.stride(1),
-            stride_ib,
-            n_sel,
-            n_kv,
-            splits,
+    if splits == 1 or merge_here:
+        return attend, None
+    merge = C.LaunchPlan(
+        _attn_merge_kernel,
+        (n_pairs, group),
+        {name: strides[name] for name in ("stride_ob", "stride_oh", "stride_ib")}
+        | dict(n_sel=n_sel, n_kv=n_kv, n_splits=splits),
+        dict(
             GROUP=group,
             HEAD_DIM=D,
             BLOCK_D=block_d,
             BLOCK_S=C.next_pow2(splits),
             HAS_IDX=has_idx,
             num_warps=4,
-        )
+        ),
+    )
+    return attend, merge
 
 
 def decode_attention_reference(

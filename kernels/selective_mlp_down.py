@@ -581,7 +581,6 @@ def selective_down(
 
 def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
     M, n_sel = a.shape
-    d = w_down_t.shape[1]
     if M > 1 and a.stride(0) % 16:
         # Rows of `a` not 32-byte aligned (odd k): the kernel's activation loads would be element-wise
         # and could not be asynchronous copies. Re-pitch once (M * k * 4 bytes moved, ~1% of the
@@ -589,59 +588,91 @@ def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
         padded = torch.empty((M, C.cdiv(n_sel, 16) * 16), device=a.device, dtype=a.dtype)
         padded[:, :n_sel].copy_(a)
         a = padded[:, :n_sel]
-    stride_am = a.stride(0) if M > 1 else 0  # one row: any stride, and 0 tells the compiler it aligns
+    tma_a = _uses_tma(cfg, M, C.has_tma(a.device)) and a.data_ptr() % 16 == 0
+    plan = _plan(
+        M,
+        n_sel,
+        *w_down_t.shape,
+        a.stride(0) if M > 1 else 0,  # one row: any stride, and 0 tells the compiler it aligns
+        w_down_t.stride(0),
+        out.stride(0),
+        cfg,
+        sms=C.num_sms(a.device),
+        has_bias=bias is not None,
+        tma_a=tma_a,
+        upcast=upcast_dot(a.dtype),
+    )
+    ws, cnt = C.split_workspace(out, (plan.partial_slots, M, out.shape[1]), plan.counters)
+    plan.launch(
+        A=a,
+        A_DESC=TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]]) if tma_a else a,
+        W=w_down_t,
+        BIAS=bias if bias is not None else a,  # a stand-in, never read, without HAS_BIAS
+        IDX=idx,
+        OUT=out,
+        WS=ws,
+        CNT=cnt,
+    )
+
+
+def _uses_tma(cfg: _tuning.Config, M: int, gpu_has_tma: bool) -> bool:
+    """Whether a launch of ``cfg`` loads its activation tile by TMA (see :func:`_activation_by_tma`):
+    the config asks for it, the GPU has TMA and the rows are pitched (the wrapper pitches them when
+    M > 1; a descriptor also needs a 16-byte aligned base, which the wrapper checks)."""
+    return bool(cfg.get("tma_a", 0)) and gpu_has_tma and M > 1
+
+
+def _plan(
+    M: int,
+    n_sel: int,
+    n_rows: int,
+    d: int,
+    stride_am: int,
+    stride_wn: int,
+    stride_om: int,
+    cfg: _tuning.Config,
+    *,
+    sms: int,
+    has_bias: bool,
+    tma_a: bool,
+    upcast: bool,
+) -> C.LaunchPlan:
+    """The launch of ``cfg`` at these sizes: split-K grid or stream-K (:class:`_common.LaunchPlan`)."""
     bm, bd, bk = cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["BLOCK_K"]
     num_m = C.cdiv(M, bm)
     tiles = num_m * C.cdiv(d, bd)
     steps = C.cdiv(n_sel, bk)
-    # The activation tile by TMA (see _activation_by_tma) where the GPU has it and the rows are aligned
-    # (pitched above when M > 1; a descriptor needs 16-byte aligned rows and base).
-    tma_a = bool(cfg.get("tma_a", 0)) and C.has_tma(a.device) and M > 1 and a.data_ptr() % 16 == 0
-    a_desc = TensorDescriptor.from_tensor(a, [bm, bk]) if tma_a else a
-    meta = dict(
+    scalars = dict(M=M, n_sel=n_sel, d=d, n_rows=n_rows, num_m=num_m)
+    scalars |= dict(stride_am=stride_am, stride_wn=stride_wn, stride_om=stride_om)
+    constexprs = dict(
         BLOCK_M=bm,
         BLOCK_D=bd,
         BLOCK_K=bk,
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=has_bias,
         EVEN_D=d % bd == 0,
-        UPCAST=upcast_dot(a.dtype),
+        UPCAST=upcast,
         TMA_A=tma_a,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    args = (a, a_desc, w_down_t, bias if bias is not None else a, idx, out)  # a: dummy bias without HAS_BIAS
-    sizes = (M, n_sel, d, w_down_t.shape[0])
-    strides = (stride_am, w_down_t.stride(0), out.stride(0))
     if cfg.get("stream_k", 0):
-        share, programs, parts = C.stream_k_plan(tiles * steps, steps, C.num_sms(a.device) * cfg["stream_k"])
-        ws, cnt = C.split_workspace(out, (parts, M, d), tiles)
-        _down_stream_k_kernel[(programs,)](
-            *args,
-            ws,
-            cnt,
-            *sizes,
-            steps,
-            share,
-            tiles * steps,
-            num_m,
-            *strides,
-            SPLIT=parts > 1,
-            **meta,
+        share, programs, parts = C.stream_k_plan(tiles * steps, steps, sms * cfg["stream_k"])
+        return C.LaunchPlan(
+            _down_stream_k_kernel,
+            (programs,),
+            scalars | dict(steps=steps, share=share, total=tiles * steps),
+            constexprs | dict(SPLIT=parts > 1),
+            parts,
+            tiles,
         )
-        return
     k_chunk, splits = C.split_chunks(n_sel, bk, cfg["splits"])
-    ws, cnt = C.split_workspace(out, (splits, M, d), tiles)
-    _down_kernel[(tiles, splits)](
-        *args,
-        ws,
-        cnt,
-        *sizes,
-        k_chunk,
-        num_m,
+    return C.LaunchPlan(
+        _down_kernel,
+        (tiles, splits),
+        scalars | dict(k_chunk=k_chunk, n_splits=splits),
+        constexprs | dict(SPLIT=splits > 1),
         splits,
-        *strides,
-        SPLIT=splits > 1,
-        **meta,
+        tiles,
     )
 
 

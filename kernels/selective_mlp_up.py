@@ -692,54 +692,89 @@ def _run(x, w_gate, w_up, bias, idx, out, relu: bool, validate: bool) -> torch.T
 def _launch(x, w_gate, w_up, bias, idx, out, relu, cfg) -> None:
     M, d = x.shape
     n_sel = idx.shape[0]
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     gated = w_gate is not None
+    wg = w_gate if gated else w_up  # a stand-in, never read, when not gated
+    plan = _plan(
+        M,
+        n_sel,
+        d,
+        w_up.shape[0],
+        (x.stride(0), wg.stride(0), w_up.stride(0), out.stride(0)),
+        cfg,
+        sms=C.num_sms(x.device),
+        gated=gated,
+        has_bias=bias is not None,
+        relu=relu,
+        upcast=upcast_dot(x.dtype),
+    )
+    ws, cnt = C.split_workspace(out, (plan.partial_slots, 2 if gated else 1, M, n_sel), plan.counters)
+    plan.launch(
+        X=x,
+        WG=wg,
+        WU=w_up,
+        BIAS=bias if bias is not None else w_up,  # a stand-in, never read, without HAS_BIAS
+        IDX=idx,
+        OUT=out,
+        WS=ws,
+        CNT=cnt,
+    )
+
+
+def _plan(
+    M: int,
+    n_sel: int,
+    d: int,
+    n_rows: int,
+    strides: tuple[int, int, int, int],
+    cfg: _tuning.Config,
+    *,
+    sms: int,
+    gated: bool,
+    has_bias: bool,
+    relu: bool,
+    upcast: bool,
+) -> C.LaunchPlan:
+    """The launch of ``cfg`` at these sizes (``strides``: rows of x, the gate and up weights, out):
+    split-d grid, with the last wave's tiles alone split where the config says so, or stream-K."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     num_m = C.cdiv(M, bm)
     tiles = num_m * C.cdiv(n_sel, bn)
     steps = C.cdiv(d, bk)
-    wg = w_gate if gated else w_up
-    b = bias if bias is not None else w_up  # dummy pointer when HAS_BIAS is False
-    args = (x, wg, w_up, b, idx, out)
-    sizes = (M, n_sel, d, w_up.shape[0])
-    strides = (x.stride(0), wg.stride(0), w_up.stride(0), out.stride(0))
-    meta = dict(
+    scalars = dict(M=M, n_sel=n_sel, d=d, n_rows=n_rows, num_m=num_m)
+    scalars |= dict(zip(("stride_xm", "stride_wg", "stride_wu", "stride_om"), strides, strict=True))
+    constexprs = dict(
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
         GATED=gated,
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=has_bias,
         RELU=relu,
         EVEN_K=d % bk == 0,
-        UPCAST=upcast_dot(x.dtype),
+        UPCAST=upcast,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     if cfg.get("stream_k", 0):
-        share, programs, slots = C.stream_k_plan(tiles * steps, steps, C.num_sms(x.device) * cfg["stream_k"])
-        ws, cnt = C.split_workspace(out, (slots, 2 if gated else 1, M, n_sel), tiles)
-        _up_stream_k_kernel[(programs,)](
-            *args,
-            ws,
-            cnt,
-            *sizes,
-            steps,
-            share,
-            tiles * steps,
-            num_m,
-            *strides,
-            SPLIT=slots > 1,
-            **meta,
+        share, programs, slots = C.stream_k_plan(tiles * steps, steps, sms * cfg["stream_k"])
+        return C.LaunchPlan(
+            _up_stream_k_kernel,
+            (programs,),
+            scalars | dict(steps=steps, share=share, total=tiles * steps),
+            constexprs | dict(SPLIT=slots > 1),
+            slots,
+            tiles,
         )
-        return
     d_chunk, splits = C.split_chunks(d, bk, cfg["splits"])
-    whole = (
-        C.whole_wave_tiles(tiles, C.num_sms(x.device) * cfg["last_wave_split"])
-        if splits > 1 and cfg.get("last_wave_split")
-        else 0
-    )
-    ws, cnt = C.split_workspace(out, (splits, 2 if gated else 1, M, n_sel), tiles)
-    _up_kernel[(whole + (tiles - whole) * splits, 1)](
-        *args, ws, cnt, *sizes, d_chunk, num_m, splits, whole, *strides, SPLIT=splits > 1, **meta
+    whole = 0
+    if splits > 1 and cfg.get("last_wave_split"):
+        whole = C.whole_wave_tiles(tiles, sms * cfg["last_wave_split"])
+    return C.LaunchPlan(
+        _up_kernel,
+        (whole + (tiles - whole) * splits, 1),
+        scalars | dict(d_chunk=d_chunk, n_splits=splits, whole_tiles=whole),
+        constexprs | dict(SPLIT=splits > 1),
+        splits,
+        tiles,
     )
 
 

@@ -111,105 +111,121 @@ ARCHS = (80, 86, 89, 90, 100, 120)  # tensor-core GPUs Triton compiles for (chec
 # Representative launches: OPT-66B's MLP (d = 9216, 36,864 neurons, half selected) and attention
 # shapes, at the tile shapes the heuristics pick for small and large batches.
 _D, _N, _K = 9216, 36864, 18432
+_SMS = 132
+# Argument types of the pointers (and the one float) that are not fp16 tensors.
+_ARGUMENT_TYPES = dict(IDX="*i32", SEQLENS="*i32", CNT="*i32", WS="*fp32", PO="*fp32", PML="*fp32")
+_ARGUMENT_TYPES |= dict(qk_scale="fp32")
 
 
-def _up_case(
-    M: int, bm: int, bn: int, warps: int, gated: bool, bk: int = 64, stages: int = 4, split: bool = False
-) -> tuple:
-    args = dict(X="*fp16", WG="*fp16", WU="*fp16", BIAS="*fp16", IDX="*i32", OUT="*fp16", WS="*fp32")
-    args |= dict(CNT="*i32", M=M, n_sel=_K, d=_D, n_rows=_N, d_chunk=_D, num_m=M // bm + 2, n_splits=2)
-    args |= dict(whole_tiles=132 if split else 0)
-    args |= dict(stride_xm=_D, stride_wg=_D, stride_wu=_D, stride_om=_K)
-    consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GATED=gated, HAS_BIAS=not gated, RELU=not gated)
-    consts |= dict(SPLIT=split, EVEN_K=True, UPCAST=False)
-    return up._up_kernel, args, consts, warps, stages
+def _case(plan: C.LaunchPlan, **types: str) -> tuple:
+    """``plan``'s (kernel, arguments, constexprs, warps, stages) for :func:`compile_for`: its sizes, and
+    every other argument a pointer (fp16 unless :data:`_ARGUMENT_TYPES` or ``types`` says otherwise)."""
+    consts = dict(plan.constexprs)
+    warps, stages = consts.pop("num_warps"), consts.pop("num_stages")
+    args = {
+        name: types.get(name, _ARGUMENT_TYPES.get(name, "*fp16"))
+        for name in plan.kernel.arg_names
+        if name not in plan.scalars and name not in consts
+    }
+    return plan.kernel, args | plan.scalars, consts, warps, stages
 
 
-def _down_case(M: int, bm: int, bd: int, warps: int, k: int = _K, bk: int = 64, stages: int = 4) -> tuple:
-    """``k`` may be odd: the activation rows are then pitched to 16 elements, as the wrapper does."""
-    args = dict(A="*fp16", A_DESC="*fp16", W="*fp16", BIAS="*fp16", IDX="*i32", OUT="*fp16", WS="*fp32")
-    args |= dict(CNT="*i32")
-    args |= dict(M=M, n_sel=k, d=_D, n_rows=_N, k_chunk=-(-k // bk) * bk, num_m=M // bm + 2, n_splits=2)
-    args |= dict(stride_am=-(-k // 16) * 16, stride_wn=_D, stride_om=_D)
-    consts = dict(BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=bk, HAS_BIAS=True, SPLIT=False, EVEN_D=True, UPCAST=False)
-    consts |= dict(TMA_A=False)
-    return down._down_kernel, args, consts, warps, stages
+def _tile(bm: int, bn: int, warps: int, bk: int = 64, stages: int = 4, **schedule: int) -> dict:
+    """A GEMM config (``bn``: the up tile's neurons or the down tile's columns; both keys are set)."""
+    tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return tile | {"splits": 1} | schedule
 
 
-def _stream_k(case: tuple, kernel, grid_args: tuple[str, str], steps: int, tiles: int, split: bool) -> tuple:
-    """A grid case as its stream-K launch. Without partial slots (``split`` False) the wrapper passes
-    the output as the workspace and counters, as this case does: the kernel must still compile."""
-    _, args, consts, warps, stages = case
-    for name in grid_args:
-        del args[name]
-    args |= dict(steps=steps, share=80 if split else 2 * steps, total=steps * tiles)
-    if not split:
-        args |= dict(WS=args["OUT"], CNT=args["OUT"])
-    return kernel, args, consts | dict(SPLIT=split), warps, stages
-
-
-def _up_stream_k_case(M: int, bm: int, bn: int, warps: int, split: bool) -> tuple:
-    tiles = _K // bn * (M // bm + 2)
-    case = _up_case(M, bm, bn, warps, False)
-    return _stream_k(
-        case, up._up_stream_k_kernel, ("d_chunk", "n_splits", "whole_tiles"), _D // 64, tiles, split
+def _up_case(M: int, cfg: dict, gated: bool = False, k: int = _K, d: int = _D, sms: int = _SMS) -> tuple:
+    """The compile case of ``selective_up`` (``selective_gated_up``) launching ``cfg``."""
+    plan = up._plan(
+        M, k, d, _N, (d, d, d, k), cfg, sms=sms, gated=gated, has_bias=not gated, relu=not gated, upcast=False
     )
+    return _case(plan)
 
 
-def _down_stream_k_case(M: int, bm: int, bd: int, warps: int, split: bool) -> tuple:
-    tiles = _D // bd * (M // bm + 2)
-    case = _down_case(M, bm, bd, warps)
-    return _stream_k(case, down._down_stream_k_kernel, ("k_chunk", "n_splits"), _K // 64, tiles, split)
+def _down_case(
+    M: int,
+    cfg: dict,
+    k: int = _K,
+    d: int = _D,
+    sms: int = _SMS,
+    has_bias: bool = True,
+    gpu_has_tma: bool = False,
+) -> tuple:
+    """The compile case of ``selective_down`` launching ``cfg``. ``k`` may be odd: the activation rows
+    are then pitched to 16 elements, as the wrapper does."""
+    stride_am = C.cdiv(k, 16) * 16 if M > 1 else 0
+    tma = down._uses_tma(cfg, M, gpu_has_tma)
+    plan = down._plan(M, k, _N, d, stride_am, d, d, cfg, sms=sms, has_bias=has_bias, tma_a=tma, upcast=False)
+    return _case(plan, A_DESC=f"tensordesc<fp16[{cfg['BLOCK_M']}, {cfg['BLOCK_K']}]>" if tma else "*fp16")
 
 
-def _attn_case(group: int, block_n: int, warps: int, stages: int = 3) -> tuple:
-    n_max, kv_heads, head_dim = 8192, 8, 128
+def _attn_case(
+    group: int,
+    cfg: dict,
+    batch: int = 64,
+    kept: int = 2,
+    context: int = 8192,
+    head_dim: int = 128,
+    kv_heads: int = 8,
+    sms: int = _SMS,
+) -> tuple:
+    """The compile case of selective decode attention over ``kept`` KV heads of contiguous caches."""
     q_heads = kv_heads * group
-    args = dict(Q="*fp16", K="*fp16", V="*fp16", SEQLENS="*i32", IDX="*i32", OUT="*fp16", PO="*fp32")
-    args |= dict(PML="*fp32", CNT="*i32", qk_scale="fp32")
-    cache = dict(b=kv_heads * n_max * head_dim, h=n_max * head_dim, n=head_dim)
+    strides = dict(stride_qb=q_heads * head_dim, stride_qh=head_dim)
     for t in ("k", "v"):
-        args |= {f"stride_{t}b": cache["b"], f"stride_{t}h": cache["h"], f"stride_{t}n": cache["n"]}
-    args |= dict(stride_qb=q_heads * head_dim, stride_qh=head_dim, stride_ob=q_heads * head_dim)
-    args |= dict(stride_oh=head_dim, stride_ib=2, n_sel=2, n_kv=kv_heads, n_q=q_heads, n_max=n_max)
-    args |= dict(chunk=2048, n_splits=4)
-    consts = dict(GROUP=group, BLOCK_G=max(16, group), HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_N=block_n)
-    consts |= dict(HAS_IDX=True, SPLIT=True, MERGE_HERE=False, ZERO_FILL=False, BLOCK_H=1, BLOCK_K=1)
-    consts |= dict(USE_DOT=True, UPCAST=False)
-    return attn._attn_chunk_kernel, args, consts, warps, stages
+        strides |= {f"stride_{t}b": kv_heads * context * head_dim, f"stride_{t}h": context * head_dim}
+        strides |= {f"stride_{t}n": head_dim}
+    strides |= dict(stride_ob=q_heads * head_dim, stride_oh=head_dim, stride_ib=kept)
+    attend, _ = attn._plan(
+        batch,
+        q_heads,
+        head_dim,
+        kv_heads,
+        context,
+        kept,
+        group,
+        strides,
+        cfg,
+        sms=sms,
+        has_idx=True,
+        zero_fill=True,
+        upcast=False,
+    )
+    return _case(attend)
 
 
-def _attn_stream_k_case(group: int, block_n: int, warps: int, stages: int = 3) -> tuple:
-    _, args, consts, warps, stages = _attn_case(group, block_n, warps, stages)
-    for name in ("chunk", "n_splits"):
-        del args[name]
-    args |= dict(blocks=8192 // block_n, share=48, total=8192 // block_n * 64, slots=2)
-    del consts["MERGE_HERE"]
-    return attn._attn_stream_k_kernel, args, consts, warps, stages
+def _attn_tile(block_n: int, warps: int, stages: int = 3, **schedule: int) -> dict:
+    return dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, use_dot=1, merge_here=0) | schedule
 
 
+# Stream-K "whole tiles" cases launch as many programs as tiles: every share is one whole tile.
 CASES = {
-    "up M=16": _up_case(16, 16, 64, 4, False),
-    "up M=16, stream-K": _up_stream_k_case(16, 16, 64, 4, split=True),
-    "up M=256": _up_case(256, 128, 128, 8, False),
-    "up M=256, 128 x 256 tiles, split": _up_case(256, 128, 256, 8, False, stages=3, split=True),
-    "up M=128, 128 x 128 tiles, 5 stages": _up_case(128, 128, 128, 8, False, stages=5),
-    "gated up M=256, 128 x 128 tiles, 4 stages": _up_case(256, 128, 128, 8, True, stages=4),
-    "gated up M=64": _up_case(64, 64, 128, 8, True),
-    "up M=64, 128-wide steps": _up_case(64, 64, 128, 4, False, bk=128),
-    "up M=64, stream-K": _up_stream_k_case(64, 64, 128, 8, split=True),
-    "up M=64, stream-K, whole tiles": _up_stream_k_case(64, 64, 128, 8, split=False),
-    "down M=16": _down_case(16, 16, 128, 4),
-    "down M=64": _down_case(64, 64, 128, 4),
-    "down M=64, 256-neuron steps": _down_case(64, 64, 64, 4, bk=256, stages=3),
-    "down M=16, 128-neuron steps": _down_case(16, 16, 64, 4, bk=128, stages=4),
-    "down M=64, odd k": _down_case(64, 64, 128, 4, k=25805),
-    "down M=256": _down_case(256, 128, 128, 8),
-    "down M=64, stream-K": _down_stream_k_case(64, 64, 128, 4, split=True),
-    "down M=64, stream-K, whole tiles": _down_stream_k_case(64, 64, 128, 4, split=False),
-    "attention MHA": _attn_case(1, 128, 8),
-    "attention GQA 8": _attn_case(8, 64, 4),
-    "attention MHA, stream-K": _attn_stream_k_case(1, 128, 8),
+    "up M=16": _up_case(16, _tile(16, 64, 4)),
+    "up M=16, stream-K": _up_case(16, _tile(16, 64, 4, stream_k=1)),
+    "up M=256": _up_case(256, _tile(128, 128, 8)),
+    "up M=256, 128 x 256 tiles, split": _up_case(
+        256, _tile(128, 256, 8, stages=3, splits=2, last_wave_split=1)
+    ),
+    "up M=128, 128 x 128 tiles, 5 stages": _up_case(128, _tile(128, 128, 8, stages=5)),
+    "gated up M=256, 128 x 128 tiles, 4 stages": _up_case(256, _tile(128, 128, 8), gated=True),
+    "gated up M=64": _up_case(64, _tile(64, 128, 8), gated=True),
+    "up M=64, 128-wide steps": _up_case(64, _tile(64, 128, 4, bk=128)),
+    "up M=64, stream-K": _up_case(64, _tile(64, 128, 8, stream_k=1)),
+    "up M=64, stream-K, whole tiles": _up_case(64, _tile(64, 128, 8, stream_k=1), sms=_K // 128),
+    "down M=16": _down_case(16, _tile(16, 128, 4)),
+    "down M=64": _down_case(64, _tile(64, 128, 4)),
+    "down M=64, 256-neuron steps": _down_case(64, _tile(64, 64, 4, bk=256, stages=3)),
+    "down M=16, 128-neuron steps": _down_case(16, _tile(16, 64, 4, bk=128)),
+    "down M=64, odd k": _down_case(64, _tile(64, 128, 4), k=25805),
+    "down M=64, split": _down_case(64, _tile(64, 128, 4, splits=2)),
+    "down M=256": _down_case(256, _tile(128, 128, 8)),
+    "down M=64, stream-K": _down_case(64, _tile(64, 128, 4, stream_k=1)),
+    "down M=64, stream-K, whole tiles": _down_case(64, _tile(64, 128, 4, stream_k=1), sms=_D // 128),
+    "attention MHA": _attn_case(1, _attn_tile(128, 8, splits=4)),
+    "attention GQA 8": _attn_case(8, _attn_tile(64, 4, splits=4)),
+    "attention MHA, stream-K": _attn_case(1, _attn_tile(128, 8, stream_k=2)),
 }
 
 
@@ -248,46 +264,14 @@ def _up_launch(M: int, k: int, model: ModelShape, gpu: C.GpuFacts) -> tuple[dict
     """The heuristic's config and compile case of ``selective_up`` (gated for a SwiGLU model)."""
     d, gated = model.hidden, model.mlp == "gated"
     cfg = up._heuristic(M, k, d, gpu.sms, gated, gpu.smem, gpu.operands_in_registers)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    tiles, steps = C.cdiv(M, bm) * C.cdiv(k, bn), C.cdiv(d, bk)
-    d_chunk, splits = C.split_chunks(d, bk, cfg["splits"])
-    case = _up_case(M, bm, bn, cfg["num_warps"], gated, bk, cfg["num_stages"], split=splits > 1)
-    case[1].update(M=M, n_sel=k, d=d, n_rows=model.ffn, d_chunk=d_chunk, num_m=C.cdiv(M, bm), n_splits=splits)
-    case[1].update(stride_xm=d, stride_wg=d, stride_wu=d, stride_om=k)
-    case[1]["whole_tiles"] = (
-        C.whole_wave_tiles(tiles, gpu.sms * cfg["last_wave_split"]) if cfg.get("last_wave_split") else 0
-    )
-    case[2]["EVEN_K"] = d % bk == 0
-    if cfg.get("stream_k"):
-        share, _, slots = C.stream_k_plan(tiles * steps, steps, gpu.sms * cfg["stream_k"])
-        case = _stream_k(
-            case, up._up_stream_k_kernel, ("d_chunk", "n_splits", "whole_tiles"), steps, tiles, True
-        )
-        case[1].update(share=share)
-        case[2]["SPLIT"] = slots > 1
-    return cfg, case
+    return cfg, _up_case(M, cfg, gated, k, d, gpu.sms)
 
 
 def _down_launch(M: int, k: int, model: ModelShape, gpu: C.GpuFacts) -> tuple[dict, tuple]:
     """The heuristic's config and compile case of ``selective_down``."""
     d = model.hidden
-    cfg = down._heuristic(M, k, d, *gpu)
-    bm, bd, bk = cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["BLOCK_K"]
-    tiles, steps = C.cdiv(M, bm) * C.cdiv(d, bd), C.cdiv(k, bk)
-    k_chunk, splits = C.split_chunks(k, bk, cfg["splits"])
-    case = _down_case(M, bm, bd, cfg["num_warps"], k, bk, cfg["num_stages"])
-    case[1].update(M=M, d=d, n_rows=model.ffn, k_chunk=k_chunk, num_m=C.cdiv(M, bm), n_splits=splits)
-    case[1].update(stride_am=C.cdiv(k, 16) * 16 if M > 1 else 0, stride_wn=d, stride_om=d)
-    case[2].update(SPLIT=splits > 1, EVEN_D=d % bd == 0, HAS_BIAS=model.mlp != "gated")
-    if cfg.get("tma_a"):  # the activation tile by TMA: a descriptor argument (M > 1 when it applies)
-        case[1]["A_DESC"] = f"tensordesc<fp16[{bm}, {bk}]>"
-        case[2]["TMA_A"] = True
-    if cfg.get("stream_k"):
-        share, _, slots = C.stream_k_plan(tiles * steps, steps, gpu.sms * cfg["stream_k"])
-        case = _stream_k(case, down._down_stream_k_kernel, ("k_chunk", "n_splits"), steps, tiles, True)
-        case[1].update(share=share)
-        case[2]["SPLIT"] = slots > 1
-    return cfg, case
+    cfg = down._heuristic(M, k, d, gpu.sms, gpu.smem, gpu.operands_in_registers, gpu.tma)
+    return cfg, _down_case(M, cfg, k, d, gpu.sms, has_bias=model.mlp != "gated", gpu_has_tma=gpu.tma)
 
 
 def _attn_launch(
@@ -296,9 +280,7 @@ def _attn_launch(
     """The heuristic's config and compile case of selective decode attention over ``kept`` KV heads."""
     group = model.heads // model.kv_heads
     cfg = attn._heuristic(group, batch * kept, context, gpu.sms, model.head_dim, gpu.smem)
-    case = _attn_case(group, cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
-    if cfg.get("stream_k"):
-        case = _attn_stream_k_case(group, cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+    case = _attn_case(group, cfg, batch, kept, context, model.head_dim, model.kv_heads, gpu.sms)
     return cfg, case
 
 

@@ -69,7 +69,7 @@ def test_a_spill_in_the_main_loop_is_found():
     code = (
         "from polar_sparsity.kernels.bench import compiled as c\n"
         "for bn in (128, 64):\n"
-        "    kern, args, consts, w, s = c._up_case(128, 128, bn, 8, True, stages=3)\n"
+        "    kern, args, consts, w, s = c._up_case(128, c._tile(128, bn, 8, stages=3), gated=True)\n"
         "    print(bn, c.loop_spills(c.compile_for(kern, args, consts, 80, w, s).asm['cubin']))\n"
     )
     run = subprocess.run(
