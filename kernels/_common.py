@@ -81,7 +81,12 @@ def operands_in_registers(device: torch.device) -> bool:
     False in the interpreter, which models no GPU."""
     if device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device)[0] in MMA_SYNC_MAJORS
+    return tensor_cores_read_registers(torch.cuda.get_device_capability(device)[0])
+
+
+def tensor_cores_read_registers(major: int) -> bool:
+    """:func:`operands_in_registers` of a compute-capability major (for GPUs known by name only)."""
+    return major in MMA_SYNC_MAJORS
 
 
 TMA_MAJOR = 9  # Hopper and later copy tiles with the tensor memory accelerator (TMA)

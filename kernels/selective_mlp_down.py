@@ -571,7 +571,7 @@ def selective_down(
     cfg = _tuning.pick(
         key,
         a.device,
-        lambda: _heuristic(M, n_sel, d, *gpu),
+        lambda: _heuristic(M, n_sel, d, gpu.sms, gpu.smem, gpu.operands_in_registers, gpu.tma),
         lambda: _candidates(M, n_sel, d, gpu.sms, gpu.smem, gpu.tma),
         launch,
     )

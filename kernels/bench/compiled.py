@@ -240,7 +240,7 @@ class GpuProfile:
     def facts(self) -> C.GpuFacts:
         major = self.arch // 10
         return C.GpuFacts(
-            self.sms, self.smem, major in C.MMA_SYNC_MAJORS, C.tma_feeds_shared_memory_mma(major)
+            self.sms, self.smem, C.tensor_cores_read_registers(major), C.tma_feeds_shared_memory_mma(major)
         )
 
 
