@@ -340,6 +340,23 @@ class LaunchPlan:
         self.kernel[self.grid](*runtime, **self.constexprs)
 
 
+def gemm_stream_k_launch(
+    kernel: Any, tiles: int, steps: int, programs: int, scalars: dict[str, int], constexprs: dict[str, Any]
+) -> LaunchPlan:
+    """A selective GEMM's stream-K launch: ``tiles`` output tiles of ``steps`` reduction steps each,
+    dealt out to about ``programs`` programs (:func:`stream_k_plan`); the kernel takes ``steps``,
+    ``share`` and ``total`` besides ``scalars``."""
+    share, launched, slots = stream_k_plan(tiles * steps, steps, programs)
+    return LaunchPlan(
+        kernel,
+        (launched,),
+        scalars | dict(steps=steps, share=share, total=tiles * steps),
+        constexprs | dict(SPLIT=slots > 1),
+        slots,
+        tiles,
+    )
+
+
 def split_workspace(
     out: torch.Tensor, shape: tuple[int, ...], tiles: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -656,14 +656,8 @@ def _plan(
         num_stages=cfg["num_stages"],
     )
     if cfg.get("stream_k", 0):
-        share, programs, parts = C.stream_k_plan(tiles * steps, steps, sms * cfg["stream_k"])
-        return C.LaunchPlan(
-            _down_stream_k_kernel,
-            (programs,),
-            scalars | dict(steps=steps, share=share, total=tiles * steps),
-            constexprs | dict(SPLIT=parts > 1),
-            parts,
-            tiles,
+        return C.gemm_stream_k_launch(
+            _down_stream_k_kernel, tiles, steps, sms * cfg["stream_k"], scalars, constexprs
         )
     k_chunk, splits = C.split_chunks(n_sel, bk, cfg["splits"])
     return C.LaunchPlan(

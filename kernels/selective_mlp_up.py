@@ -755,14 +755,8 @@ def _plan(
         num_stages=cfg["num_stages"],
     )
     if cfg.get("stream_k", 0):
-        share, programs, slots = C.stream_k_plan(tiles * steps, steps, sms * cfg["stream_k"])
-        return C.LaunchPlan(
-            _up_stream_k_kernel,
-            (programs,),
-            scalars | dict(steps=steps, share=share, total=tiles * steps),
-            constexprs | dict(SPLIT=slots > 1),
-            slots,
-            tiles,
+        return C.gemm_stream_k_launch(
+            _up_stream_k_kernel, tiles, steps, sms * cfg["stream_k"], scalars, constexprs
         )
     d_chunk, splits = C.split_chunks(d, bk, cfg["splits"])
     whole = 0
