@@ -331,13 +331,16 @@ class LaunchPlan:
     partial_slots: int = 1  # fp32 partial sums per output tile (1: nothing is split)
     counters: int = 0  # arrival counters of the split sums (output tiles, or pairs in attention)
 
+    def runtime_names(self) -> list[str]:
+        """The kernel's arguments passed at run time (all but its compile-time ones), in order."""
+        return [name for name in self.kernel.arg_names if name not in self.constexprs]
+
     def launch(self, **pointers: Any) -> None:
         """Launch with the tensor (and descriptor or float) arguments by name."""
         values = pointers | self.scalars
         # Positional: Triton binds keyword arguments slower (a 20-argument no-op kernel on an H200 host:
         # 33.2 against 27.9 us a launch).
-        runtime = [values[name] for name in self.kernel.arg_names if name not in self.constexprs]
-        self.kernel[self.grid](*runtime, **self.constexprs)
+        self.kernel[self.grid](*[values[name] for name in self.runtime_names()], **self.constexprs)
 
 
 def gemm_stream_k_launch(

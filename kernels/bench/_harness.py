@@ -77,24 +77,24 @@ def _read_kernel(X, OUT, n_per_prog, BLOCK: tl.constexpr):
     tl.store(OUT + tl.program_id(0), tl.sum(acc, 0))
 
 
+_READ_BLOCK = 4096  # fp16 elements a program reads per step of _read_kernel
+
+
 def read_bandwidth(gib: float = 4.0) -> float:
     """Streaming-read bandwidth in bytes/s (bytes read only): the ceiling for read-bound kernels."""
-    block, programs = 4096, C.num_sms(torch.device("cuda")) * 16
-    per = int(gib * 2**30) // 2 // programs // block * block
+    programs = C.num_sms(torch.device("cuda")) * 16
+    per = int(gib * 2**30) // 2 // programs // _READ_BLOCK * _READ_BLOCK
     x = torch.randn(per * programs, device="cuda", dtype=torch.float16)
     out = torch.empty(programs, device="cuda", dtype=torch.float32)
     best = 0.0
     for warps in (4, 8):
         us = time_graph(
-            [lambda w=warps, x=x: _read_kernel[(programs,)](x, out, per, BLOCK=block, num_warps=w)]
+            [lambda w=warps, x=x: _read_kernel[(programs,)](x, out, per, BLOCK=_READ_BLOCK, num_warps=w)]
         )
         best = max(best, x.numel() * 2 / (us * 1e-6))
     del x
     torch.cuda.empty_cache()
     return best
-
-
-_READ_BLOCK = 4096  # fp16 elements a program reads per step of _read_kernel
 
 
 # Programs per SM the read floor tries (8 warps each): on the H200 (2026-11-29, 6 MB to 2.1 GB) the

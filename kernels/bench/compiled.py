@@ -124,8 +124,8 @@ def _case(plan: C.LaunchPlan, **types: str) -> tuple:
     warps, stages = consts.pop("num_warps"), consts.pop("num_stages")
     args = {
         name: types.get(name, _ARGUMENT_TYPES.get(name, "*fp16"))
-        for name in plan.kernel.arg_names
-        if name not in plan.scalars and name not in consts
+        for name in plan.runtime_names()
+        if name not in plan.scalars
     }
     return plan.kernel, args | plan.scalars, consts, warps, stages
 

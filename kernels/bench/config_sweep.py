@@ -89,7 +89,7 @@ def _gemm_sweep(op: str, M: int, k: int, model: str, ws: list[dict]) -> Sweep:
     return _sweep(
         down_mod.config_key(M, k, d),
         down_mod._candidates(M, k, d, sms, smem, gpu.tma),
-        down_mod._heuristic(M, k, d, gpu.sms, gpu.smem, gpu.operands_in_registers, gpu.tma),
+        down_mod._heuristic(M, k, d, sms, smem, gpu.operands_in_registers, gpu.tma),
         dev,
         lambda cfg, wj: down_mod._launch(a, wj[0]["w_down_t"], wj[1], wj[0]["b_down"], out, cfg),
         inputs,

@@ -138,7 +138,7 @@ def _tune_case(M, d, n_rows, k, gated, ws, copies, x, a, idx) -> None:
     )
     _sweep(
         _down_mod.config_key(M, k, d),
-        _down_mod._heuristic(M, k, d, gpu.sms, gpu.smem, gpu.operands_in_registers, gpu.tma),
+        _down_mod._heuristic(M, k, d, sms, smem, gpu.operands_in_registers, gpu.tma),
         _down_mod._candidates(M, k, d, sms, smem, gpu.tma),
         down_fns,
     )
