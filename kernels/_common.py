@@ -8,7 +8,8 @@ without reading kernel code.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, NamedTuple
@@ -43,9 +44,27 @@ def is_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+_planned_sms: int | None = None  # see planning_for_sms
+
+
+@contextmanager
+def planning_for_sms(sms: int) -> Iterator[None]:
+    """Plan every launch (heuristics, waves, stream-K programs) for ``sms`` SMs instead of the whole GPU,
+    inside the block: for work confined to part of the GPU by a CUDA green context
+    (``kernels.bench.config_sweep --sms``), which the device properties do not show."""
+    global _planned_sms
+    before, _planned_sms = _planned_sms, sms
+    try:
+        yield
+    finally:
+        _planned_sms = before
+
+
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # interpreter: any small number keeps the launch grids tiny
+    if _planned_sms is not None:
+        return _planned_sms
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -118,8 +137,12 @@ class GpuFacts(NamedTuple):
     tma: bool  # see has_tma
 
 
-@cache  # every op call asks: fixed per device
 def gpu_facts(device: torch.device) -> GpuFacts:
+    return _gpu_facts(device)._replace(sms=num_sms(device))
+
+
+@cache  # every op call asks: fixed per device
+def _gpu_facts(device: torch.device) -> GpuFacts:
     return GpuFacts(
         num_sms(device), max_shared_memory(device), operands_in_registers(device), has_tma(device)
     )

@@ -636,25 +636,41 @@ def _heuristic(group: int, programs: int, n_max: int, sms: int, head_dim: int, s
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
     Tensor-core products for every group size (tuning never picked the register reduction, even for one
-    query head). 128-token K/V tiles, 8 warps, 3 stages where shared memory allows (else 64-token tiles, 4
-    warps, 2 stages: three programs per SM keep as many bytes in flight). Under four waves of (sequence,
-    group) pairs: stream-K with as many programs per SM as fit, which balances any pair count (H200,
-    Llama-3-70B B=64 N=8192, every candidate at 1-8 of 8 groups: 1.003-1.037x the best config of each
-    shape, 64-token grid tiles 1.00-1.18x; OPT-66B B=64 N=1920 at 7 of 72 heads, 3.4 waves of pairs:
-    1.021x, the grid 1.058x). Otherwise splits: the fewest that fill one wave, since long chunks pay the
+    query head), on the K/V tile of :func:`_heuristic_tile`. Under four waves of (sequence, group)
+    pairs: stream-K with as many programs per SM as fit, which balances any pair count (H200, Llama-3-70B
+    B=64 N=8192, every candidate at 1-8 of 8 groups, 128-token tiles: 1.003-1.037x the best config of
+    each shape, grid tiles 1.00-1.18x; OPT-66B B=64 N=1920 at 7 of 72 heads, 3.4 waves of pairs: 1.021x,
+    the grid 1.058x). Otherwise splits: the fewest that fill one wave, since long chunks pay the
     pipeline start-up (index -> K/V load chain) once per program and many short chunks pay it per chunk
     (H100, Llama-3-70B one group of 8: 103.6 us with 2 splits vs 127.6 us with 32).
     """
-    tile_bytes = _kv_row_bytes(head_dim)
-    bn, nw, ns = 128, 8, 3
-    if C.fit_stages(ns, bn * tile_bytes, smem) < ns:
-        bn, nw, ns = 64, 4, 2
-    ns = C.fit_stages(ns, bn * tile_bytes, smem)
+    bn, nw, ns = _heuristic_tile(head_dim, smem)
     cfg = {"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "use_dot": 1, "merge_here": 0}
     if programs < 4 * sms:
-        return cfg | {"splits": 1, "stream_k": C.resident_programs(nw, ns * bn * tile_bytes, smem)}
+        return cfg | {
+            "splits": 1,
+            "stream_k": C.resident_programs(nw, ns * bn * _kv_row_bytes(head_dim), smem),
+        }
     splits = _split_options(programs, n_max, sms)
     return cfg | {"splits": next((s for s in splits if programs * s >= sms), splits[-1])}
+
+
+def _heuristic_tile(head_dim: int, smem: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages): 64-token K/V tiles of 4 warps, with 3 or 2 pipeline stages,
+    whichever keeps more K/V bytes in flight per SM (stages x programs resident; a tie keeps 3).
+
+    Each SM must keep more bytes in flight the more bandwidth it has to pull: several small programs
+    per SM do that where one program of 128-token tiles and 8 warps did not. An H200 cut to 64, 96,
+    112 and 132 SMs by CUDA green contexts (2026-11-29; MHA OPT-66B B=64 N=1920 and Llama-2-7B B=256
+    N=4096, GQA Llama-3-70B B=64 N=8192, every candidate at each shape): this tile (two programs per
+    SM there) came within 1.00-1.06x of each shape's best at 132 SMs and 1.00-1.15x at 64-112, where
+    128-token tiles of 8 warps took 1.01-1.04x and 1.02-1.53x.
+    """
+    row = _kv_row_bytes(head_dim)
+    fitting = [s for s in (3, 2) if C.fit_stages(s, 64 * row, smem) == s]
+    if not fitting:  # wide heads on a small shared memory: half as long tiles keep a pipeline
+        return 32, 4, C.fit_stages(3, 32 * row, smem)
+    return 64, 4, max(fitting, key=lambda s: s * C.resident_programs(4, s * 64 * row, smem))
 
 
 # (BLOCK_N, num_warps, num_stages) tried: every combination that won a tuning run at the benchmark

@@ -261,7 +261,13 @@ def graph_replay_us(
     torch.cuda.current_stream(device).wait_stream(stream)
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # A graph's kernels run on the SMs of the stream it was captured on, wherever it is replayed: capture
+    # on the caller's stream when that is a side stream (one of a green context holding part of the GPU,
+    # H200 2026-11-29: captured elsewhere, a 64-SM context's replays ran on all 132), else on a side
+    # stream of the graph's own (the default stream cannot capture).
+    current = torch.cuda.current_stream(device)
+    on_caller = current != torch.cuda.default_stream(device)
+    with torch.cuda.graph(graph, stream=current if on_caller else None):
         for f in fns:
             f()
     graph.replay()

@@ -1,7 +1,8 @@
 """Graph-timed sweep of every tuning candidate, per exact shape, for the selective GEMMs and attention.
 
 ``python -m polar_sparsity.kernels.bench.config_sweep [--op up,down,attn] [--model opt-66b,llama-3-8b]
-[--batch 256] [--density 0.1,0.5] [--context 8192] [--out sweep.csv] [--save-table T.json]`` times,
+[--batch 256] [--density 0.1,0.5] [--context 8192] [--sms 64,96] [--out sweep.csv]
+[--save-table T.json]`` times,
 at each (model, op, batch, density[, context]), every tuning candidate of the op plus the
 heuristic's config and the shipped table's, exactly as ``kernels.bench gemm|attn|gqa`` time the op
 (CUDA-graph replay over rotated weights or index sets, median). Tuning meets a config key once, at
@@ -9,6 +10,11 @@ the first shape in its power-of-two bucket, and that config then serves the whol
 how each config fares across the shapes a key spans, and how far the heuristic and the table are
 from the best: the data behind the heuristics' rules. Density is the kept fraction of MLP neurons
 (``up``, ``down``) or of KV heads / groups (``attn``; MHA or GQA by the model).
+
+``--sms`` repeats the sweep on part of the GPU, a CUDA green context of that many SMs, with every
+heuristic, wave count and stream-K launch planned for it (:func:`_common.planning_for_sms`): how the
+heuristics fare on a GPU with fewer SMs and more bandwidth per SM than this one (shared memory,
+registers and instruction set stay this GPU's).
 
 ``--save-table`` keeps, for each key, the config whose worst ratio to each swept shape's fastest is
 smallest (:func:`bucket_picks`), in the format ``kernels.bench.merge_tables`` merges.
@@ -22,11 +28,14 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 from .. import _common as C
 from .. import _decode_attention as attn_mod
@@ -39,7 +48,7 @@ from .gemm import _weights, weight_copies
 from .shapes import MLP_DENSITIES, PAPER_MODELS, kept_units
 
 OPS = ("up", "down", "attn")
-FIELDS = ("model", "op", "M", "context", "density", "k", "key", "source", "us", "ratio_to_best", "cfg")
+FIELDS = ("sms", "model", "op", "M", "context", "density", "k", "key", "source", "us", "ratio_to_best", "cfg")
 Launches = Callable[[dict], list[Callable[[], None]]]  # config -> one launch per rotated input set
 
 
@@ -176,7 +185,7 @@ def bucket_picks(rows: list[dict]) -> dict[str, dict]:
     return picks
 
 
-def _model_rows(model: str, args: argparse.Namespace, t0: float) -> list[dict]:
+def _model_rows(model: str, args: argparse.Namespace, t0: float, sms: int) -> list[dict]:
     shape = PAPER_MODELS[model]
     rows = []
     gemm_ops = [op for op in args.op if op != "attn"]
@@ -187,10 +196,11 @@ def _model_rows(model: str, args: argparse.Namespace, t0: float) -> list[dict]:
             for M in args.batch:
                 for density in args.density:
                     k = kept_units(density, n)
-                    point = dict(model=model, op=op, M=M, context="", density=density, k=k)
+                    point = dict(sms=sms, model=model, op=op, M=M, context="", density=density, k=k)
                     rows += time_configs(_gemm_sweep(op, M, k, model, ws), point)
                     print(
-                        f"[sweep] {model} {op} M={M} density {density}: {time.time() - t0:.0f} s", flush=True
+                        f"[sweep] {sms} SMs {model} {op} M={M} density {density}: {time.time() - t0:.0f} s",
+                        flush=True,
                     )
         del ws
     if "attn" in args.op:
@@ -201,25 +211,28 @@ def _model_rows(model: str, args: argparse.Namespace, t0: float) -> list[dict]:
                 kv = tuple(torch.randn(*s, device="cuda", dtype=torch.float16, generator=g) for s in dims)
                 for density in args.density:
                     kept = kept_units(density, shape.kv_heads)
-                    point = dict(model=model, op="attn", M=B, context=N, density=density, k=kept)
+                    point = dict(sms=sms, model=model, op="attn", M=B, context=N, density=density, k=kept)
                     rows += time_configs(_attn_sweep(B, kept, kv), point)
-                    print(f"[sweep] {model} attn B={B} N={N} density {density}: {time.time() - t0:.0f} s")
+                    print(
+                        f"[sweep] {sms} SMs {model} attn B={B} N={N} density {density}: "
+                        f"{time.time() - t0:.0f} s"
+                    )
                 del kv
     torch.cuda.empty_cache()
     return rows
 
 
 def _summary(rows: list[dict]) -> None:
-    print("| model | op | M | context | density | k | best, us | heuristic / best | table / best |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| SMs | model | op | M | context | density | k | best, us | heuristic / best | table / best |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     by_shape: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        by_shape[tuple(r[f] for f in FIELDS[:6])].append(r)
-    for (model, op, M, context, density, k), rs in by_shape.items():
+        by_shape[tuple(r[f] for f in FIELDS[:7])].append(r)
+    for (sms, model, op, M, context, density, k), rs in by_shape.items():
         best = min((r["us"] for r in rs if r["us"] == r["us"]), default=float("nan"))
         ratio = {r["source"]: f"{r['ratio_to_best']:.3f}" for r in rs if r["source"] != "candidate"}
         print(
-            f"| {model} | {op} | {M} | {context or '-'} | {density} | {k} | {best:.1f} "
+            f"| {sms} | {model} | {op} | {M} | {context or '-'} | {density} | {k} | {best:.1f} "
             f"| {ratio.get('heuristic', '-')} | {ratio.get('table', '-')} |"
         )
 
@@ -233,6 +246,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_list_of(int, "batch sizes"), default=[256])
     p.add_argument("--density", type=_list_of(float, "densities"), default=list(MLP_DENSITIES))
     p.add_argument("--context", type=_list_of(int, "context lengths"), default=[8192], help="attn only")
+    p.add_argument(
+        "--sms",
+        type=_list_of(int, "SM counts"),
+        default=[],
+        help="also sweep on green contexts of these many SMs (default: the whole GPU only)",
+    )
     p.add_argument("--out", type=Path, default=Path("config_sweep.csv"))
     p.add_argument("--save-table", type=Path, help="write each key's bucket pick (table format)")
     return p
@@ -248,6 +267,8 @@ def _check(args: argparse.Namespace) -> None:
         ([d for d in args.density if not 0 < d <= 1], "densities {} are outside (0, 1]"),
         ([b for b in args.batch if b < 1], "batch sizes {} must be >= 1"),
         ([n for n in args.context if n < 1], "context lengths {} must be >= 1"),
+        ([n for n in args.sms if n < 1], "SM counts {} must be >= 1"),
+        (args.sms if args.save_table else [], "--save-table keeps configs for the whole GPU; drop --sms {}"),
         (
             [str(p) for p in (args.out, args.save_table) if p and (p.is_dir() or not p.parent.is_dir())],
             "output path(s) {} must name a file in an existing directory (written after the timing)",
@@ -258,14 +279,69 @@ def _check(args: argparse.Namespace) -> None:
             raise SystemExit(message.format(bad))
     if not torch.cuda.is_available():
         raise SystemExit("the sweep times kernels on a CUDA GPU; none is visible")
+    if args.sms:
+        total = C.num_sms(torch.device("cuda"))
+        if too_many := [n for n in args.sms if n > total]:
+            raise SystemExit(f"SM counts {too_many} exceed this GPU's {total} SMs")
+
+
+@triton.jit
+def _record_sm_kernel(OUT, spin):
+    """Each program writes the SM it ran on, after ``spin`` steps that keep it there a while."""
+    sm = tl.inline_asm_elementwise(
+        "mov.u32 $0, %smid;", "=r,r", [tl.program_id(0)], dtype=tl.int32, is_pure=False, pack=1
+    )
+    x = tl.program_id(0).to(tl.float32)
+    for _ in range(spin):
+        x = x * 0.5 + 1.0
+    tl.store(OUT + tl.program_id(0), tl.where(x > 0.0, sm, -1))
+
+
+def _sms_in_use() -> int:
+    """How many SMs the current stream's kernels run on (counted, not assumed: a green context's SM
+    count is rounded to the driver's partition granularity)."""
+    out = torch.full((64 * C.num_sms(torch.device("cuda")),), -1, device="cuda", dtype=torch.int32)
+    _record_sm_kernel[(out.numel(),)](out, 20_000)
+    return len(set(out.tolist()) - {-1})
+
+
+def _green_context(sms: int) -> tuple[object, torch.cuda.Stream]:
+    """A CUDA green context of ``sms`` SMs and a stream of it (kernels launched there run on those SMs
+    only), the count checked. The context must outlive every use of its stream."""
+    try:
+        context = torch.cuda.green_contexts.GreenContext.create(
+            num_sms=sms, device_id=torch.cuda.current_device()
+        )
+        stream = context.Stream()
+    except (AttributeError, RuntimeError, TypeError) as exc:
+        raise SystemExit(f"--sms {sms} needs a CUDA green context, which failed here: {exc}") from None
+    with torch.cuda.stream(stream):
+        if (used := _sms_in_use()) != sms:
+            raise SystemExit(f"--sms {sms}: the driver's green context holds {used} SMs; ask for {used}")
+    return context, stream
+
+
+@contextmanager
+def _on_sms(sms: int | None, stream: torch.cuda.Stream | None) -> Iterator[int]:
+    """Run the block on a green context's stream with launches planned for its ``sms`` SMs, or on the
+    whole GPU when ``sms`` is None; yields the SM count."""
+    if sms is None:
+        yield C.num_sms(torch.device("cuda"))
+        return
+    with torch.cuda.stream(stream), C.planning_for_sms(sms):
+        yield sms
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     _check(args)
+    # Created (and their SM counts checked) before any work: a bad count stops the run here.
+    contexts = {sms: _green_context(sms) for sms in args.sms}
     t0, rows = time.time(), []
-    for model in args.model:
-        rows += _model_rows(model, args, t0)
+    for part in [None, *args.sms]:
+        with _on_sms(part, contexts[part][1] if part else None) as sms:
+            for model in args.model:
+                rows += _model_rows(model, args, t0, sms)
     tmp = args.out.with_name(args.out.name + ".tmp")
     with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)

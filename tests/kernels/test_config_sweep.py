@@ -85,6 +85,8 @@ def test_the_fastest_candidates_and_the_heuristic_and_table_configs_are_timed_tw
         (["--op", "attn", "--context", "0"], "context lengths [0] must be >= 1"),
         (["--out", "no_such_dir/s.csv"], "output path(s) ['no_such_dir/s.csv'] must name a file"),
         (["--save-table", "."], "output path(s) ['.'] must name a file"),
+        (["--sms", "64,0"], "SM counts [0] must be >= 1"),
+        (["--sms", "64", "--save-table", "t.json"], "keeps configs for the whole GPU; drop --sms [64]"),
     ],
 )
 def test_bad_arguments_are_named_before_any_work(argv, message):
@@ -178,3 +180,19 @@ def test_the_attention_sweep_computes_selective_attention(monkeypatch, gen):
     assert (n_sel, group, zero_fill) == (1, 4, True)
     ref = _decode_attention.decode_attention_reference(q, k, v, seqlens, idx)
     assert_rel_close(out, ref, torch.float16, "attention")
+
+
+def test_planning_for_sms_plans_cuda_launches_for_that_many_sms_inside_the_block():
+    """What ``--sms`` relies on: heuristics and stream-K grids read the planned count, not the device's."""
+    from polar_sparsity.kernels import _common
+
+    cuda = torch.device("cuda", 0)  # only the planned count is read: no GPU needed
+    with _common.planning_for_sms(64):
+        assert _common.num_sms(cuda) == 64
+        with _common.planning_for_sms(32):
+            assert _common.num_sms(cuda) == 32
+        assert _common.num_sms(cuda) == 64
+        assert _common.num_sms(torch.device("cpu")) == 8  # the interpreter's grids stay tiny
+    with pytest.raises(RuntimeError, match="inside"), _common.planning_for_sms(16):
+        raise RuntimeError("inside")
+    assert _common._planned_sms is None

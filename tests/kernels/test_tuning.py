@@ -344,20 +344,40 @@ def test_heuristic_stages_fit_shared_memory():
 
 def test_attention_heuristic_balances_pairs_with_stream_k_under_four_waves():
     """The H200 sweeps' finding (every candidate at 1-8 of 8 GQA groups, and MHA at 7 of 72 heads):
-    128-token tiles under stream-K came within 1.04x of each shape's best, where the grid left a
-    partial last wave. Four or more waves of pairs keep the grid."""
+    stream-K came within 1.04x of each shape's best, where the grid left a partial last wave; one
+    program per resident slot (two of the 64-token tiles on a Hopper SM). Four or more waves of pairs
+    keep the grid."""
     from polar_sparsity.kernels import _decode_attention
 
     smem = 227 * 1024
-    for sms in (108, 132):
-        for group, pairs in ((8, 64), (8, 320), (8, 4 * sms - 1), (1, 3 * sms + sms // 2)):
+    for sms in (64, 108, 132):
+        for group, pairs in ((8, 64), (8, 2 * sms + sms // 2), (8, 4 * sms - 1), (1, 3 * sms + sms // 2)):
             cfg = _decode_attention._heuristic(group, pairs, 8192, sms, 128, smem)
-            assert (cfg["BLOCK_N"], cfg["num_warps"], cfg["splits"], cfg.get("stream_k")) == (128, 8, 1, 1), (
+            assert (cfg["BLOCK_N"], cfg["num_warps"], cfg["splits"], cfg.get("stream_k")) == (64, 4, 1, 2), (
                 group,
                 pairs,
             )
         for group in (1, 8):
             assert "stream_k" not in _decode_attention._heuristic(group, 4 * sms, 8192, sms, 128, smem)
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "smem", "tile"),
+    [
+        (128, 227 * 1024, (64, 4, 3)),  # Hopper: two programs of three stages per SM
+        (128, 163 * 1024, (64, 4, 2)),  # A100: two programs of two stages beat one of three
+        (128, 99 * 1024, (64, 4, 2)),  # consumer GPUs: two stages fit
+        (256, 99 * 1024, (32, 4, 2)),  # wide heads there: shorter tiles keep a pipeline
+        (64, 99 * 1024, (64, 4, 3)),
+    ],
+)
+def test_attention_heuristic_tile_keeps_the_most_kv_bytes_in_flight(head_dim, smem, tile):
+    """64-token tiles of 4 warps, with the stages that keep the most K/V bytes in flight per SM (an H200
+    cut to 64-132 SMs by green contexts: within 1.15x of each shape's best, where 128-token tiles of 8
+    warps took up to 1.53x at 64 SMs)."""
+    from polar_sparsity.kernels import _decode_attention
+
+    assert _decode_attention._heuristic_tile(head_dim, smem) == tile
 
 
 def test_small_batch_heuristics_take_longer_steps_where_the_sweeps_found_them_faster():
