@@ -10,7 +10,9 @@ subprocess with its own time limit, stopped when the session budget is spent:
 4. ``attn gemm`` with the **shipped table** of this GPU (and the heuristic for keys it lacks);
 5. (second priority, usually a second call with ``--only``) ``gqa mlp block`` with first-use tuning
    and ``python -m polar_sparsity.kernels.tune`` on a small Llama-3-8B-shaped case;
-6. a summary (targets met / missed, heuristic / tuned latency per op, sparse-vs-dense checks):
+6. (third priority) ``kernels.bench.config_sweep --sms 64,96``: every candidate against the heuristic
+   on green-context partitions of 64 and 96 SMs (OPT-66B attention and down projection at B = 64);
+7. a summary (targets met / missed, heuristic / tuned latency per op, sparse-vs-dense checks):
    ``summary.md``, also printed; the first-use cache exported as ``tuned_table.json``.
 
 Everything lands in ``DIR/results`` and is bundled as ``DIR/results.tar.gz`` after every step (the
@@ -77,6 +79,10 @@ def _steps(results: Path) -> list[tuple[str, list[str], float]]:
     tune_argv += ["--kv-heads", "8", "--ffn", "14336", "--mlp", "gated", "--batch", "16", "--context", "4096"]
     tune_argv += ["--density", "0.25", "1.0", "--cache-dir", str(results / "cache_tune_cli")]
     steps.append(("tune_cli", tune_argv, 90))
+    sweep_argv = [sys.executable, "-m", "polar_sparsity.kernels.bench.config_sweep", "--op", "attn,down"]
+    sweep_argv += ["--model", "opt-66b", "--batch", "64", "--context", "1920", "--density", "0.25"]
+    sweep_argv += ["--sms", "64,96", "--out", str(results / "partitions.csv")]
+    steps.append(("partitions", sweep_argv, 120))
     return steps
 
 
