@@ -138,11 +138,8 @@ class GpuFacts(NamedTuple):
 
 
 def gpu_facts(device: torch.device) -> GpuFacts:
-    return _gpu_facts(device)._replace(sms=num_sms(device))
-
-
-@cache  # every op call asks: fixed per device
-def _gpu_facts(device: torch.device) -> GpuFacts:
+    """Every op call asks: each fact is read from the device once and cached where it is read (the SM
+    count honours :func:`planning_for_sms`)."""
     return GpuFacts(
         num_sms(device), max_shared_memory(device), operands_in_registers(device), has_tma(device)
     )
