@@ -349,12 +349,18 @@ def _heuristic(
 
     M <= 64: 128-column tiles (64 when d / 128 gives less than half a wave at M > 16), 64 neurons per
     step, and split-K so that tiles x splits fills about 3 waves (M <= 16) or 2 (M <= 64): more, shorter
-    programs hide the index -> weight-row load chain better than a few long ones; except on a narrow model
-    (d / 128 under half a wave): 64-column tiles of 256-neuron steps with 3 stages from 4096 neurons
-    (128-neuron steps, 4 stages, below, or where shared memory holds only those; see :func:`_long_steps`),
-    split to two waves (M <= 16) or one: each step's copies two to four times as large (H200 sweeps of
-    every candidate, Llama-3-8B, 2026-11-29: M = 16 and 64 within 1.04x of the best at every density,
-    M = 1 within 1.13x, where the 64-step rule took up to 1.20x). M > 64: 128 x 64 tensor-core tiles, 4 warps
+    programs hide the index -> weight-row load chain better than a few long ones; where the tiles outnumber
+    the SMs, M <= 16 takes that many times the waves and 16 < M <= 64 the large-batch wave cost over its
+    resident programs with splits of >= 16 steps (H200 cut to 48-64 SMs, OPT-66B, 2026-11-30: 1.00-1.11x
+    the best at M = 16 and 1.00-1.12x at M = 64, where the waves rule took up to 1.25x and 1.33x). On a
+    narrow model (d / 128 under half a wave) M <= 16 takes 64-column tiles of 256-neuron steps with 3
+    stages from 4096 neurons (128-neuron steps, 4 stages, below, or where shared memory holds only those;
+    see :func:`_long_steps`) split to two waves: each step's copies two to four times as large (H200
+    sweeps of every candidate, Llama-3-8B, 2026-11-29: within 1.04x of the best at every density, M = 1
+    within 1.13x); 16 < M <= 64 (d / 128 at most half a wave) takes the one-program-per-SM tile that fills
+    one wave the most (:func:`_fullest_wave`: those 64 columns, or 128 x 128 of 128-neuron steps; Llama-3-8B
+    on 64-132 SMs within 1.00-1.10x of the best at every density, where the 64-column tile alone took up
+    to 1.27x at 96-112 SMs and the waves rule 1.40x at 64). M > 64: 128 x 64 tensor-core tiles, 4 warps
     (three resident per SM), or 128 x 128 with 8 warps at M <= 128 when d / 128 fills half a wave (OPT-66B
     at M = 128: 1.00-1.11x the best, against 1.07-1.25x for 128 x 64), and the split-K count that fills
     whole waves of resident programs without too much fp32 partial traffic (:func:`_large_batch_splits`;
@@ -383,6 +389,12 @@ def _heuristic(
         bm, bd, (bk, nw, stages) = 128, 64, _fit(128, 64, 64, 4, 3, smem, operands_in_registers)
         slots = sms * C.resident_programs(nw, stages * _stage_bytes(bm, bd, bk), smem)
         splits = _large_batch_splits(C.cdiv(M, bm) * C.cdiv(d, bd), slots, bm, n_sel, bk)
+    elif (
+        16 < M <= 64
+        and C.cdiv(d, 128) <= sms / 2
+        and (one_wave := _fullest_wave(n_sel, d, sms, smem, operands_in_registers))
+    ):
+        bm, (bd, bk, nw, stages, splits) = 64, one_wave
     elif not wide and (long_steps := _long_steps(_block_m(M), n_sel, smem, operands_in_registers)):
         bm, bd, nw = _block_m(M), 64, 4
         bk, stages = long_steps
@@ -393,7 +405,13 @@ def _heuristic(
         bd = 128 if bm <= 16 or wide else 64
         ns, waves = (3, 3) if bm <= 16 else (4, 2)
         bk, nw, stages = _fit(bm, bd, 64, 4, ns, smem, operands_in_registers)
-        splits = max(1, min(waves * sms // (C.cdiv(M, bm) * C.cdiv(d, bd)), n_sel // (2 * bk)))
+        tiles = C.cdiv(M, bm) * C.cdiv(d, bd)
+        if bm > 16 and tiles > sms:  # long programs outnumbering the SMs: whole waves of resident slots,
+            # no split shorter than 16 steps (pipeline fill and split finish outweigh a fuller wave)
+            slots = sms * C.resident_programs(nw, stages * _stage_bytes(bm, bd, bk), smem)
+            splits = _large_batch_splits(tiles, slots, bm, n_sel, bk, min_steps=16)
+        else:  # more tiles than SMs: that many times the waves, so that each SM gets its share
+            splits = max(1, min(waves * C.cdiv(tiles, sms) * sms // tiles, n_sel // (2 * bk)))
     cfg = {
         "BLOCK_M": bm,
         "BLOCK_D": bd,
@@ -403,6 +421,31 @@ def _heuristic(
         "splits": splits,
     } | _activation_by_tma(bm, tma)
     return cfg | {"stream_k": 1} if whole_batch else cfg
+
+
+def _fullest_wave(
+    n_sel: int, d: int, sms: int, smem: int, operands_in_registers: bool
+) -> tuple[int, int, int, int, int] | None:
+    """(BLOCK_D, BLOCK_K, num_warps, stages, splits) of the deep-pipelined 64-row tile (one program per
+    SM) whose tiles x splits fill one wave of resident programs the most: 64 columns of long steps
+    (:func:`_long_steps`) or 128 x 128 with 3 stages of 128 neurons, each where shared memory holds all
+    its stages; a tie goes to fewer splits (less fp32 partial traffic), then to the 64-column tile.
+    None where neither fits, or neither fits its columns into one wave."""
+    long_steps = _long_steps(64, n_sel, smem, operands_in_registers)
+    tiles = [(64, long_steps[0], 4, long_steps[1])] if long_steps else []
+    if (square := _fit(64, 128, 128, 4, 3, smem, operands_in_registers)) == (128, 4, 3):  # all its stages
+        tiles.append((128, *square))
+    best, best_key = None, None
+    for bd, bk, nw, stages in tiles:
+        slots = sms * C.resident_programs(nw, stages * _stage_bytes(64, bd, bk), smem)
+        columns = C.cdiv(d, bd)
+        if columns > slots:
+            continue
+        splits = max(1, min(slots // columns, n_sel // (4 * bk)))  # >= 4 steps: the pipeline's depth
+        key = (columns * splits / slots, -splits, bd == 64)
+        if best_key is None or key > best_key:
+            best, best_key = (bd, bk, nw, stages, splits), key
+    return best
 
 
 def _activation_by_tma(bm: int, tma: bool) -> dict[str, int]:
@@ -425,10 +468,12 @@ def _fit(
 
 def _long_steps(bm: int, n_sel: int, smem: int, operands_in_registers: bool) -> tuple[int, int] | None:
     """(BLOCK_K, stages) of the narrow-model rule for 64-column tiles: 256-neuron steps with 3 stages
-    from 4096 neurons, else 128 with 4, whichever has all its stages in shared memory (a GPU with
-    less keeps the 64-neuron steps: fewer stages would leave the copies of one step in flight). Steps
-    of at most :data:`_common.REGISTER_STEP` on an ``mma.sync`` GPU."""
-    steps = ((256, 3), (128, 4)) if n_sel >= 16 * 256 else ((128, 4),)
+    (16-row tiles from 4096 neurons only: below, 128-neuron steps were faster at M <= 16; 64-row tiles
+    were faster with 256 at every count, 1,434-14,336 neurons on an H200 cut to 48-132 SMs), else 128
+    with 4, whichever has all its stages in shared memory (a GPU with less keeps the 64-neuron steps:
+    fewer stages would leave the copies of one step in flight). Steps of at most
+    :data:`_common.REGISTER_STEP` on an ``mma.sync`` GPU."""
+    steps = ((256, 3), (128, 4)) if bm > 16 or n_sel >= 16 * 256 else ((128, 4),)
     for bk, ns in steps:
         if bk > C.REGISTER_STEP and operands_in_registers:
             continue
@@ -441,8 +486,9 @@ def _stage_bytes(bm: int, bd: int, bk: int) -> int:
     return (bm + bd) * bk * 2  # fp16 / bf16 activation tile + weight tile per pipeline stage
 
 
-def _large_batch_splits(tiles: int, slots: int, bm: int, n_sel: int, bk: int) -> int:
-    """The split-K count with the least (waves of programs x work per program) + fp32 partials.
+def _large_batch_splits(tiles: int, slots: int, bm: int, n_sel: int, bk: int, min_steps: int = 2) -> int:
+    """The split-K count with the least (waves of programs x work per program) + fp32 partials, each
+    split keeping at least ``min_steps`` steps.
 
     Relative to one tile's weight bytes (k x BLOCK_D x 2), s splits cost ceil(tiles * s / slots) / s
     in waves of shorter programs, plus 4 * BLOCK_M / k per split for the partials (BLOCK_M x BLOCK_D
@@ -450,7 +496,7 @@ def _large_batch_splits(tiles: int, slots: int, bm: int, n_sel: int, bk: int) ->
     A partial last wave is paid in full: 160 programs of one per SM on 132 SMs took 1.5x as long as
     128 (H200, Llama-3-8B down at M = 256).
     """
-    most = max(1, min(16, n_sel // (2 * bk)))
+    most = max(1, min(16, n_sel // (min_steps * bk)))
     cost = {s: math.ceil(tiles * s / slots) / s + s * 4 * bm / n_sel for s in range(1, most + 1)}
     return min(cost, key=cost.get)
 

@@ -477,9 +477,11 @@ def _heuristic(
     M <= 16, with half a wave of 32-wide tiles: no split and no stream-K (a program streams two weight tiles
     per step, and split partials are two accumulators), 64-wide tiles unless 32-wide ones fill their waves
     clearly better (H200 sweep of every candidate, Llama-3-8B at M = 1 and 16: 1.00-1.13 of the best, against
-    up to 1.30 with the split rule). Every tile is then fitted to the GPU: on an ``mma.sync`` GPU steps of at
-    most 128 and enough warps for the accumulators (:func:`_common.fit_registers`), and shorter steps before
-    fewer pipeline stages where shared memory is short (:func:`_common.fit_steps`).
+    up to 1.30 with the split rule); 32-wide tiles take 256-neuron steps only where all of them run at once
+    (one program per SM holds those stages; two waves of them took 1.28-1.36x on an H200 cut to 48-64
+    SMs). Every tile is then fitted to the GPU: on an ``mma.sync`` GPU steps of at most 128 and enough
+    warps for the accumulators (:func:`_common.fit_registers`), and shorter steps before fewer pipeline
+    stages where shared memory is short (:func:`_common.fit_steps`).
     """
     whole_tiles = M <= 16 and gated and C.cdiv(n_sel, 32) >= sms / 2  # no split, no stream-K
     if halved := _halved_last_wave(M, n_sel, d, sms, gated, smem):
@@ -496,7 +498,8 @@ def _heuristic(
         bm, nw, ns = 16, 4, 4
         wide = C.cdiv(n_sel, 64)
         bn = 64 if wide >= sms / 2 and _wave_use(wide, sms) >= 0.9 * _wave_use(C.cdiv(n_sel, 32), sms) else 32
-        bk = 128 if bn == 64 else 256
+        per_sm = C.resident_programs(nw, ns * _stage_bytes(bm, 32, 256, gated), smem)  # 256-neuron steps
+        bk = 256 if bn == 32 and C.cdiv(n_sel, 32) <= per_sm * sms else 128  # all the tiles at once
     elif M <= 16:
         bm, bk, nw, ns = 16, 128, 4, 4
         bn = 64 if C.cdiv(n_sel, 64) >= sms / 4 else 32

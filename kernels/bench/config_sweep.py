@@ -185,9 +185,9 @@ def bucket_picks(rows: list[dict]) -> dict[str, dict]:
     return picks
 
 
-def _model_rows(model: str, args: argparse.Namespace, t0: float, sms: int) -> list[dict]:
+def _model_rows(model: str, args: argparse.Namespace, t0: float, sms: int) -> Iterator[list[dict]]:
+    """One model's swept shapes, the rows of each as soon as it is timed."""
     shape = PAPER_MODELS[model]
-    rows = []
     gemm_ops = [op for op in args.op if op != "attn"]
     if gemm_ops:
         d, n, gated = shape.hidden, shape.ffn, shape.mlp == "gated"
@@ -197,7 +197,7 @@ def _model_rows(model: str, args: argparse.Namespace, t0: float, sms: int) -> li
                 for density in args.density:
                     k = kept_units(density, n)
                     point = dict(sms=sms, model=model, op=op, M=M, context="", density=density, k=k)
-                    rows += time_configs(_gemm_sweep(op, M, k, model, ws), point)
+                    yield time_configs(_gemm_sweep(op, M, k, model, ws), point)
                     print(
                         f"[sweep] {sms} SMs {model} {op} M={M} density {density}: {time.time() - t0:.0f} s",
                         flush=True,
@@ -212,14 +212,23 @@ def _model_rows(model: str, args: argparse.Namespace, t0: float, sms: int) -> li
                 for density in args.density:
                     kept = kept_units(density, shape.kv_heads)
                     point = dict(sms=sms, model=model, op="attn", M=B, context=N, density=density, k=kept)
-                    rows += time_configs(_attn_sweep(B, kept, kv), point)
+                    yield time_configs(_attn_sweep(B, kept, kv), point)
                     print(
                         f"[sweep] {sms} SMs {model} attn B={B} N={N} density {density}: "
                         f"{time.time() - t0:.0f} s"
                     )
                 del kv
     torch.cuda.empty_cache()
-    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    """All rows so far, to a temporary name then renamed: a sweep cut short keeps what it timed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows({**r, "cfg": json.dumps(r["cfg"], sort_keys=True)} for r in rows)
+    tmp.replace(path)
 
 
 def _summary(rows: list[dict]) -> None:
@@ -271,7 +280,7 @@ def _check(args: argparse.Namespace) -> None:
         (args.sms if args.save_table else [], "--save-table keeps configs for the whole GPU; drop --sms {}"),
         (
             [str(p) for p in (args.out, args.save_table) if p and (p.is_dir() or not p.parent.is_dir())],
-            "output path(s) {} must name a file in an existing directory (written after the timing)",
+            "output path(s) {} must name a file in an existing directory (rewritten after each shape)",
         ),
     ]
     for bad, message in checks:
@@ -341,13 +350,9 @@ def main(argv: list[str] | None = None) -> None:
     for part in [None, *args.sms]:
         with _on_sms(part, contexts[part][1] if part else None) as sms:
             for model in args.model:
-                rows += _model_rows(model, args, t0, sms)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows({**r, "cfg": json.dumps(r["cfg"], sort_keys=True)} for r in rows)
-    tmp.replace(args.out)
+                for shape_rows in _model_rows(model, args, t0, sms):
+                    rows += shape_rows
+                    _write(args.out, rows)
     _summary(rows)
     if args.save_table:
         save_table(args.save_table, "bench.config_sweep (graph-timed)", bucket_picks(rows))

@@ -10,8 +10,9 @@ subprocess with its own time limit, stopped when the session budget is spent:
 4. ``attn gemm`` with the **shipped table** of this GPU (and the heuristic for keys it lacks);
 5. (second priority, usually a second call with ``--only``) ``gqa mlp block`` with first-use tuning
    and ``python -m polar_sparsity.kernels.tune`` on a small Llama-3-8B-shaped case;
-6. (third priority) ``kernels.bench.config_sweep --sms 64,96``: every candidate against the heuristic
-   on green-context partitions of 64 and 96 SMs (OPT-66B attention and down projection at B = 64);
+6. (third priority) ``kernels.bench.config_sweep --sms 48,64,96``: every candidate against the
+   heuristic on green-context partitions of 48, 64 and 96 SMs (OPT-66B and Llama-3-8B attention and
+   down projection at B = 64);
 7. a summary (targets met / missed, heuristic / tuned latency per op, sparse-vs-dense checks):
    ``summary.md``, also printed; the first-use cache exported as ``tuned_table.json``.
 
@@ -52,7 +53,7 @@ def _steps(results: Path) -> list[tuple[str, list[str], float]]:
     # has no kernels/ (the package is mapped from the top-level folder, see gpu_session.sh).
     pytest = [sys.executable, "-m", "pytest", str(KERNEL_TESTS), "-m", "gpu", "-q", "-p", "no:cacheprovider"]
     pytest.append("--import-mode=importlib")
-    steps: list[tuple[str, list[str], float]] = [("gpu_tests", pytest, 80)]
+    steps: list[tuple[str, list[str], float]] = [("gpu_tests", pytest, 120)]
     for bench, secs in (("attn", 40), ("gqa", 25), ("gemm", 50)):
         argv = [*BENCH, bench, "--out", str(results / "heuristic"), *MODES["heuristic"]]
         steps.append((f"heuristic_{bench}", argv, secs))
@@ -80,9 +81,9 @@ def _steps(results: Path) -> list[tuple[str, list[str], float]]:
     tune_argv += ["--density", "0.25", "1.0", "--cache-dir", str(results / "cache_tune_cli")]
     steps.append(("tune_cli", tune_argv, 90))
     sweep_argv = [sys.executable, "-m", "polar_sparsity.kernels.bench.config_sweep", "--op", "attn,down"]
-    sweep_argv += ["--model", "opt-66b", "--batch", "64", "--context", "1920", "--density", "0.25"]
-    sweep_argv += ["--sms", "64,96", "--out", str(results / "partitions.csv")]
-    steps.append(("partitions", sweep_argv, 120))
+    sweep_argv += ["--model", "opt-66b,llama-3-8b", "--batch", "64", "--context", "1920", "--density", "0.25"]
+    sweep_argv += ["--sms", "48,64,96", "--out", str(results / "partitions.csv")]
+    steps.append(("partitions", sweep_argv, 150))
     return steps
 
 

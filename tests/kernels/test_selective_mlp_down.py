@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from polar_sparsity.kernels import prepare_down_weight, selective_down, selective_down_reference
-from polar_sparsity.kernels._common import split_chunks, stream_k_plan
+from polar_sparsity.kernels import _tuning, prepare_down_weight, selective_down, selective_down_reference
+from polar_sparsity.kernels._common import planning_for_sms, split_chunks, stream_k_plan
 from polar_sparsity.kernels.testing import assert_rel_close, poisoned
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -171,6 +171,25 @@ def test_real_shapes_gpu(dtype, M, d, n):
     out = poisoned((M, d), dtype, dev)
     selective_down(a, w_t, idx, b, out=out)
     assert_rel_close(out, selective_down_reference(a, w_t, idx, b), dtype, "real shape")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sms", [48, 64, 96])
+@pytest.mark.parametrize(("M", "d", "n"), [(16, 9216, 16384), (64, 9216, 16384), (64, 4096, 14336)])
+def test_heuristic_planned_for_fewer_sms_gpu(sms, M, d, n, monkeypatch):
+    """What the heuristic launches on a GPU of 48-96 SMs (its split counts and one-wave tiles for GPUs
+    with fewer SMs than tiles), run here on the whole GPU, matches the reference."""
+    monkeypatch.setattr(_tuning, "pick", lambda key, device, heuristic, candidates, launch: dict(heuristic()))
+    dev = torch.device("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    k = int(0.3 * n)
+    a = torch.randn(M, k, device=dev, dtype=torch.float16, generator=gen)
+    w_t = torch.randn(n, d, device=dev, dtype=torch.float16, generator=gen) / n**0.5
+    idx = torch.randperm(n, device=dev, generator=gen)[:k].int()
+    out = poisoned((M, d), torch.float16, dev)
+    with planning_for_sms(sms):
+        selective_down(a, w_t, idx, out=out)
+    assert_rel_close(out, selective_down_reference(a, w_t, idx), torch.float16, f"{sms} SMs")
 
 
 @pytest.mark.gpu

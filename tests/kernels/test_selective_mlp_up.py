@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from polar_sparsity.kernels import (
+    _tuning,
     selective_gated_up,
     selective_gated_up_reference,
     selective_up,
     selective_up_reference,
 )
-from polar_sparsity.kernels._common import num_sms, whole_wave_tiles
+from polar_sparsity.kernels._common import num_sms, planning_for_sms, whole_wave_tiles
 from polar_sparsity.kernels.testing import assert_rel_close, poisoned
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -182,6 +183,30 @@ def test_real_shapes_gpu(dtype, M, d, n, gated):
         selective_up(x, wu, idx, b, out=out)
         ref = selective_up_reference(x, wu, idx, b)
     assert_rel_close(out, ref, dtype, "real shape")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sms", [48, 64, 96])
+@pytest.mark.parametrize(("M", "d", "n", "gated"), [(1, 9216, 16384, False), (16, 4096, 14336, True)])
+def test_heuristic_planned_for_fewer_sms_gpu(sms, M, d, n, gated, monkeypatch):
+    """What the heuristic launches at M <= 16 on a GPU of 48-96 SMs (stream-K programs, the gated
+    32-wide tiles' step length), run here on the whole GPU, matches the reference."""
+    monkeypatch.setattr(_tuning, "pick", lambda key, device, heuristic, candidates, launch: dict(heuristic()))
+    dev = torch.device("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    x = torch.randn(M, d, device=dev, dtype=torch.float16, generator=gen)
+    wu = torch.randn(n, d, device=dev, dtype=torch.float16, generator=gen) / d**0.5
+    idx = torch.randperm(n, device=dev, generator=gen)[: int(0.3 * n)].int()
+    out = poisoned((M, idx.numel()), torch.float16, dev)
+    with planning_for_sms(sms):
+        if gated:
+            wg = torch.randn(n, d, device=dev, dtype=torch.float16, generator=gen) / d**0.5
+            selective_gated_up(x, wg, wu, idx, out=out)
+            ref = selective_gated_up_reference(x, wg, wu, idx)
+        else:
+            selective_up(x, wu, idx, out=out)
+            ref = selective_up_reference(x, wu, idx)
+    assert_rel_close(out, ref, torch.float16, f"{sms} SMs")
 
 
 @pytest.mark.gpu

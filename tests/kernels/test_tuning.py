@@ -381,20 +381,31 @@ def test_attention_heuristic_tile_keeps_the_most_kv_bytes_in_flight(head_dim, sm
 
 
 def test_small_batch_heuristics_take_longer_steps_where_the_sweeps_found_them_faster():
-    """H200 sweeps at M = 16 and 64: the down projection of a narrow model (d / 128 under half a wave)
-    takes 64-column tiles of 256-neuron steps (128 under 4096 neurons) split to two waves (M <= 16) or
-    one; the ungated up projection whose 128-wide tiles fit one wave takes 128-wide steps, 4 warps.
-    Elsewhere the earlier rules hold."""
+    """H200 sweeps at M = 16 and 64: the down projection of a narrow model (d / 128 at most half a wave)
+    takes, at 16 < M <= 64, the one-program-per-SM tile that fills one wave the most (64 columns of
+    256-neuron steps or 128 x 128 of 128-neuron steps; fewer splits on a tie), and at M <= 16 64-column
+    tiles of 256-neuron steps (128 under 4096 neurons) split to two waves; the ungated up projection whose
+    128-wide tiles fit one wave takes 128-wide steps, 4 warps. Elsewhere the earlier rules hold."""
     from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
 
     smem = 227 * 1024
-    for sms in (108, 132):
+    # SMs -> (BLOCK_D, BLOCK_K, splits), Llama-3-8B at M = 64: 64 columns x splits or 32 x splits <= SMs
+    fullest = {64: (64, 256, 1), 80: (64, 256, 1), 96: (128, 128, 3), 108: (128, 128, 3), 132: (64, 256, 2)}
+    for sms, tile in fullest.items():
         for n_sel in (4301, 7168, 14336):  # Llama-3-8B
             down = selective_mlp_down._heuristic(64, n_sel, 4096, sms, smem)
-            assert (down["BLOCK_D"], down["BLOCK_K"], down["splits"]) == (64, 256, sms // 64), n_sel
-            assert down["num_stages"] * (64 + 64) * 256 * 2 <= smem
-        short = selective_mlp_down._heuristic(64, 2867, 4096, sms, smem)  # under 4096: 128-neuron steps
-        assert (short["BLOCK_D"], short["BLOCK_K"], short["num_stages"]) == (64, 128, 4)
+            assert (down["BLOCK_D"], down["BLOCK_K"], down["splits"]) == tile, (sms, n_sel)
+            assert down["num_stages"] * (64 + down["BLOCK_D"]) * down["BLOCK_K"] * 2 <= smem
+    for n_sel, splits in ((1434, 1), (2867, 2)):  # under 4096 too; each split >= 4 steps
+        short = selective_mlp_down._heuristic(64, n_sel, 4096, 132, smem)
+        assert (short["BLOCK_D"], short["BLOCK_K"], short["num_stages"], short["splits"]) == (
+            64,
+            256,
+            3,
+            splits,
+        )
+    assert selective_mlp_down._heuristic(16, 2867, 4096, 132, smem)["BLOCK_K"] == 128  # M <= 16: 128 there
+    for sms in (108, 132):
         assert selective_mlp_down._heuristic(64, 11059, 9216, sms, smem)["BLOCK_K"] == 64  # wide model
         for n_sel in (4301, 7168, 14336):  # M = 16: the same steps, split to two waves
             down = selective_mlp_down._heuristic(16, n_sel, 4096, sms, smem)
@@ -418,8 +429,9 @@ def test_longer_steps_only_where_shared_memory_holds_their_stages():
     from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
 
     a100, consumer = 166912, 101376
-    down = selective_mlp_down._heuristic(64, 7168, 4096, 108, a100)
-    assert (down["BLOCK_D"], down["BLOCK_K"], down["num_stages"]) == (64, 128, 4)
+    assert selective_mlp_down._long_steps(64, 7168, a100, True) == (128, 4)
+    down = selective_mlp_down._heuristic(64, 7168, 4096, 128, a100)  # 64 columns of 128 x 2 splits
+    assert (down["BLOCK_D"], down["BLOCK_K"], down["num_stages"], down["splits"]) == (64, 128, 4, 2)
     down = selective_mlp_down._heuristic(64, 7168, 4096, 128, consumer)  # RTX 4090-class: 128 SMs
     assert (down["BLOCK_K"], down["num_stages"]) == (64, 4)
     down = selective_mlp_down._heuristic(16, 7168, 4096, 128, consumer)
@@ -567,3 +579,28 @@ def test_down_activation_tile_by_tma_for_64_and_256_row_tiles():
         assert ("tma_a" in cfg) == (cfg["BLOCK_M"] in (64, 256)), cfg
     assert _common.has_tma(torch.device("cpu"))  # the interpreter runs the descriptor path too
     assert [_common.tma_feeds_shared_memory_mma(m) for m in (8, 9, 10, 12)] == [False, True, True, False]
+
+
+def test_small_batch_splits_on_gpus_with_fewer_sms_than_tiles():
+    """H200 cut to 48-112 SMs (green contexts, 2026-11-30): where a model's 128-column tiles outnumber
+    the SMs, the down projection at M <= 16 multiplies its three waves by tiles / SMs rounded up (OPT-66B
+    at 64 SMs: 5 splits, where 2 took 1.12-1.25x the best), and at 16 < M <= 64 takes the split count of
+    the large-batch wave cost over its resident programs, splits of >= 16 steps; gated up at M <= 16
+    takes 32-wide tiles of 256-neuron steps only where all of them run at once (Llama-3-8B at 64 SMs,
+    30%: 1.28-1.32x otherwise)."""
+    from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
+
+    smem = 227 * 1024
+    assert selective_mlp_down._heuristic(16, 11059, 9216, 64, smem)["splits"] == 5  # 72 tiles, 3 x 2 waves
+    assert selective_mlp_down._heuristic(16, 11059, 9216, 48, smem)["splits"] == 4
+    assert selective_mlp_down._heuristic(16, 11059, 9216, 132, smem)["splits"] == 5  # 72 < 132: as before
+    for sms in (48, 64):
+        down = selective_mlp_down._heuristic(64, 22118, 9216, sms, smem)
+        slots = 2 * sms  # 64 x 128 tiles of 4 stages: two resident per SM
+        assert down["splits"] == selective_mlp_down._large_batch_splits(72, slots, 64, 22118, 64, 16), sms
+    assert selective_mlp_down._heuristic(64, 22118, 9216, 48, smem)["splits"] == 4  # three whole waves
+    assert selective_mlp_down._heuristic(64, 3686, 9216, 48, smem)["splits"] == 1  # splits of >= 16 steps
+    assert selective_mlp_down._heuristic(64, 11059, 9216, 132, smem)["splits"] == 3  # one wave, as before
+    for sms, n_sel, tile in ((64, 4301, (32, 128)), (132, 2867, (32, 256)), (132, 10035, (32, 128))):
+        up = selective_mlp_up._heuristic(16, n_sel, 4096, sms, True, smem)
+        assert (up["BLOCK_N"], up["BLOCK_K"], up["splits"]) == (*tile, 1), (sms, n_sel)
