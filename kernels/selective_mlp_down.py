@@ -347,8 +347,10 @@ def _heuristic(
 ) -> _tuning.Config:
     """A config from shape and SM count (what tuning picked on H100 and H200 at the benchmark shapes).
 
-    M <= 64: 128-column tiles (64 when d / 128 gives less than half a wave at M > 16), 64 neurons per
-    step, and split-K so that tiles x splits fills about 3 waves (M <= 16) or 2 (M <= 64): more, shorter
+    M <= 64: 128-column tiles (64 when d / 128 gives less than half a wave at M > 16), 128 neurons per
+    step at M <= 16 (3 stages; 64-neuron steps took up to 1.24x the best on an H200 cut to 48-80 SMs and
+    1.05x at 132, 128-neuron steps 1.00-1.10x on 48-132 SMs) and 64 at M <= 64 (4 stages), and split-K
+    so that tiles x splits fills about 3 waves (M <= 16) or 2 (M <= 64): more, shorter
     programs hide the index -> weight-row load chain better than a few long ones; where the tiles outnumber
     the SMs, M <= 16 takes that many times the waves and 16 < M <= 64 the large-batch wave cost over its
     resident programs with splits of >= 16 steps (H200 cut to 48-64 SMs, OPT-66B, 2026-11-30: 1.00-1.11x
@@ -403,8 +405,8 @@ def _heuristic(
     else:
         bm = _block_m(M)
         bd = 128 if bm <= 16 or wide else 64
-        ns, waves = (3, 3) if bm <= 16 else (4, 2)
-        bk, nw, stages = _fit(bm, bd, 64, 4, ns, smem, operands_in_registers)
+        bk, ns, waves = (128, 3, 3) if bm <= 16 else (64, 4, 2)
+        bk, nw, stages = _fit(bm, bd, bk, 4, ns, smem, operands_in_registers)
         tiles = C.cdiv(M, bm) * C.cdiv(d, bd)
         if bm > 16 and tiles > sms:  # long programs outnumbering the SMs: whole waves of resident slots,
             # no split shorter than 16 steps (pipeline fill and split finish outweigh a fuller wave)

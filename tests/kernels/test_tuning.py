@@ -414,7 +414,7 @@ def test_small_batch_heuristics_take_longer_steps_where_the_sweeps_found_them_fa
                 256,
                 min(2 * sms // 64, n_sel // 1024),
             )
-        assert selective_mlp_down._heuristic(16, 11059, 9216, sms, smem)["BLOCK_K"] == 64  # wide model
+        assert selective_mlp_down._heuristic(16, 11059, 9216, sms, smem)["BLOCK_K"] == 128  # wide model
         up = selective_mlp_up._heuristic(64, 11059, 9216, sms, False, smem)  # OPT-66B, 87 tiles of 128
         assert (up["BLOCK_N"], up["BLOCK_K"], up["num_warps"], up["splits"]) == (128, 128, 4, 1)
         more = selective_mlp_up._heuristic(64, 18432, 9216, sms, False, smem)  # 144 tiles: over one wave
@@ -594,6 +594,9 @@ def test_small_batch_splits_on_gpus_with_fewer_sms_than_tiles():
     assert selective_mlp_down._heuristic(16, 11059, 9216, 64, smem)["splits"] == 5  # 72 tiles, 3 x 2 waves
     assert selective_mlp_down._heuristic(16, 11059, 9216, 48, smem)["splits"] == 4
     assert selective_mlp_down._heuristic(16, 11059, 9216, 132, smem)["splits"] == 5  # 72 < 132: as before
+    for sms in (48, 64, 132):  # 128-neuron steps, 3 stages (64-neuron steps took up to 1.24x at 48 SMs)
+        down = selective_mlp_down._heuristic(16, 36864, 9216, sms, smem)
+        assert (down["BLOCK_D"], down["BLOCK_K"], down["num_stages"]) == (128, 128, 3), sms
     for sms in (48, 64):
         down = selective_mlp_down._heuristic(64, 22118, 9216, sms, smem)
         slots = 2 * sms  # 64 x 128 tiles of 4 stages: two resident per SM
