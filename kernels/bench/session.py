@@ -53,7 +53,7 @@ def _steps(results: Path) -> list[tuple[str, list[str], float]]:
     # has no kernels/ (the package is mapped from the top-level folder, see gpu_session.sh).
     pytest = [sys.executable, "-m", "pytest", str(KERNEL_TESTS), "-m", "gpu", "-q", "-p", "no:cacheprovider"]
     pytest.append("--import-mode=importlib")
-    steps: list[tuple[str, list[str], float]] = [("gpu_tests", pytest, 120)]
+    steps: list[tuple[str, list[str], float]] = [("gpu_tests", pytest, 150)]
     for bench, secs in (("attn", 40), ("gqa", 25), ("gemm", 50)):
         argv = [*BENCH, bench, "--out", str(results / "heuristic"), *MODES["heuristic"]]
         steps.append((f"heuristic_{bench}", argv, secs))
