@@ -397,11 +397,10 @@ def _heuristic(
         and (one_wave := _fullest_wave(n_sel, d, sms, smem, operands_in_registers))
     ):
         bm, (bd, bk, nw, stages, splits) = 64, one_wave
-    elif not wide and (long_steps := _long_steps(_block_m(M), n_sel, smem, operands_in_registers)):
-        bm, bd, nw = _block_m(M), 64, 4
+    elif M <= 16 and not wide and (long_steps := _long_steps(16, n_sel, smem, operands_in_registers)):
+        bm, bd, nw = 16, 64, 4
         bk, stages = long_steps
-        waves = 2 if bm <= 16 else 1
-        splits = max(1, min(waves * sms // C.cdiv(d, bd), n_sel // (2 * bk)))
+        splits = max(1, min(2 * sms // C.cdiv(d, bd), n_sel // (2 * bk)))  # two waves
     else:
         bm = _block_m(M)
         bd = 128 if bm <= 16 or wide else 64
@@ -437,17 +436,14 @@ def _fullest_wave(
     tiles = [(64, long_steps[0], 4, long_steps[1])] if long_steps else []
     if (square := _fit(64, 128, 128, 4, 3, smem, operands_in_registers)) == (128, 4, 3):  # all its stages
         tiles.append((128, *square))
-    best, best_key = None, None
+    options = []  # (fill, -splits, 64 columns), config
     for bd, bk, nw, stages in tiles:
         slots = sms * C.resident_programs(nw, stages * _stage_bytes(64, bd, bk), smem)
         columns = C.cdiv(d, bd)
-        if columns > slots:
-            continue
-        splits = max(1, min(slots // columns, n_sel // (4 * bk)))  # >= 4 steps: the pipeline's depth
-        key = (columns * splits / slots, -splits, bd == 64)
-        if best_key is None or key > best_key:
-            best, best_key = (bd, bk, nw, stages, splits), key
-    return best
+        if columns <= slots:
+            splits = max(1, min(slots // columns, n_sel // (4 * bk)))  # >= 4 steps: the pipeline's depth
+            options.append(((columns * splits / slots, -splits, bd == 64), (bd, bk, nw, stages, splits)))
+    return max(options)[1] if options else None
 
 
 def _activation_by_tma(bm: int, tma: bool) -> dict[str, int]:
