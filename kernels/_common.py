@@ -16,6 +16,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+try:  # host tensor descriptors (TMA copies) arrived in Triton 3.4; older releases copy tiles per thread
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 
@@ -115,16 +120,17 @@ def tma_feeds_shared_memory_mma(major: int) -> bool:
     """Whether a GPU of this compute capability major copies tiles by TMA into shared memory that its
     tensor cores read directly (Hopper 9.x, datacenter Blackwell 10.x): where the descriptor path was
     measured. Before Hopper, Triton lowers a descriptor load to plain loads outside the copy pipeline;
-    consumer Blackwell (12.x) has TMA but reads operands from registers, and was not measured."""
-    return major >= TMA_MAJOR and major not in MMA_SYNC_MAJORS
+    consumer Blackwell (12.x) has TMA but reads operands from registers, and was not measured. False
+    on any GPU under a Triton without host tensor descriptors (before 3.4)."""
+    return TensorDescriptor is not None and major >= TMA_MAJOR and major not in MMA_SYNC_MAJORS
 
 
 @cache
 def has_tma(device: torch.device) -> bool:
     """:func:`tma_feeds_shared_memory_mma` for this GPU. The interpreter runs tensor descriptors too:
-    True there, so the CPU tests cover the descriptor path."""
+    True there where this Triton has them, so the CPU tests cover the descriptor path."""
     if device.type != "cuda":
-        return True
+        return TensorDescriptor is not None
     return tma_feeds_shared_memory_mma(torch.cuda.get_device_capability(device)[0])
 
 

@@ -26,7 +26,6 @@ from functools import cache
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _common as C
 from . import _tuning
@@ -364,33 +363,38 @@ def _heuristic(
     on 64-132 SMs within 1.00-1.10x of the best at every density, where the 64-column tile alone took up
     to 1.27x at 96-112 SMs and the waves rule 1.40x at 64). M > 64: 128 x 64 tensor-core tiles, 4 warps
     (three resident per SM), or 128 x 128 with 8 warps at M <= 128 when d / 128 fills half a wave (OPT-66B
-    at M = 128: 1.00-1.11x the best, against 1.07-1.25x for 128 x 64), and the split-K count that fills
+    at M = 128: 1.00-1.11x the best, against 1.07-1.25x for 128 x 64); at M > 128 when it does not, the
+    one of the two whose busiest SM streams fewer weight bytes (:func:`_split_tile`; H200 cut to 96-132
+    SMs, Llama-3-8B at M = 200 and 256, 10-100% of the neurons, 2026-11-30: 128 x 128 from 4,301 neurons at
+    112 SMs, 1.00-1.11x the best where 128 x 64 took up to 1.32x; 128 x 64 at fewer neurons and on 132
+    SMs, 1.00-1.06x, where 128 x 128 took up to 1.27x). The split-K count is the one that fills
     whole waves of resident programs without too much fp32 partial traffic (:func:`_large_batch_splits`;
     Llama-3-8B at M = 128 wants 2-6 splits). M > 128 with long reductions (>= 96 steps)
-    and half a wave of 256 x 128 tiles: one tile over the whole batch (each weight row read once) under
-    stream-K, one program per SM, where its accumulators fit (not on an ``mma.sync`` GPU). From the H200
-    graph-timed sweeps at M = 1-256 (2026-11-29; the M = 256 rules from ``kernels.bench.config_sweep``,
+    and a third of a wave of 256 x 128 tiles: one tile over the whole batch (each weight row read once)
+    under stream-K, one program per SM, where its accumulators fit (not on an ``mma.sync`` GPU; Llama-3-70B's
+    64 column tiles on the whole H200, M = 200 / 256, 30-100% of the neurons, 2026-11-30: 1.01-1.06x the
+    best, where split 128-row tiles took 1.22-1.45x; Llama-3-8B's 32 took 1.12-1.21x on 132 SMs). From the
+    H200 graph-timed sweeps at M = 1-256 (2026-11-29; the M = 256 rules from ``kernels.bench.config_sweep``,
     every candidate at each shape: the whole-batch tile was the fastest config for OPT-66B at k =
     7,373-25,805; 256-column tiles at k >= 6,144 took 1.08-1.33x the best for Llama-3-8B, 128 x 64 tiles
     1.00-1.05x). Each tile is then fitted to the GPU's registers and shared memory (:func:`_fit`), and
     64- and 256-row tiles load their activation tile by TMA where the GPU has it (:func:`_activation_by_tma`).
     """
     wide = C.cdiv(d, 128) >= sms / 2  # 128-column tiles alone fill half a wave
-    whole_batch = M > 128 and n_sel >= 96 * 64 and wide
+    whole_batch = M > 128 and n_sel >= 96 * 64 and C.cdiv(d, 128) >= sms / 3
     whole_batch &= not operands_in_registers or C.accumulators_fit(256, 128, 8)
     if whole_batch:
         bm, bd, (bk, nw, stages) = 256, 128, _fit(256, 128, 64, 8, 3, smem, operands_in_registers)
         splits = 1
-    elif 64 < M <= 128 and wide:
-        # 128 x 128 with 8 warps takes 118 registers a thread (H200, Triton 3.6): two programs share an
-        # SM where shared memory holds both (3 splits, one such wave, were the sweep's best at every k).
-        bm, bd, (bk, nw, stages) = 128, 128, _fit(128, 128, 64, 8, 3, smem, operands_in_registers)
-        slots = sms * C.resident_programs(nw, stages * _stage_bytes(bm, bd, bk), smem, registers=118)
-        splits = _large_batch_splits(C.cdiv(d, bd), slots, bm, n_sel, bk)
     elif M > 64:
-        bm, bd, (bk, nw, stages) = 128, 64, _fit(128, 64, 64, 4, 3, smem, operands_in_registers)
-        slots = sms * C.resident_programs(nw, stages * _stage_bytes(bm, bd, bk), smem)
-        splits = _large_batch_splits(C.cdiv(M, bm) * C.cdiv(d, bd), slots, bm, n_sel, bk)
+        narrow, square = (_split_tile(bd, M, n_sel, d, sms, smem, operands_in_registers) for bd in (64, 128))
+        if M <= 128:  # one batch tile: a wide model's 128 x 128 tiles fill a wave of one program per SM
+            chosen = square if wide else narrow
+        elif wide:  # a wide model's short reductions (long ones took the whole-batch tile above)
+            chosen = narrow
+        else:  # a narrow model's whole batch: the tile whose busiest SM streams less (a tie: 128 x 64)
+            chosen = min((narrow, square), key=lambda tile: tile[1])
+        bm, bd, bk, nw, stages, splits = chosen[0]
     elif (
         16 < M <= 64
         and C.cdiv(d, 128) <= sms / 2
@@ -422,6 +426,23 @@ def _heuristic(
         "splits": splits,
     } | _activation_by_tma(bm, tma)
     return cfg | {"stream_k": 1} if whole_batch else cfg
+
+
+def _split_tile(
+    bd: int, M: int, n_sel: int, d: int, sms: int, smem: int, operands_in_registers: bool
+) -> tuple[tuple[int, int, int, int, int, int], float]:
+    """(BLOCK_M, BLOCK_D, BLOCK_K, num_warps, stages, splits) of a split-K tile of 128 batch rows by
+    ``bd`` columns, split by :func:`_large_batch_splits`, and the weight elements its busiest SM
+    streams: programs spread evenly over the SMs, each over n_sel / splits rows of ``bd`` columns.
+    64 columns take 4 warps (three programs a SM); 128 take 8 (118 registers a thread on an H200 under
+    Triton 3.6: two programs share an SM where shared memory holds both)."""
+    nw, registers = (8, 118) if bd == 128 else (4, 168)
+    bk, nw, stages = _fit(128, bd, 64, nw, 3, smem, operands_in_registers)
+    resident = C.resident_programs(nw, stages * _stage_bytes(128, bd, bk), smem, registers=registers)
+    tiles = C.cdiv(M, 128) * C.cdiv(d, bd)
+    splits = _large_batch_splits(tiles, sms * resident, 128, n_sel, bk)
+    busiest = math.ceil(tiles * splits / sms) * n_sel / splits * bd
+    return (128, bd, bk, nw, stages, splits), busiest
 
 
 def _fullest_wave(
@@ -649,7 +670,7 @@ def _launch(a, w_down_t, idx, bias, out, cfg) -> None:
     ws, cnt = C.split_workspace(out, (plan.partial_slots, M, out.shape[1]), plan.counters)
     plan.launch(
         A=a,
-        A_DESC=TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]]) if tma_a else a,
+        A_DESC=C.TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]]) if tma_a else a,
         W=w_down_t,
         BIAS=bias if bias is not None else a,  # a stand-in, never read, without HAS_BIAS
         IDX=idx,

@@ -471,10 +471,13 @@ def _heuristic(
     tiles take longer K-steps), no split then (tuning split only one of 20 such keys); 128-wide tiles that fit
     one wave (ungated) take 128-wide steps with 4 warps, one program per SM where shared memory holds all four
     stages (OPT-66B at M = 64, density 0.3: 53.7 against 66.5 us with 64-wide steps and 8 warps; H200 sweep,
-    2026-11-29). M <= 16: 64 neurons x 128 per step when that gives a quarter wave of programs, else 32;
-    split-d to one wave, or stream-K once the tiles alone fill a wave (tiles x splits then leaves a partial
-    wave that equal shares avoid: 4-6% faster on the H200 at OPT-66B's up projection, density >= 0.3). Gated,
-    M <= 16, with half a wave of 32-wide tiles: no split and no stream-K (a program streams two weight tiles
+    2026-11-29). M <= 16, ungated: 64 neurons x 128 per step under stream-K, as many programs per SM as fit,
+    at any count of tiles (equal shares leave no partial wave; H200 cut to 96-132 SMs, OPT-66B at M = 1,
+    5-20% of the neurons, 2026-11-30: 1.00-1.12x the best config, where split-d to one wave took up to
+    1.23x: its split counts fill the slots unevenly, and 32-wide tiles of few neurons 1.23x). Gated, M <=
+    16, few neurons: 64 neurons a tile when that gives a quarter wave of programs, else 32; split-d to one
+    wave, or stream-K once the tiles alone fill a wave. Gated, M <= 16, with half a wave of 32-wide tiles:
+    no split and no stream-K (a program streams two weight tiles
     per step, and split partials are two accumulators), 64-wide tiles unless 32-wide ones fill their waves
     clearly better (H200 sweep of every candidate, Llama-3-8B at M = 1 and 16: 1.00-1.13 of the best, against
     up to 1.30 with the split rule); 32-wide tiles take 256-neuron steps only where all of them run at once
@@ -502,7 +505,7 @@ def _heuristic(
         bk = 256 if bn == 32 and C.cdiv(n_sel, 32) <= per_sm * sms else 128  # all the tiles at once
     elif M <= 16:
         bm, bk, nw, ns = 16, 128, 4, 4
-        bn = 64 if C.cdiv(n_sel, 64) >= sms / 4 else 32
+        bn = 64 if not gated or C.cdiv(n_sel, 64) >= sms / 4 else 32
     else:
         bm = _block_m(M)
         bn = next((w for w in (128, 64, 32, 16) if C.cdiv(n_sel, w) >= sms / 2), 16)
@@ -517,7 +520,7 @@ def _heuristic(
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": stages}
     if whole_tiles:  # fp32 partials cost more than the waves they fill (two accumulators when gated)
         return cfg | {"splits": 1}
-    if bm == 16 and programs >= sms:
+    if bm == 16 and (programs >= sms or not gated):
         return cfg | {
             "splits": 1,
             "stream_k": C.resident_programs(nw, stages * _stage_bytes(bm, bn, bk, gated), smem),

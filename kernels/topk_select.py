@@ -74,7 +74,7 @@ def _digit_pass_kernel(
     digit = tl.where(match, (key >> SHIFT) & ((1 << BITS) - 1), 0).to(tl.int32)
     bins = tl.arange(0, 1 << BITS)
     # Non-matching keys were counted in bin 0: take them out (histogram masks are not in every Triton).
-    counts = tl.histogram(digit, 1 << BITS) - tl.where(bins == 0, tl.sum((~match).to(tl.int32), 0), 0)
+    counts = tl.histogram(digit, 1 << BITS) - tl.where(bins == 0, BLOCK - tl.sum(match.to(tl.int32), 0), 0)
     tl.atomic_add(HIST + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
     tl.debug_barrier()  # every thread's counts are added before the (release) arrival
     arrived = tl.atomic_add(CNT, 1, sem="acq_rel", scope="gpu")

@@ -22,6 +22,7 @@ Triton's JIT must be live (``TRITON_INTERPRET`` unset): the test suite runs this
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import os
 import re
@@ -49,35 +50,55 @@ class LoopReport:
 
 
 def _specialize(kernel, args: dict, constexprs: dict) -> tuple[dict, dict, dict]:
-    """Signature, attributes and constants as a launch would specialize them (an integer argument
-    equal to 1 becomes a constant, one divisible by 16 says so)."""
-    sig, attrs, consts = {}, {}, dict(constexprs)
+    """Argument types, constants and hints (parameter index -> 16 for a multiple of 16, 1 for an
+    integer equal to 1) as a launch would specialize them."""
+    types, consts, hints = {}, dict(constexprs), {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
-            sig[name] = "constexpr"
             continue
         value = args[name]
         if isinstance(value, str):  # a pointer ("*fp16") or a float scalar ("fp32")
-            sig[name] = value
+            types[name] = value
             if value.startswith("*"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif value == 1:
-            sig[name], consts[name] = "constexpr", 1
+                hints[i] = 16
         else:
-            sig[name] = "i32"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return sig, attrs, consts
+            types[name] = "i32"
+            if value == 1:
+                consts[name], hints[i] = 1, 1
+            elif value % 16 == 0:
+                hints[i] = 16
+    return types, consts, hints
+
+
+def _source(kernel, args: dict, constexprs: dict):
+    """The ``ASTSource`` a launch of ``kernel`` with these arguments compiles, in this Triton's form."""
+    from triton.compiler import ASTSource
+
+    types, consts, hints = _specialize(kernel, args, constexprs)
+    if "constexprs" in inspect.signature(ASTSource).parameters:  # Triton >= 3.3
+        sig = {n: "constexpr" if n in consts else types[n] for n in kernel.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, h in hints.items() if h == 16}
+        return ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    try:  # Triton 3.2
+        from triton.backends.compiler import AttrsDescriptor
+
+        attrs = AttrsDescriptor.from_hints(hints)
+    except ImportError:  # Triton 3.1
+        from triton.compiler import AttrsDescriptor
+
+        attrs = AttrsDescriptor(
+            tuple(i for i, h in hints.items() if h == 16), tuple(i for i, h in hints.items() if h == 1)
+        )
+    return ASTSource(kernel, types, consts, attrs)
 
 
 def compile_for(kernel, args: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
     """Compile ``kernel`` for compute capability ``arch`` (e.g. 80, 90) on this machine."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
+    from triton.compiler import compile
 
-    sig, attrs, consts = _specialize(kernel, args, constexprs)
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
+    src = _source(kernel, args, constexprs)
     return compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -94,15 +115,18 @@ def _first_loop_body(ttgir: str) -> list[str]:
 
 
 def loop_report(ttgir: str) -> LoopReport:
+    # The dialects print as ttg / ttng from Triton 3.3, triton_gpu / triton_nvidia_gpu before.
     body = _first_loop_body(ttgir)
     tile_load = re.compile(r"= tt\.load .*: tensor<\d+x\d+x!tt\.ptr")
-    wait = re.compile(r"ttg\.async_wait .*num = (\d+)")
-    waits = [int(m.group(1)) for m in map(wait.search, body) if m]
+    wait = re.compile(r"(ttg|triton_gpu)\.async_wait .*num = (\d+)")
+    waits = [int(m.group(2)) for m in map(wait.search, body) if m]
     return LoopReport(
         sync_tile_loads=sum(bool(tile_load.search(line)) for line in body),
-        async_copies=sum("ttg.async_copy_global_to_local" in line for line in body),
+        async_copies=sum(
+            bool(re.search(r"(ttg|triton_gpu)\.async_copy_global_to_local", line)) for line in body
+        ),
         copies_in_flight=max(waits, default=0),
-        async_mma=any("ttng.warp_group_dot " in line for line in body),
+        async_mma=any(re.search(r"(ttng|triton_nvidia_gpu)\.warp_group_dot ", line) for line in body),
     )
 
 

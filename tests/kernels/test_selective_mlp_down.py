@@ -5,7 +5,13 @@ import os
 import pytest
 import torch
 
-from polar_sparsity.kernels import _tuning, prepare_down_weight, selective_down, selective_down_reference
+from polar_sparsity.kernels import (
+    _common,
+    _tuning,
+    prepare_down_weight,
+    selective_down,
+    selective_down_reference,
+)
 from polar_sparsity.kernels._common import planning_for_sms, split_chunks, stream_k_plan
 from polar_sparsity.kernels.testing import assert_rel_close, poisoned
 
@@ -77,6 +83,25 @@ def test_activation_tile_by_tma(schedule, k, dtype, force_config, device, gen):
         selective_down(rows, w_t, idx[:k], b, out=out)
         ref = selective_down_reference(rows.cpu(), w_t.cpu(), idx[:k].cpu(), b.cpu(), dtype=torch.float64)
         assert_rel_close(out.cpu(), ref, dtype, f"tma_a {schedule}")
+
+
+def test_a_tma_config_under_a_triton_without_host_descriptors(force_config, device, gen, monkeypatch):
+    """Triton before 3.4 has no host tensor descriptors: no GPU (nor the interpreter) takes the TMA path
+    then, and a config that asks for it (a shipped table's, say) runs with per-thread copies."""
+    monkeypatch.setattr(_common, "TensorDescriptor", None)
+    _common.has_tma.cache_clear()
+    try:
+        assert not any(_common.tma_feeds_shared_memory_mma(major) for major in (8, 9, 10, 12))
+        assert not _common.has_tma(device)
+        tile = {"BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "tma_a": 1}
+        force_config(tile | {"splits": 3})
+        a, w_t, b, idx = _case(18, 72, 250, 61, torch.float16, device, gen)
+        out = poisoned((18, 72), torch.float16, device)
+        selective_down(a, w_t, idx, b, out=out)
+        ref = selective_down_reference(a.cpu(), w_t.cpu(), idx.cpu(), b.cpu(), dtype=torch.float64)
+        assert_rel_close(out.cpu(), ref, torch.float16, "tma_a without descriptors")
+    finally:
+        _common.has_tma.cache_clear()
 
 
 @pytest.mark.parametrize(

@@ -207,7 +207,7 @@ def test_warm_up_runs_each_call_once():
 def test_heuristic_schedules_at_the_measured_shapes():
     """The H200 sweeps' findings, on any SM count: gated up at small batch with half a wave of
     32-wide tiles runs whole tiles (no split, no stream-K); the down projection of a large batch with
-    long reductions (>= 96 steps) and half a wave of 256 x 128 tiles takes the whole batch per tile
+    long reductions (>= 96 steps) and a third of a wave of 256 x 128 tiles takes the whole batch per tile
     under stream-K; with fewer columns it splits 128 x 64 tiles to fill the resident slots."""
     from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
 
@@ -216,7 +216,7 @@ def test_heuristic_schedules_at_the_measured_shapes():
         for n_sel in (sms * 16, sms * 32, 14336):
             cfg = selective_mlp_up._heuristic(16, n_sel, 4096, sms, True, smem)
             assert cfg["splits"] == 1 and "stream_k" not in cfg, (sms, n_sel, cfg)
-        whole_batch = sms / 2 <= 9216 // 128
+        whole_batch = sms / 3 <= 9216 // 128
         for n_sel in (96 * 64, 18432):
             big = selective_mlp_down._heuristic(256, n_sel, 9216, sms, smem)
             assert (big["BLOCK_M"], big.get("stream_k")) == ((256, 1) if whole_batch else (128, None)), sms
@@ -577,8 +577,65 @@ def test_down_activation_tile_by_tma_for_64_and_256_row_tiles():
         assert "tma_a" not in selective_mlp_down._heuristic(M, 18432, 9216, 132, smem, False, False)
     for cfg in selective_mlp_down._candidates(256, 18432, 9216, 132, smem, True):
         assert ("tma_a" in cfg) == (cfg["BLOCK_M"] in (64, 256)), cfg
-    assert _common.has_tma(torch.device("cpu"))  # the interpreter runs the descriptor path too
-    assert [_common.tma_feeds_shared_memory_mma(m) for m in (8, 9, 10, 12)] == [False, True, True, False]
+    descriptors = _common.TensorDescriptor is not None  # Triton >= 3.4
+    assert _common.has_tma(torch.device("cpu")) == descriptors  # the interpreter runs the TMA path too
+    hopper_and_b200 = [False, descriptors, descriptors, False]
+    assert [_common.tma_feeds_shared_memory_mma(m) for m in (8, 9, 10, 12)] == hopper_and_b200
+
+
+def test_ungated_up_at_small_batches_runs_stream_k_at_any_count_of_tiles():
+    """H200 cut to 96-132 SMs, OPT-66B at M = 1, 5-20% of the neurons (2026-11-30): the ungated up
+    projection at M <= 16 takes 64-wide tiles under stream-K even with fewer tiles than SMs (split-d to
+    one wave took up to 1.23x the best, 32-wide tiles of few neurons 1.23x; this 1.00-1.12x). The gated
+    one keeps its split rule for few neurons."""
+    from polar_sparsity.kernels import selective_mlp_up
+
+    smem = 227 * 1024
+    for sms, k in ((132, 1843), (96, 3686), (112, 3686), (132, 7373)):
+        cfg = selective_mlp_up._heuristic(1, k, 9216, sms, False, smem)
+        assert (cfg["BLOCK_N"], cfg["splits"], cfg.get("stream_k")) == (64, 1, 2), (sms, k, cfg)
+    gated = selective_mlp_up._heuristic(1, 1434, 4096, 132, True, smem)
+    assert "stream_k" not in gated and gated["splits"] > 1, gated
+
+
+def test_a_narrow_models_whole_batch_takes_the_down_tile_whose_busiest_sm_streams_less():
+    """At M > 128 on a narrow model (d / 128 under half a wave), short of the whole-batch tile, the down
+    projection takes 128 x 128 tiles of 8 warps where their busiest SM streams fewer weight bytes than
+    with 128 x 64 tiles, and 128 x 64 on a tie (H200 cut to 112-132 SMs, Llama-3-8B at M = 200 and 256,
+    2026-11-30: 128 x 128 took 1.00-1.11x the best from 4,301 neurons at 112 SMs, where 128 x 64 took up
+    to 1.32x; 128 x 64 1.00-1.06x below 4,301 neurons, where 128 x 128 took up to 1.27x)."""
+    from polar_sparsity.kernels import selective_mlp_down
+
+    smem = 227 * 1024
+
+    def tile(M: int, k: int, sms: int) -> tuple[int, int]:
+        cfg = selective_mlp_down._heuristic(M, k, 4096, sms, smem)
+        return cfg["BLOCK_D"], cfg["splits"]
+
+    for M, k in itertools.product((200, 256), (8602, 14336)):
+        assert tile(M, k, 112) == (128, 3), (M, k)
+    for sms in (96, 112):
+        assert tile(256, 1434, sms)[0] == tile(256, 2867, sms)[0] == 64, sms
+        assert tile(128, 14336, sms)[0] == 64, sms  # M <= 128: the batch-tile rule as before
+    assert all(tile(256, k, 132)[0] == 64 for k in (1434, 4301, 8602, 14336))  # ties on 132 SMs
+
+
+def test_the_whole_batch_down_tile_from_a_third_of_a_wave_of_columns():
+    """The whole-batch 256 x 128 down tile (stream-K) serves long reductions once its 128-column tiles
+    fill a third of a wave: Llama-3-70B (64 of them) on the whole H200 took 1.22-1.45x the best at M =
+    200 / 256 and 30-100% of the neurons with split 128-row tiles, 1.01-1.06x with this tile; Llama-3-8B
+    (32) takes it on 96 SMs, not on 112 or 132 (H200 and green contexts, 2026-11-30)."""
+    from polar_sparsity.kernels import selective_mlp_down
+
+    smem = 227 * 1024
+
+    def whole_batch(d: int, k: int, sms: int) -> bool:
+        cfg = selective_mlp_down._heuristic(256, k, d, sms, smem)
+        return (cfg["BLOCK_M"], cfg.get("stream_k")) == (256, 1)
+
+    assert whole_batch(8192, 8602, 132) and whole_batch(8192, 28672, 132)
+    assert not whole_batch(8192, 2867, 132)  # short reductions (under 96 steps of 64) keep split tiles
+    assert whole_batch(4096, 14336, 96) and not whole_batch(4096, 14336, 112)
 
 
 def test_small_batch_splits_on_gpus_with_fewer_sms_than_tiles():
