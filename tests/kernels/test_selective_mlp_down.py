@@ -1,6 +1,8 @@
 """selective_down against the fp64 torch reference, plus the weight layout helper and checks."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -83,6 +85,20 @@ def test_activation_tile_by_tma(schedule, k, dtype, force_config, device, gen):
         selective_down(rows, w_t, idx[:k], b, out=out)
         ref = selective_down_reference(rows.cpu(), w_t.cpu(), idx[:k].cpu(), b.cpu(), dtype=torch.float64)
         assert_rel_close(out.cpu(), ref, dtype, f"tma_a {schedule}")
+
+
+def test_the_kernels_import_under_a_triton_without_host_descriptors():
+    """Triton before 3.4 has no ``triton.tools.tensor_descriptor``: the kernels still import (they once
+    failed to, on every such release) and know TMA is unavailable."""
+    code = (
+        "import sys\n"
+        "import triton  # whose own modules may use descriptors\n"
+        "sys.modules['triton.tools.tensor_descriptor'] = None  # importing it now raises ImportError\n"
+        "from polar_sparsity.kernels import _common, selective_down\n"
+        "print(_common.TensorDescriptor is None, _common.tma_feeds_shared_memory_mma(9))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.split() == ["True", "False"], run.stdout + run.stderr
 
 
 def test_a_tma_config_under_a_triton_without_host_descriptors(force_config, device, gen, monkeypatch):
