@@ -390,7 +390,7 @@ def _heuristic(
         narrow, square = (_split_tile(bd, M, n_sel, d, sms, smem, operands_in_registers) for bd in (64, 128))
         if M <= 128:  # one batch tile: a wide model's 128 x 128 tiles fill a wave of one program per SM
             chosen = square if wide else narrow
-        elif wide:  # a wide model's short reductions (long ones took the whole-batch tile above)
+        elif wide:  # a wide model's long reductions take the whole-batch tile above where it fits
             chosen = narrow
         else:  # a narrow model's whole batch: the tile whose busiest SM streams less (a tie: 128 x 64)
             chosen = min((narrow, square), key=lambda tile: tile[1])

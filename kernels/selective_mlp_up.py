@@ -477,10 +477,10 @@ def _heuristic(
     1.23x: its split counts fill the slots unevenly, and 32-wide tiles of few neurons 1.23x). Gated, M <=
     16, few neurons: 64 neurons a tile when that gives a quarter wave of programs, else 32; split-d to one
     wave, or stream-K once the tiles alone fill a wave. Gated, M <= 16, with half a wave of 32-wide tiles:
-    no split and no stream-K (a program streams two weight tiles
-    per step, and split partials are two accumulators), 64-wide tiles unless 32-wide ones fill their waves
-    clearly better (H200 sweep of every candidate, Llama-3-8B at M = 1 and 16: 1.00-1.13 of the best, against
-    up to 1.30 with the split rule); 32-wide tiles take 256-neuron steps only where all of them run at once
+    no split and no stream-K (a program streams two weight tiles per step, and split partials are two
+    accumulators), 64-wide tiles unless 32-wide ones fill their waves clearly better (H200 sweep of every
+    candidate, Llama-3-8B at M = 1 and 16: 1.00-1.13 of the best, against up to 1.30 with the split
+    rule); 32-wide tiles take 256-neuron steps only where all of them run at once
     (one program per SM holds those stages; two waves of them took 1.28-1.36x on an H200 cut to 48-64
     SMs). Every tile is then fitted to the GPU: on an ``mma.sync`` GPU steps of at most 128 and enough
     warps for the accumulators (:func:`_common.fit_registers`), and shorter steps before fewer pipeline

@@ -23,7 +23,6 @@ smallest (:func:`bucket_picks`), in the format ``kernels.bench.merge_tables`` me
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+
+from polar_sparsity.reporting import write_csv
 
 from .. import _common as C
 from .. import _decode_attention as attn_mod
@@ -222,13 +223,11 @@ def _model_rows(model: str, args: argparse.Namespace, t0: float, sms: int) -> It
 
 
 def _write(path: Path, rows: list[dict]) -> None:
-    """All rows so far, to a temporary name then renamed: a sweep cut short keeps what it timed."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows({**r, "cfg": json.dumps(r["cfg"], sort_keys=True)} for r in rows)
-    tmp.replace(path)
+    """All rows so far, in :data:`FIELDS` order (through a temporary name: a sweep cut short keeps what
+    it timed)."""
+    write_csv(
+        path, [{f: json.dumps(r[f], sort_keys=True) if f == "cfg" else r[f] for f in FIELDS} for r in rows]
+    )
 
 
 def _summary(rows: list[dict]) -> None:
