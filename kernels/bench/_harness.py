@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from polar_sparsity.reporting import atomic_path
+
 from .. import _common as C
 from .._tuning import graph_replay_us
 
@@ -169,13 +171,13 @@ def save_table(path: Path, tool: str, configs: dict, **fields: object) -> None:
         "env": env,
         "configs": dict(sorted(configs.items())),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(table, indent=1) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(table, indent=1) + "\n")
 
 
 def write_meta(path: Path, meta: dict) -> None:
-    path.write_text(json.dumps(meta, indent=2, default=str))
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, default=str))
 
 
 def plot(path: Path, rows: list[dict], title: str, panels: str = "shape") -> None:
