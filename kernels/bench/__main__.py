@@ -112,8 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     for name, cases in plans.items():
         tb = time.time()
-        rows = _run_one(name, bw, cases, tune)
-        h.write_csv(args.out / f"{name}.csv", rows)
+        rows: list[dict] = []
+        for i, case in enumerate(cases, 1):
+            # One case at a time, the CSV rewritten after each: a run stopped early keeps what it timed.
+            print(f"[{name}] case {i}/{len(cases)}: {case.label}", flush=True)
+            rows += _run_one(name, bw, [case], tune)
+            h.write_csv(args.out / f"{name}.csv", rows)
         h.write_meta(
             args.out / f"{name}_meta.json",
             dict(

@@ -139,8 +139,7 @@ def bench_shape(case: Case, bw: float, dtype=torch.float16) -> list[dict]:
 
 def run(kind: str, bw: float, cases: list[Case]) -> list[dict]:
     rows = []
-    for i, case in enumerate(cases, 1):
-        print(f"[{kind}] case {i}/{len(cases)}: {case.label}", flush=True)
+    for case in cases:
         rows += bench_shape(case, bw)
     for r in rows:
         r["bench"] = kind

@@ -175,7 +175,6 @@ def bench_model(cases: list[Case], bw: float, dtype=torch.float16, tune: bool = 
     rows = []
     for case in cases:
         M = case.batch
-        print(f"[gemm] {case.label}", flush=True)
         x = torch.randn(M, d, device="cuda", dtype=dtype)
         a_full = torch.randn(M, n, device="cuda", dtype=dtype)
         dense_up = time_graph([lambda w=w, x=x: F.linear(x, w["w_gu"], w["b_up"]) for w in ws])

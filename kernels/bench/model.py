@@ -100,7 +100,6 @@ def run_mlp(cases: list[Case]) -> list[dict]:
         mlp = _Mlp(shape.hidden, shape.ffn, shape.mlp == "gated")
         for case in (c for c in cases if c.model == shape):
             M = case.batch
-            print(f"[mlp] {case.label}", flush=True)
             x = _randn(M, shape.hidden)
             dense = time_graph([lambda mlp=mlp, x=x: mlp.dense(x)])
             rows.append(
@@ -200,9 +199,8 @@ class _Block:
 
 def run_block(cases: list[Case]) -> list[dict]:
     rows = []
-    for i, case in enumerate(cases, 1):
+    for case in cases:
         name = case.label
-        print(f"[block] case {i}/{len(cases)}: {name}", flush=True)
         blk = _Block(case)
         x = _randn(case.batch, case.model.hidden)
         dense = {m: time_graph([lambda m=m, blk=blk, x=x: blk.forward(x, None, m)]) for m in ("sdpa", "ours")}
