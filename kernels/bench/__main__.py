@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,7 +34,8 @@ TITLES = {
 }
 
 
-def _run_one(name: str, bw: float, cases: list[Case], tune: bool) -> list[dict]:
+def _run_one(name: str, bw: float, cases: list[Case], tune: bool) -> Iterator[list[dict]]:
+    """The benchmark's rows, one case at a time."""
     if name in ("attn", "gqa"):
         from . import attention
 
@@ -113,10 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, cases in plans.items():
         tb = time.time()
         rows: list[dict] = []
-        for i, case in enumerate(cases, 1):
-            # One case at a time, the CSV rewritten after each: a run stopped early keeps what it timed.
-            print(f"[{name}] case {i}/{len(cases)}: {case.label}", flush=True)
-            rows += _run_one(name, bw, [case], tune)
+        for case_rows in _run_one(name, bw, cases, tune):
+            # The CSV rewritten after every case: a run stopped early keeps what it timed.
+            rows += case_rows
             h.write_csv(args.out / f"{name}.csv", rows)
         h.write_meta(
             args.out / f"{name}_meta.json",

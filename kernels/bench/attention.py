@@ -10,6 +10,7 @@ of that size pays.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -137,10 +138,11 @@ def bench_shape(case: Case, bw: float, dtype=torch.float16) -> list[dict]:
     return rows
 
 
-def run(kind: str, bw: float, cases: list[Case]) -> list[dict]:
-    rows = []
-    for case in cases:
-        rows += bench_shape(case, bw)
-    for r in rows:
-        r["bench"] = kind
-    return rows
+def run(kind: str, bw: float, cases: list[Case]) -> Iterator[list[dict]]:
+    """Each case's rows as soon as the case is timed."""
+    for i, case in enumerate(cases, 1):
+        print(f"[{kind}] case {i}/{len(cases)}: {case.label}", flush=True)
+        rows = bench_shape(case, bw)
+        for r in rows:
+            r["bench"] = kind
+        yield rows

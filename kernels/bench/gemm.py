@@ -10,6 +10,7 @@ limit, this row says how much of the miss any kernel of that size pays (launch, 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -163,8 +164,10 @@ def _row(model, op, M, method, dens, k, us, nbytes, bw, dense_us=math.nan) -> di
     )
 
 
-def bench_model(cases: list[Case], bw: float, dtype=torch.float16, tune: bool = False) -> list[dict]:
-    """The cases of one model (one batch size each), sharing its weights."""
+def bench_model(
+    cases: list[Case], bw: float, dtype=torch.float16, tune: bool = False
+) -> Iterator[list[dict]]:
+    """The cases of one model (one batch size each), sharing its weights: each case's rows once timed."""
     shape = cases[0].model
     model, d, n, gated = shape.mlp_label(), shape.hidden, shape.ffn, shape.mlp == "gated"
     esz = torch.finfo(dtype).bits // 8
@@ -172,9 +175,10 @@ def bench_model(cases: list[Case], bw: float, dtype=torch.float16, tune: bool = 
     copies = weight_copies(d, n, l2_bytes())
     ws = _weights(d, n, gated, copies, dtype)
     up_name = "gated up" if gated else "up"
-    rows = []
     for case in cases:
+        rows = []
         M = case.batch
+        print(f"[gemm] {case.label}", flush=True)
         x = torch.randn(M, d, device="cuda", dtype=dtype)
         a_full = torch.randn(M, n, device="cuda", dtype=dtype)
         dense_up = time_graph([lambda w=w, x=x: F.linear(x, w["w_gu"], w["b_up"]) for w in ws])
@@ -211,21 +215,19 @@ def bench_model(cases: list[Case], bw: float, dtype=torch.float16, tune: bool = 
             ):
                 rows.append(_row(model, up_name, M, method, k / n, k, tu, up_bytes, bw, dense_up))
                 rows.append(_row(model, "down", M, method, k / n, k, td, down_bytes, bw, dense_down))
+        yield rows
     del ws
     torch.cuda.empty_cache()
-    return rows
 
 
-def run(bw: float, cases: list[Case], tune: bool = False) -> list[dict]:
+def run(bw: float, cases: list[Case], tune: bool = False) -> Iterator[list[dict]]:
     """``tune``: graph-timed sweep of every config key met at M <= TUNE_MAX_M (fills the table);
     larger M then uses the shipped table (the generic cold-launch tuner is switched off here)."""
-    rows = []
     forced = tune
     if tune:
         _tuning.set_force_tune(False)
     try:
         for model in dict.fromkeys(c.model for c in cases):
-            rows += bench_model([c for c in cases if c.model == model], bw, tune=tune)
+            yield from bench_model([c for c in cases if c.model == model], bw, tune=tune)
     finally:
         _tuning.set_force_tune(forced)
-    return rows

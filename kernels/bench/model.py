@@ -11,6 +11,7 @@ a per-sequence top-k. RoPE is left out (the same cost dense or sparse).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -93,13 +94,15 @@ def block_bytes_needed(case: Case) -> int:
     return mlp_weight_bytes(m) + (attention + kv_cache + ACTIVATION_BUFFERS * B * widest) * ELEMENT_BYTES
 
 
-def run_mlp(cases: list[Case]) -> list[dict]:
-    rows = []
+def run_mlp(cases: list[Case]) -> Iterator[list[dict]]:
+    """Each case's rows as soon as the case is timed (the cases of one MLP share its weights)."""
     for shape in dict.fromkeys(c.model for c in cases):
         name = shape.mlp_label()
         mlp = _Mlp(shape.hidden, shape.ffn, shape.mlp == "gated")
         for case in (c for c in cases if c.model == shape):
+            rows = []
             M = case.batch
+            print(f"[mlp] {case.label}", flush=True)
             x = _randn(M, shape.hidden)
             dense = time_graph([lambda mlp=mlp, x=x: mlp.dense(x)])
             rows.append(
@@ -131,11 +134,11 @@ def run_mlp(cases: list[Case]) -> list[dict]:
                             speedup_vs_dense=dense / us,
                         )
                     )
+            for r in rows:
+                r["bench"] = "mlp"
+            yield rows
         del mlp
         torch.cuda.empty_cache()
-    for r in rows:
-        r["bench"] = "mlp"
-    return rows
 
 
 class _Block:
@@ -197,10 +200,12 @@ class _Block:
         return x + self.mlp.sparse(h2, point.neurons)
 
 
-def run_block(cases: list[Case]) -> list[dict]:
-    rows = []
-    for case in cases:
+def run_block(cases: list[Case]) -> Iterator[list[dict]]:
+    """Each case's rows as soon as the case is timed."""
+    for i, case in enumerate(cases, 1):
+        rows = []
         name = case.label
+        print(f"[block] case {i}/{len(cases)}: {name}", flush=True)
         blk = _Block(case)
         x = _randn(case.batch, case.model.hidden)
         dense = {m: time_graph([lambda m=m, blk=blk, x=x: blk.forward(x, None, m)]) for m in ("sdpa", "ours")}
@@ -222,7 +227,7 @@ def run_block(cases: list[Case]) -> list[dict]:
             )
         del blk
         torch.cuda.empty_cache()
-    for r in rows:
-        r["bench"] = "block"
-        r.setdefault("k", math.nan)
-    return rows
+        for r in rows:
+            r["bench"] = "block"
+            r.setdefault("k", math.nan)
+        yield rows
