@@ -20,8 +20,6 @@ heuristic (``_tuning``; :func:`warm_up` resolves every key before CUDA-graph cap
 faster. See docs/kernels.md for layouts, tuning, tests and benchmarks.
 """
 
-import sys
-
 if __name__ == "kernels":
     # This folder installs as ``polar_sparsity.kernels``. Python reaches it as a top-level ``kernels``
     # only where the checkout's root is on sys.path (``python train.py``, ``python -m`` or pytest run
@@ -31,6 +29,7 @@ if __name__ == "kernels":
     import importlib.machinery
     import importlib.util
     import os
+    import sys
 
     _checkout = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     _elsewhere = [p for p in sys.path if os.path.realpath(p or os.curdir) != _checkout]
