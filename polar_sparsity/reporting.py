@@ -104,9 +104,13 @@ def _json_default(value: Any) -> Any:
 
 
 def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """Write rows (the first row's keys are the columns) to CSV; a reader never sees a partial file."""
+    """Write rows to CSV, the columns every key of any row in first-seen order (a row without one
+    leaves its cell empty); a reader never sees a partial file."""
+    if not rows:
+        raise ValueError(f"no rows to write to {path}")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     return Path(path)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from polar_sparsity.reporting import write_csv
+
 from .. import _tuning
 from . import _harness as h
 from . import cli
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         for case_rows in _run_one(name, bw, cases, tune):
             # The CSV rewritten after every case: a run stopped early keeps what it timed.
             rows += case_rows
-            h.write_csv(args.out / f"{name}.csv", rows)
+            write_csv(args.out / f"{name}.csv", rows)
         h.write_meta(
             args.out / f"{name}_meta.json",
             dict(

@@ -9,7 +9,6 @@ in the graph is reported.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import functools
 import json
@@ -148,16 +147,6 @@ def try_time(fn_factory: Callable[[], Sequence[Callable[[], object]]]) -> tuple[
     except Exception as exc:  # noqa: BLE001 - an unsupported backend is a recorded result, not a crash
         torch.cuda.synchronize()
         return float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
 
 
 def save_table(path: Path, tool: str, configs: dict, **fields: object) -> None:

@@ -515,8 +515,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--max-layers={args.max_layers} must be >= 1")
     from tqdm.auto import tqdm
 
-    from polar_sparsity.kernels.bench._harness import read_bandwidth, write_csv
-    from polar_sparsity.reporting import atomic_path, write_json_atomic
+    from polar_sparsity.kernels.bench._harness import read_bandwidth
+    from polar_sparsity.reporting import write_csv, write_json_atomic
 
     cases = [case for name in (args.setting or DEFAULT_SETTINGS) for case in SETTINGS[name]]
     bandwidth = read_bandwidth()
@@ -526,8 +526,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     for case in tqdm(cases, desc="decode benchmark"):
         rows += measure(case, bandwidth, args.max_layers, args.hf_compile)
-        with atomic_path(args.out / "decode_bench.csv") as tmp:  # each case lands as soon as it is done
-            write_csv(tmp, rows)
+        write_csv(args.out / "decode_bench.csv", rows)  # each case lands as soon as it is done
     plot(args.out / "decode_bench.png", rows, env)
     versions = f"torch {env['torch']}, triton {env['triton']}"
     print(f"{env['gpu']}: read bandwidth {env['read_bandwidth_tb_s']} TB/s, {versions}")

@@ -157,8 +157,7 @@ def append_row(path: str | Path, row: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with locked(path):
         rows = [*read_csv_rows(path), row]
-        columns = list(dict.fromkeys(c for r in rows for c in r))
-        write_csv(path, [{c: _cell(r.get(c)) for c in columns} for r in rows])
+        write_csv(path, [{c: _cell(v) for c, v in r.items()} for r in rows])
     return path
 
 
