@@ -804,6 +804,7 @@ def decode_attention(
         lambda: _heuristic(group, programs, n_max, sms, D, smem),
         lambda: _candidates(group, programs, n_max, sms, D, smem),
         launch,
+        out,
     )
     launch(cfg)
     return out

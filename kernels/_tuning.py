@@ -10,7 +10,8 @@ wins:
    (``$POLAR_SPARSITY_KERNEL_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/polar_sparsity/kernels``,
    file ``<gpu>-triton<version>-v<layout>.json``);
 3. tuning, the first time the key is met outside CUDA-graph capture: every candidate is timed by
-   CUDA-graph replay with L2 cleared before each launch (as the benchmarks time the ops), the fastest
+   CUDA-graph replay with L2 cleared before each launch (as the benchmarks time the ops), and its
+   result compared with the heuristic config's (:class:`OutputCheck`); the fastest that agrees
    is stored in the cache (file lock + merge + atomic rename: concurrent processes keep each other's
    entries) and reused by later processes;
 4. the op's heuristic (a function of shape and SM count, never of the GPU name): always during graph
@@ -44,6 +45,7 @@ import torch
 from polar_sparsity.reporting import locked, write_json_atomic
 
 from ._common import is_capturing
+from .testing import agreement_tol, rel_error
 
 Config = dict[str, int]
 TABLES_DIR = Path(__file__).parent  # shipped tables: tuned_<gpu>.json, each naming its exact GPU
@@ -325,26 +327,76 @@ def best_by_schedule(timed: Sequence[tuple[Config, float]]) -> str:
     return ", ".join(f"{name} {us:.1f} us" for name, us in sorted(fastest.items()))
 
 
+class OutputCheck:
+    """Keeps a timed config only where it computes what the first config that ran computed.
+
+    Timing alone keeps the fastest config even where it is wrong (a kernel bug at one shape, a
+    miscompile on one GPU or Triton version), and a wrong kernel is often a fast one. Every config
+    timed for a key writes the same output buffer from the same inputs, so each result is compared
+    with the first one's: the heuristic's config, which tuning times first and the GPU tests check
+    against the torch references. The buffer is NaN-filled before each config, so elements a config
+    leaves unwritten cannot pass for the previous config's, and it is given back with the content it
+    had (on leaving the ``with`` block). ``out=None``: nothing to compare, every config is kept.
+    """
+
+    def __init__(self, out: torch.Tensor | None):
+        self.out = out
+        self._found = None if out is None else out.clone()
+        self._reference: torch.Tensor | None = None
+
+    def __enter__(self) -> OutputCheck:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.out is not None:
+            self.out.copy_(self._found)
+
+    def before(self) -> None:
+        """Call before each config runs."""
+        if self.out is not None:
+            self.out.fill_(float("nan"))
+
+    def difference(self) -> float | None:
+        """After a config ran: its relative difference from the reference where that exceeds what
+        rounding explains (:func:`agreement_tol`), else None. The first config to run sets the reference."""
+        if self.out is None:
+            return None
+        if self._reference is None:
+            self._reference = self.out.clone()
+            return None
+        diff = rel_error(self.out, self._reference)
+        return diff if diff > agreement_tol(self.out.dtype) else None
+
+
 def tune(
-    key: str, candidates: Iterable[Config], launch: Callable[[Config], None], device: torch.device
+    key: str,
+    candidates: Iterable[Config],
+    time_config: Callable[[Config], float],
+    device: torch.device,
+    out: torch.Tensor | None,
 ) -> Config:
-    """Time each candidate and return the fastest one that compiles and fits."""
+    """Time each candidate (``time_config``: its microseconds, running the op into ``out``) and return
+    the fastest that compiles, fits and computes what the first one did (:class:`OutputCheck`)."""
     tune_log_path()  # a bad log path is named before the timing, not after
     t0 = time.time()
-    timer = GraphTimer(device)
     best, best_us, errors, tried, timed = None, float("inf"), [], 0, []
-    for cfg in candidates:
-        tried += 1
-        try:
-            us = timer(lambda c=cfg: launch(c))
-        except Exception as exc:  # noqa: BLE001 - a config that does not fit (registers, smem) is skipped
-            torch.cuda.synchronize(device)
-            first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
-            errors.append(f"{cfg}: {type(exc).__name__}: {first_line}")
-            continue
-        timed.append((cfg, us))
-        if us < best_us:
-            best, best_us = cfg, us
+    with OutputCheck(out) as check:
+        for cfg in candidates:
+            tried += 1
+            check.before()
+            try:
+                us = time_config(cfg)
+            except Exception as exc:  # noqa: BLE001 - a config that does not fit (registers, smem) is skipped
+                torch.cuda.synchronize(device)
+                first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+                errors.append(f"{cfg}: {type(exc).__name__}: {first_line}")
+                continue
+            if (diff := check.difference()) is not None:
+                warn_wrong_result(key, cfg, diff)
+                continue
+            timed.append((cfg, us))
+            if us < best_us:
+                best, best_us = cfg, us
     log_candidates(gpu_name(device), key, timed)
     if best is None:
         raise RuntimeError(f"no candidate config could be launched for {key}; first errors: {errors[:3]}")
@@ -354,6 +406,16 @@ def tune(
         flush=True,
     )
     return dict(best)
+
+
+def warn_wrong_result(key: str, cfg: Config, diff: float) -> None:
+    """A config whose result is not the reference's: never kept, and worth a bug report."""
+    warnings.warn(
+        f"kernel config {cfg} for {key} computes a different result from the heuristic's config "
+        f"(relative difference {diff:.2e}); it is not used. Please report it with your GPU and "
+        "Triton version.",
+        stacklevel=2,
+    )
 
 
 def tune_log_path() -> Path | None:
@@ -420,8 +482,10 @@ def pick(
     heuristic: Callable[[], Config],
     candidates: Callable[[], list[Config]],
     launch: Callable[[Config], None],
+    out: torch.Tensor | None,
 ) -> Config:
-    """Return the launch config for ``key`` (memoised per process and GPU)."""
+    """Return the launch config for ``key`` (memoised per process and GPU). ``launch(cfg)`` runs the op
+    under a config, writing ``out`` (which tuning checks; None: nothing to check)."""
     if device.type != "cuda":  # the CPU interpreter: nothing to time
         return dict(heuristic())
     gpu = gpu_name(device)
@@ -429,14 +493,13 @@ def pick(
         return _CHOSEN[(gpu, key)]
     if (gpu, key) in _HEURISTIC_KEYS:
         return dict(heuristic())
-    return resolve(
-        key,
-        gpu,
-        user_cache(device),
-        heuristic,
-        lambda: tune(key, with_first([heuristic()], candidates()), launch, device),
-        capturing=is_capturing(),
-    )
+
+    def run_tuning() -> Config:
+        timer = GraphTimer(device)
+        configs = with_first([heuristic()], candidates())
+        return tune(key, configs, lambda cfg: timer(lambda: launch(cfg)), device, out)
+
+    return resolve(key, gpu, user_cache(device), heuristic, run_tuning, capturing=is_capturing())
 
 
 def resolve(

@@ -639,6 +639,7 @@ def selective_down(
         lambda: _heuristic(M, n_sel, d, gpu.sms, gpu.smem, gpu.operands_in_registers, gpu.tma),
         lambda: _candidates(M, n_sel, d, gpu.sms, gpu.smem, gpu.tma),
         launch,
+        out,
     )
     launch(cfg)
     return out

@@ -690,6 +690,7 @@ def _run(x, w_gate, w_up, bias, idx, out, relu: bool, validate: bool) -> torch.T
         lambda: _heuristic(M, n_sel, d, gpu.sms, gated, gpu.smem, gpu.operands_in_registers),
         lambda: _candidates(M, n_sel, d, gpu.sms, gated, gpu.smem),
         launch,
+        out,
     )
     launch(cfg)
     return out

@@ -1,4 +1,5 @@
-"""Helpers for checking the kernels against their references (used by tests/kernels)."""
+"""Helpers for checking the kernels against their references (tests/kernels), and one config's result
+against another's (tuning, :class:`kernels._tuning.OutputCheck`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,21 @@ REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; NaN anywhere in ``out`` gives inf (never passes)."""
+    """||out - ref|| / ||ref|| in float64 over the elements finite in ``ref``; inf where ``out`` is not
+    finite at exactly those elements (a NaN ``out`` never passes a finite ``ref``)."""
     o, r = out.double(), ref.double()
-    if not torch.isfinite(o).all():
+    written = torch.isfinite(r)
+    if not torch.equal(torch.isfinite(o), written):
         return float("inf")
+    o, r = o[written], r[written]
     denom = r.norm().item()
     return (o - r).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def agreement_tol(dtype: torch.dtype) -> float:
+    """Largest relative difference between two kernel results that each meet ``REL_TOL`` against the
+    exact result (the triangle inequality): what tuning allows between configs of one op."""
+    return 2 * REL_TOL[dtype]
 
 
 def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:

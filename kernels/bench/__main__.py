@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         rows: list[dict] = []
         for case_rows in _run_one(name, bw, cases, tune):
             # The CSV rewritten after every case: a run stopped early keeps what it timed.
-            rows += case_rows
+            rows += [{"bench": name, **r} for r in case_rows]
             write_csv(args.out / f"{name}.csv", rows)
         h.write_meta(
             args.out / f"{name}_meta.json",

@@ -142,7 +142,4 @@ def run(kind: str, bw: float, cases: list[Case]) -> Iterator[list[dict]]:
     """Each case's rows as soon as the case is timed."""
     for i, case in enumerate(cases, 1):
         print(f"[{kind}] case {i}/{len(cases)}: {case.label}", flush=True)
-        rows = bench_shape(case, bw)
-        for r in rows:
-            r["bench"] = kind
-        yield rows
+        yield bench_shape(case, bw)

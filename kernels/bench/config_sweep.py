@@ -5,7 +5,8 @@
 [--save-table T.json]`` times,
 at each (model, op, batch, density[, context]), every tuning candidate of the op plus the
 heuristic's config and the shipped table's, exactly as ``kernels.bench gemm|attn|gqa`` time the op
-(CUDA-graph replay over rotated weights or index sets, median). Tuning meets a config key once, at
+(CUDA-graph replay over rotated weights or index sets, median); a config whose result differs from
+the heuristic config's is recorded as not running (NaN), with a warning. Tuning meets a config key once, at
 the first shape in its power-of-two bucket, and that config then serves the whole bucket; this shows
 how each config fares across the shapes a key spans, and how far the heuristic and the table are
 from the best: the data behind the heuristics' rules. Density is the kept fraction of MLP neurons
@@ -55,20 +56,23 @@ Launches = Callable[[dict], list[Callable[[], None]]]  # config -> one launch pe
 
 @dataclass(frozen=True)
 class Sweep:
-    """One shape's config key, its (source, config) list and how to launch a config there."""
+    """One shape's config key, its (source, config) list, how to launch a config there and the
+    buffer the launches write (each config's result is checked against the first's; None: not)."""
 
     key: str
     configs: list[tuple[str, dict]]
     launches: Launches
+    out: torch.Tensor | None = None
 
 
-def _sweep(key: str, candidates, heuristic, device, launch: Callable, inputs: list) -> Sweep:
-    """Every tuning candidate, then the heuristic's and the shipped table's config (sources
-    ``candidate`` / ``heuristic`` / ``table``); ``launch(cfg, one_of_inputs)`` runs a config once."""
-    configs = [("candidate", dict(c)) for c in candidates] + [("heuristic", dict(heuristic))]
+def _sweep(key: str, candidates, heuristic, device, launch: Callable, inputs: list, out) -> Sweep:
+    """The heuristic's config (the reference the others' results are checked against), every tuning
+    candidate, then the shipped table's config (sources ``heuristic`` / ``candidate`` / ``table``);
+    ``launch(cfg, one_of_inputs)`` runs a config once, writing ``out``."""
+    configs = [("heuristic", dict(heuristic))] + [("candidate", dict(c)) for c in candidates]
     table = _tuning.shipped_config(key, _tuning.gpu_name(device))
     configs += [("table", dict(table))] if table is not None else []
-    return Sweep(key, configs, lambda cfg: [lambda x=x: launch(cfg, x) for x in inputs])
+    return Sweep(key, configs, lambda cfg: [lambda x=x: launch(cfg, x) for x in inputs], out)
 
 
 def _gemm_sweep(op: str, M: int, k: int, model: str, ws: list[dict]) -> Sweep:
@@ -93,6 +97,7 @@ def _gemm_sweep(op: str, M: int, k: int, model: str, ws: list[dict]) -> Sweep:
                 x, wj[0]["w_gate"], wj[0]["w_up"], wj[0]["b_up"], wj[1], out, not gated, cfg
             ),
             inputs,
+            out,
         )
     a = torch.randn(M, k, device=dev, dtype=dtype)
     out = torch.empty(M, d, device=dev, dtype=dtype)
@@ -103,6 +108,7 @@ def _gemm_sweep(op: str, M: int, k: int, model: str, ws: list[dict]) -> Sweep:
         dev,
         lambda cfg, wj: down_mod._launch(a, wj[0]["w_down_t"], wj[1], wj[0]["b_down"], out, cfg),
         inputs,
+        out,
     )
 
 
@@ -126,35 +132,43 @@ def _attn_sweep(B: int, kept: int, kv: tuple[torch.Tensor, ...]) -> Sweep:
         dev,
         lambda cfg, j: attn_mod._launch(q, k_cache, v_cache, seqlens, j, out, scale, kept, group, cfg, True),
         list(idx),
+        out,
     )
 
 
 FINALISTS = 3  # fastest candidates re-timed beside the heuristic's and the table's config
 
 
-def _time(sweep: Sweep, cfg: dict) -> float:
-    """Median microseconds of one config at this shape; NaN where it does not compile or launch."""
+def _time(sweep: Sweep, cfg: dict, check: _tuning.OutputCheck) -> float:
+    """Median microseconds of one config at this shape; NaN where it does not compile or launch, or
+    computes a result other than the first config's (``check``)."""
+    check.before()
     try:
-        return time_graph(sweep.launches(cfg), reps=10)
+        us = time_graph(sweep.launches(cfg), reps=10)
     except Exception as exc:  # noqa: BLE001 - a config that does not fit is a recorded result
         torch.cuda.synchronize()
         print(f"[sweep] {sweep.key} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
         return float("nan")
+    if (diff := check.difference()) is not None:
+        _tuning.warn_wrong_result(sweep.key, cfg, diff)
+        return float("nan")
+    return us
 
 
 def time_configs(sweep: Sweep, shape: dict) -> list[dict]:
-    """Rows of one shape: each config's median microseconds (NaN where it does not run) and its ratio
-    to the fastest config at this shape.
+    """Rows of one shape: each config's median microseconds (NaN where it does not run or its result
+    is not the heuristic config's) and its ratio to the fastest config at this shape.
 
     Timings drift over a long run of one shape's configs (H200, M = 256: one config took 113.8 / 114.0
     / 129.0 us as candidate, heuristic and table config, in that order).
     So the fastest candidates and the heuristic's and table's configs, the timings the ratios compare,
     are timed a second time back to back, and each keeps its faster figure."""
-    us = [_time(sweep, cfg) for _, cfg in sweep.configs]
-    ran = sorted((i for i, t in enumerate(us) if t == t), key=us.__getitem__)
-    fastest = [i for i in ran if sweep.configs[i][0] == "candidate"][:FINALISTS]
-    for i in fastest + [i for i in ran if sweep.configs[i][0] != "candidate"]:
-        us[i] = min(us[i], _time(sweep, sweep.configs[i][1]))
+    with _tuning.OutputCheck(sweep.out) as check:
+        us = [_time(sweep, cfg, check) for _, cfg in sweep.configs]
+        ran = sorted((i for i, t in enumerate(us) if t == t), key=us.__getitem__)
+        fastest = [i for i in ran if sweep.configs[i][0] == "candidate"][:FINALISTS]
+        for i in fastest + [i for i in ran if sweep.configs[i][0] != "candidate"]:
+            us[i] = min(us[i], _time(sweep, sweep.configs[i][1], check))
     rows = [
         dict(shape, key=sweep.key, source=src, us=t, cfg=cfg)
         for (src, cfg), t in zip(sweep.configs, us, strict=True)

@@ -77,35 +77,17 @@ def _up(w: dict, x, idx):
     return selective_up(x, w["w_up"], idx, w["b_up"], validate=False)
 
 
-def _sweep(key: str, heuristic: dict, candidates: list[dict], make_fns) -> None:
+def _sweep(key: str, heuristic: dict, candidates: list[dict], make_fns, out: torch.Tensor) -> None:
     """Graph-timed tuning: time every candidate exactly as the benchmark times the op (CUDA-graph
-    replay over rotated inputs) and record the fastest for ``key``. Cold single-launch timing (the
-    generic tuner) mis-ranks configs of these 10-300 us kernels."""
+    replay over rotated inputs) and record the fastest whose result (in ``out``) agrees with the
+    heuristic config's. Cold single-launch timing (the generic tuner) mis-ranks configs of these
+    10-300 us kernels."""
     if key in _tuning.tuned_keys():
         return
-    _tuning.tune_log_path()  # a bad log path is named before the timing, not after
-    shipped = _tuning.known_config(key, torch.device("cuda"))
-    candidates = _tuning.with_first([shipped, heuristic], candidates)
-    best, timed = None, []
-    for cfg in candidates:
-        try:
-            us = time_graph(make_fns(cfg), reps=10)
-        except Exception as exc:  # noqa: BLE001 - a config that does not fit is skipped
-            print(f"[sweep] {key}: {cfg} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
-            torch.cuda.synchronize()
-            continue
-        timed.append((cfg, us))
-        if best is None or us < best[0]:
-            best = (us, cfg)
-    _tuning.log_candidates(_tuning.gpu_name(torch.device("cuda")), key, timed)
-    if best is None:
-        raise RuntimeError(f"no candidate config ran for {key}")
-    print(
-        f"[sweep] {key}: {best[1]} {best[0]:.1f} us ({len(candidates)} tried; "
-        f"{_tuning.best_by_schedule(timed)})",
-        flush=True,
-    )
-    _tuning.record(key, best[1], torch.device("cuda"))
+    device = torch.device("cuda")
+    configs = _tuning.with_first([heuristic, _tuning.known_config(key, device)], candidates)
+    best = _tuning.tune(key, configs, lambda cfg: time_graph(make_fns(cfg), reps=10), device, out)
+    _tuning.record(key, best, device)
 
 
 def _tune_case(M, d, n_rows, k, gated, ws, copies, x, a, idx) -> None:
@@ -136,19 +118,20 @@ def _tune_case(M, d, n_rows, k, gated, ws, copies, x, a, idx) -> None:
         _up_mod._heuristic(M, k, d, sms, gated, smem, gpu.operands_in_registers),
         _up_mod._candidates(M, k, d, sms, gated, smem),
         up_fns,
+        up_out,
     )
     _sweep(
         _down_mod.config_key(M, k, d),
         _down_mod._heuristic(M, k, d, sms, smem, gpu.operands_in_registers, gpu.tma),
         _down_mod._candidates(M, k, d, sms, smem, gpu.tma),
         down_fns,
+        down_out,
     )
 
 
 def _row(model, op, M, method, dens, k, us, nbytes, bw, dense_us=math.nan) -> dict:
     limit = nbytes / bw * 1e6
     return dict(
-        bench="gemm",
         shape=f"{model} {op} M={M}",
         model=model,
         op=op,

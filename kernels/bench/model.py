@@ -134,8 +134,6 @@ def run_mlp(cases: list[Case]) -> Iterator[list[dict]]:
                             speedup_vs_dense=dense / us,
                         )
                     )
-            for r in rows:
-                r["bench"] = "mlp"
             yield rows
         del mlp
         torch.cuda.empty_cache()
@@ -228,6 +226,5 @@ def run_block(cases: list[Case]) -> Iterator[list[dict]]:
         del blk
         torch.cuda.empty_cache()
         for r in rows:
-            r["bench"] = "block"
             r.setdefault("k", math.nan)
         yield rows

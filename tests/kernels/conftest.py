@@ -45,7 +45,7 @@ def force_config(monkeypatch):
     """Make every op launch with the given config (to reach split / non-split / dot paths)."""
 
     def apply(cfg: dict) -> None:
-        monkeypatch.setattr(_tuning, "pick", lambda key, device, heuristic, candidates, launch: dict(cfg))
+        monkeypatch.setattr(_tuning, "pick", lambda key, device, heuristic, *launch_args: dict(cfg))
 
     return apply
 

@@ -112,12 +112,16 @@ def test_a_saved_table_is_what_merge_tables_merges(tmp_path, monkeypatch):
     )
 
 
-def test_a_sweep_lists_candidates_then_the_heuristic_and_launches_every_input():
+def test_a_sweep_lists_the_heuristic_then_the_candidates_and_launches_every_input():
     calls = []
-    sweep = config_sweep._sweep(
-        "key", [{"a": 1}], {"a": 2}, torch.device("cpu"), lambda cfg, x: calls.append((cfg["a"], x)), [10, 11]
-    )
-    assert [source for source, _ in sweep.configs] == ["candidate", "heuristic"]  # no table on the CPU
+    out = torch.zeros(2)
+
+    def launch(cfg, x):
+        calls.append((cfg["a"], x))
+
+    sweep = config_sweep._sweep("key", [{"a": 1}], {"a": 2}, torch.device("cpu"), launch, [10, 11], out)
+    assert [source for source, _ in sweep.configs] == ["heuristic", "candidate"]  # no table on the CPU
+    assert sweep.out is out
     for launch in sweep.launches({"a": 3}):
         launch()
     assert calls == [(3, 10), (3, 11)]
@@ -131,7 +135,7 @@ def _spy(monkeypatch, module, calls: list) -> None:
 
 @pytest.mark.parametrize("op", ["up", "down"])
 def test_the_gemm_sweep_computes_the_op_under_each_config_it_times(op, monkeypatch, gen):
-    """Tiny shape, CPU interpreter (or GPU): a launch of the sweep (heuristic config and the first
+    """Tiny shape, CPU interpreter (or GPU): a launch of the sweep (heuristic config and the last
     candidate) writes the op's result, checked against the torch reference in fp32."""
     from polar_sparsity.kernels import selective_mlp_down, selective_mlp_up
     from polar_sparsity.kernels.bench import shapes
@@ -196,3 +200,30 @@ def test_planning_for_sms_plans_cuda_launches_for_that_many_sms_inside_the_block
     with pytest.raises(RuntimeError, match="inside"), _common.planning_for_sms(16):
         raise RuntimeError("inside")
     assert _common._planned_sms is None
+
+
+def test_a_config_whose_result_differs_from_the_heuristics_is_timed_as_not_running(monkeypatch):
+    """The reference is the first config (the heuristic's); a config that computes something else, or
+    leaves part of the output unwritten, gets NaN (never a ratio, never a pick), and the buffer ends as
+    it was found."""
+    exact = torch.arange(8, dtype=torch.float16)
+    out = torch.full((8,), 7.0, dtype=torch.float16)
+
+    def launch(cfg):
+        if cfg["id"] == 2:
+            out.copy_(exact * 1.5)  # a wrong result
+        elif cfg["id"] == 3:
+            out[:-1] = exact[:-1]  # the last element never written
+        else:
+            out.copy_(exact)
+
+    monkeypatch.setattr(config_sweep, "time_graph", lambda fns, reps: (fns[0](), 10.0)[1])
+    configs = [("heuristic", {"id": 0}), *(("candidate", {"id": i}) for i in (1, 3, 2))]
+    sweep = config_sweep.Sweep("up|K8", configs, lambda cfg: [lambda: launch(cfg)], out)
+    with pytest.warns(UserWarning, match="computes a different result") as caught:
+        rows = config_sweep.time_configs(sweep, {"model": "tiny", "op": "up", "M": 4, "k": 8})
+    assert [r["us"] == r["us"] for r in rows] == [True, True, False, False]  # ids 0, 1 | 3, 2
+    named = {str(w.message).split(" for ")[0].removeprefix("kernel config ") for w in caught}
+    assert named == {"{'id': 2}", "{'id': 3}"}
+    assert torch.equal(out, torch.full((8,), 7.0, dtype=torch.float16))
+    assert config_sweep.bucket_picks(rows) == {"up|K8": {"id": 0}}

@@ -220,7 +220,7 @@ def test_real_shapes_gpu(dtype, M, d, n):
 def test_heuristic_planned_for_fewer_sms_gpu(sms, M, d, n, monkeypatch):
     """What the heuristic launches on a GPU of 48-96 SMs (its split counts and one-wave tiles for GPUs
     with fewer SMs than tiles), run here on the whole GPU, matches the reference."""
-    monkeypatch.setattr(_tuning, "pick", lambda key, device, heuristic, candidates, launch: dict(heuristic()))
+    monkeypatch.setattr(_tuning, "pick", lambda key, device, heuristic, *launch_args: dict(heuristic()))
     dev = torch.device("cuda")
     gen = torch.Generator(device="cuda").manual_seed(5)
     k = int(0.3 * n)

@@ -191,7 +191,7 @@ def test_real_shapes_gpu(dtype, M, d, n, gated):
 def test_heuristic_planned_for_fewer_sms_gpu(sms, M, d, n, gated, monkeypatch):
     """What the heuristic launches at M <= 16 on a GPU of 48-96 SMs (stream-K programs, the gated
     32-wide tiles' step length), run here on the whole GPU, matches the reference."""
-    monkeypatch.setattr(_tuning, "pick", lambda key, device, heuristic, candidates, launch: dict(heuristic()))
+    monkeypatch.setattr(_tuning, "pick", lambda key, device, heuristic, *launch_args: dict(heuristic()))
     dev = torch.device("cuda")
     gen = torch.Generator(device="cuda").manual_seed(6)
     x = torch.randn(M, d, device=dev, dtype=torch.float16, generator=gen)

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from polar_sparsity.kernels import _common, _tuning
+from polar_sparsity.kernels import _common, _tuning, testing
 
 GPU = "NVIDIA Test GPU"
 TUNED = {"BLOCK_N": 128, "num_warps": 8}
@@ -108,14 +108,14 @@ def test_the_heuristic_sees_each_calls_exact_shape(fresh, monkeypatch):
     device = torch.device("cuda")
     _tuning.set_mode("heuristic")
     picks = [
-        _tuning.pick("down|K16384", device, lambda n=n: {"splits": n // 4096}, lambda: [], None)
+        _tuning.pick("down|K16384", device, lambda n=n: {"splits": n // 4096}, lambda: [], None, None)
         for n in (10035, 14336, 10035)
     ]
     assert picks == [{"splits": 2}, {"splits": 3}, {"splits": 2}]
     assert _tuning.chosen() == {"down|K16384": {"splits": 2}}  # reported: the first shape's
     _tuning.set_mode("cached")
     _tuning.record("down|K16384", dict(TUNED), device)
-    assert _tuning.pick("down|K16384", device, lambda: {"splits": 9}, lambda: [], None) == TUNED
+    assert _tuning.pick("down|K16384", device, lambda: {"splits": 9}, lambda: [], None, None) == TUNED
 
 
 def test_mode_from_environment_is_validated(fresh, monkeypatch):
@@ -472,6 +472,38 @@ def test_first_use_tuning_on_gpu(tmp_path, monkeypatch):
     assert _tuning.chosen()[key] == cfg and not _tuning.tuned_keys()
 
 
+@pytest.mark.gpu
+def test_first_use_tuning_never_keeps_a_config_with_a_wrong_result_on_gpu(tmp_path, monkeypatch):
+    """On a GPU, the real op: a candidate whose launch negates the result is timed, named in a warning
+    and never kept, and the call still returns the right result."""
+    from polar_sparsity.kernels import selective_down, selective_mlp_down
+    from polar_sparsity.kernels.selective_mlp_down import selective_down_reference
+
+    monkeypatch.setattr(_tuning, "_CHOSEN", {})
+    monkeypatch.setattr(_tuning, "_HEURISTIC_KEYS", {})
+    monkeypatch.setattr(_tuning, "_TUNED", set())
+    monkeypatch.setattr(_tuning, "_SETTINGS", {"cache_dir": str(tmp_path), "mode": "tune", "shipped": False})
+    real_launch = selective_mlp_down._launch
+
+    def launch(a, w_t, idx, bias, out, cfg):
+        real_launch(a, w_t, idx, bias, out, {k: v for k, v in cfg.items() if k != "negate"})
+        if cfg.get("negate"):
+            out.neg_()
+
+    monkeypatch.setattr(selective_mlp_down, "_launch", launch)
+    few = selective_mlp_down._candidates(8, 1000, 512, 132, 228 * 1024)[:2]
+    monkeypatch.setattr(selective_mlp_down, "_candidates", lambda *args: [*few, dict(few[0], negate=1)])
+    dev = torch.device("cuda")
+    a = torch.randn(8, 1000, device=dev, dtype=torch.float16)
+    w_t = torch.randn(3000, 512, device=dev, dtype=torch.float16)
+    idx = torch.randperm(3000, device=dev)[:1000].int()
+    with pytest.warns(UserWarning, match="negate"):
+        out = selective_down(a, w_t, idx)
+    key = selective_mlp_down.config_key(8, 1000, 512)
+    assert "negate" not in _tuning.user_cache(dev).get(key)
+    testing.assert_rel_close(out, selective_down_reference(a, w_t, idx, None), torch.float16, "tuned call")
+
+
 def test_merged_tables_keep_later_configs_and_the_note(tmp_path):
     """merge_tables: later inputs override key by key; a shipped table's note survives a re-merge."""
     from polar_sparsity.kernels.bench.merge_tables import merge
@@ -510,8 +542,52 @@ def test_a_bad_tuning_log_path_is_named_before_timing(tmp_path, monkeypatch, whe
     monkeypatch.setenv(_tuning.TUNE_LOG_ENV, str(bad))
     timed = []
     with pytest.raises(ValueError, match=_tuning.TUNE_LOG_ENV):
-        _tuning.tune("up|K1024", [{"BLOCK_N": 64}], timed.append, torch.device("cpu"))
+        _tuning.tune("up|K1024", [{"BLOCK_N": 64}], timed.append, torch.device("cpu"), None)
     assert not timed  # nothing launched
+
+
+def test_tuning_keeps_the_fastest_config_whose_result_is_the_first_configs(monkeypatch):
+    """A wrong config is often the fastest one: the result of each timed config is compared with the
+    first's (the heuristic's), and one that differs, or leaves an element unwritten, is never kept, is
+    named in a warning and left out of the tuning log. The output buffer ends as it was found."""
+    exact = torch.randn(4, 8, dtype=torch.float16)
+    out = torch.zeros(4, 8, dtype=torch.float16)
+    times = {"heuristic": 5.0, "wrong": 1.0, "rounded": 3.0, "unwritten": 2.0, "slow": 4.0}
+    monkeypatch.setattr(_tuning, "log_candidates", lambda gpu, key, timed: logged.extend(timed))
+    logged: list = []
+
+    def run(cfg):
+        name = cfg["name"]
+        if name == "wrong":
+            out.copy_(exact * 1.01)  # 1% off: more than fp16 rounding explains
+        elif name == "unwritten":
+            out[:, :-1] = exact[:, :-1]
+        elif name == "rounded":  # another fp32 summation order: last-bit differences only
+            out.copy_((exact.float() * (1 + 1e-4)).half())
+        else:
+            out.copy_(exact)
+        return times[name]
+
+    configs = [{"name": name} for name in times]
+    with pytest.warns(UserWarning, match="computes a different result") as caught:
+        best = _tuning.tune("down|K1024", configs, run, torch.device("cpu"), out)
+    assert best == {"name": "rounded"}
+    assert sorted(str(w.message).split("'")[3] for w in caught) == ["unwritten", "wrong"]
+    assert [cfg["name"] for cfg, _ in logged] == ["heuristic", "rounded", "slow"]
+    assert torch.equal(out, torch.zeros(4, 8, dtype=torch.float16))
+
+
+def test_configs_agree_within_twice_the_kernels_tolerance():
+    ref = torch.randn(1000, dtype=torch.float64)
+    for dtype in (torch.float16, torch.bfloat16):
+        tol = testing.agreement_tol(dtype)
+        assert tol == 2 * testing.REL_TOL[dtype]
+        assert testing.rel_error(ref * (1 + 0.9 * tol), ref) <= tol
+        assert testing.rel_error(ref * (1 + 1.1 * tol), ref) > tol
+    unwritten = ref.clone()
+    unwritten[3] = float("nan")
+    assert testing.rel_error(unwritten, unwritten.clone()) == 0.0  # unwritten by both: not compared
+    assert testing.rel_error(unwritten, ref) == float("inf") == testing.rel_error(ref, unwritten)
 
 
 def test_tuning_logs_report_the_fastest_config_of_each_schedule():
