@@ -162,6 +162,8 @@ def time_hf_static(hf_config, case: Case, compile_model: bool) -> float:
     """
     from transformers import AutoModelForCausalLM, StaticCache
 
+    from polar_sparsity.models.loading import cache_argument
+
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float16).eval()
@@ -173,11 +175,10 @@ def time_hf_static(hf_config, case: Case, compile_model: bool) -> float:
         if compile_model
         else model.forward
     )
+    kv = {cache_argument(model): cache}
     with torch.no_grad():
-        model(input_ids=tokens, past_key_values=cache, use_cache=True, cache_position=position - case.context)
-        step = partial(
-            forward, input_ids=tokens, past_key_values=cache, use_cache=True, cache_position=position
-        )
+        model(input_ids=tokens, **kv, use_cache=True, cache_position=position - case.context)
+        step = partial(forward, input_ids=tokens, **kv, use_cache=True, cache_position=position)
         seconds = time_steps(step, warmup=6 if compile_model else 3, reps=20)
     del model, cache, forward, step
     torch.cuda.empty_cache()

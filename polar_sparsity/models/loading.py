@@ -8,6 +8,7 @@ tokenizer trained on the offline corpus is used (its ids are inside every suppor
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -45,6 +46,13 @@ class LoadedModel:
     def input_device(self) -> torch.device:
         """Where input ids go (the embedding's device; differs from others when sharded)."""
         return self.model.get_input_embeddings().weight.device
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The name under which ``model.forward`` takes a KV cache: ``cache`` from transformers 5.24 on
+    (where ``past_key_values`` still works but warns, until 5.40), ``past_key_values`` before; the
+    project supports every transformers 5 release."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def torch_dtype(dtype: DType | str) -> torch.dtype:

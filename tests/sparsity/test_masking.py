@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 import pytest
 import torch
 
 from polar_sparsity.models.families import MlpKind, family_for_config
+from polar_sparsity.models.loading import cache_argument
 from polar_sparsity.schema import Mode
 from polar_sparsity.sparsity import SparsityPlan, apply_sparsity, check_plan, num_kept
 from tests.helpers import TINY_ARCHITECTURES, tiny_model
@@ -218,7 +220,9 @@ def test_last_n_without_lengths_uses_the_tensor_end_and_decode_steps() -> None:
             sparse = model(ids).logits
             # A cached single-token decode step is the last position: it is masked.
             cache = model(ids[:, :-1], use_cache=True).past_key_values
-            step = model(ids[:, -1:], past_key_values=cache).logits
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", FutureWarning)  # the cache argument by its current name
+                step = model(ids[:, -1:], **{cache_argument(model): cache}).logits
     assert torch.equal(dense[:, :-1], sparse[:, :-1])
     assert not torch.allclose(dense[:, -1], sparse[:, -1])
     torch.testing.assert_close(step[:, -1], sparse[:, -1], rtol=1e-4, atol=1e-5)
