@@ -411,9 +411,9 @@ def tune(
 def warn_wrong_result(key: str, cfg: Config, diff: float) -> None:
     """A config whose result is not the reference's: never kept, and worth a bug report."""
     warnings.warn(
-        f"kernel config {cfg} for {key} computes a different result from the heuristic's config "
-        f"(relative difference {diff:.2e}); it is not used. Please report it with your GPU and "
-        "Triton version.",
+        f"kernel config {cfg} for {key} computes a different result from the first config that ran "
+        f"(the heuristic's where it fits; relative difference {diff:.2e}); it is not used. Please "
+        "report it with your GPU and Triton version.",
         stacklevel=2,
     )
 
